@@ -1,0 +1,1 @@
+"""The ``xpnet`` command line (the full typer application is built in a later issue)."""

@@ -1,0 +1,235 @@
+"""Layers: each one a function of its input with its own forward and backward pass.
+
+Activations are batch-major: a batch of B examples with n features is a (B, n) array, so the
+math of one example (a column vector x) becomes a row of the batch. A layer
+
+* ``forward(x, training)`` computes its output and keeps what its backward pass needs;
+* ``backward(dy)`` receives δ = ∂L/∂y for its output, stores ∂L/∂θ for each parameter θ in
+  ``grads`` and returns ∂L/∂x for its input (skipped when ``need_input_grad`` is False, as it
+  is for the first layer of a network: nothing uses it).
+
+All computation goes through ``self.xp``, the namespace of the device the layer was built on.
+"""
+
+from __future__ import annotations
+
+from . import functional as F
+from .initializers import get_initializer
+
+__all__ = [
+    "Layer",
+    "Dense",
+    "ReLU",
+    "LeakyReLU",
+    "Sigmoid",
+    "Tanh",
+    "Softmax",
+    "Dropout",
+    "Flatten",
+]
+
+
+class Layer:
+    """Base class: parameters and their gradients by name, and the device computed on."""
+
+    #: The initializer a Dense layer right before this activation uses by default.
+    default_init = "xavier_uniform"
+
+    def __init__(self):
+        self.params: dict = {}
+        self.grads: dict = {}
+        self.device = None
+        self.xp = None
+
+    def build(self, device, dtype, next_layer: Layer | None = None) -> None:
+        """Attach the layer to ``device`` and create its parameters in ``dtype``."""
+        self.device = device
+        self.xp = device.xp
+        self.dtype = dtype
+
+    def forward(self, x, training: bool = False):
+        raise NotImplementedError
+
+    def backward(self, dy, need_input_grad: bool = True):
+        raise NotImplementedError
+
+    def config(self) -> dict:
+        """The constructor arguments that rebuild this layer (for saved architectures)."""
+        return {}
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.config().items())
+        return f"{type(self).__name__}({args})"
+
+
+class Dense(Layer):
+    """A fully connected layer: z = W·x + b for each example, z = x Wᵀ + b for a batch.
+
+    W is shaped (out_features, in_features): row j holds the weights of neuron j.
+    Backward, with δ = ∂L/∂z of shape (B, out):
+        ∂L/∂W = δᵀ x      (the sum over the batch of δ aᵀ)
+        ∂L/∂b = Σ_batch δ
+        ∂L/∂x = δ W       (the batch form of Wᵀ δ)
+    """
+
+    def __init__(self, in_features: int, out_features: int, *, init: str = "auto", bias: bool = True):
+        super().__init__()
+        for label, value in (("in_features", in_features), ("out_features", out_features)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"Dense {label} must be a positive integer, got {value!r}")
+        self.in_features = in_features
+        self.out_features = out_features
+        self.init = init
+        self.bias = bias
+
+    def build(self, device, dtype, next_layer=None):
+        super().build(device, dtype, next_layer)
+        name = self.init
+        if name == "auto":
+            name = next_layer.default_init if next_layer is not None else Layer.default_init
+        shape = (self.out_features, self.in_features)
+        self.params["W"] = get_initializer(name)(device, shape, dtype)
+        if self.bias:
+            self.params["b"] = get_initializer("zeros")(device, (self.out_features,), dtype)
+
+    def forward(self, x, training=False):
+        if x.ndim != 2 or x.shape[1] != self.in_features:
+            raise ValueError(
+                f"Dense({self.in_features}, {self.out_features}) expects input of shape "
+                f"(batch, {self.in_features}), got {tuple(x.shape)}"
+            )
+        self.x = x
+        z = x @ self.params["W"].T
+        if self.bias:
+            z = z + self.params["b"]
+        return z
+
+    def backward(self, delta, need_input_grad=True):
+        xp = self.xp
+        self.grads["W"] = delta.T @ self.x
+        if self.bias:
+            self.grads["b"] = xp.sum(delta, axis=0)
+        return delta @ self.params["W"] if need_input_grad else None
+
+    def config(self):
+        return {
+            "in_features": self.in_features,
+            "out_features": self.out_features,
+            "init": self.init,
+            "bias": self.bias,
+        }
+
+
+class ReLU(Layer):
+    """a = max(z, 0); σ'(z) = 1 where z > 0, else 0."""
+
+    default_init = "he_normal"
+
+    def forward(self, z, training=False):
+        self.z = z
+        return self.xp.clip(z, 0.0, None)
+
+    def backward(self, da, need_input_grad=True):
+        return self.xp.where(self.z > 0, da, 0.0)
+
+
+class LeakyReLU(Layer):
+    """a = z for z > 0, αz otherwise; σ'(z) = 1 or α."""
+
+    default_init = "he_normal"
+
+    def __init__(self, alpha: float = 0.01):
+        super().__init__()
+        self.alpha = float(alpha)
+
+    def forward(self, z, training=False):
+        self.z = z
+        return self.xp.where(z > 0, z, self.alpha * z)
+
+    def backward(self, da, need_input_grad=True):
+        return self.xp.where(self.z > 0, da, self.alpha * da)
+
+    def config(self):
+        return {"alpha": self.alpha}
+
+
+class Sigmoid(Layer):
+    """a = σ(z) = 1 / (1 + e^(−z)) (computed stably); σ'(z) = a (1 − a)."""
+
+    def forward(self, z, training=False):
+        self.a = F.sigmoid(self.xp, z)
+        return self.a
+
+    def backward(self, da, need_input_grad=True):
+        return da * self.a * (1.0 - self.a)
+
+
+class Tanh(Layer):
+    """a = tanh(z); σ'(z) = 1 − a²."""
+
+    def forward(self, z, training=False):
+        self.a = self.xp.tanh(z)
+        return self.a
+
+    def backward(self, da, need_input_grad=True):
+        return da * (1.0 - self.a * self.a)
+
+
+class Softmax(Layer):
+    """p = softmax(z) row by row, for inference. (Train on logits with SoftmaxCrossEntropy,
+    whose fused gradient p − y is cheaper and more accurate than this layer's backward.)
+
+    Backward, the Jacobian-vector product: ∂L/∂z = p ⊙ (∂L/∂p − Σ_j p_j ∂L/∂p_j).
+    """
+
+    def forward(self, z, training=False):
+        self.p = F.softmax(self.xp, z)
+        return self.p
+
+    def backward(self, dp, need_input_grad=True):
+        p = self.p
+        return p * (dp - self.xp.sum(dp * p, axis=-1, keepdims=True))
+
+
+class Dropout(Layer):
+    """Inverted dropout: in training, each unit is kept with probability 1 − rate and scaled by
+    1 / (1 − rate), so evaluation (which passes the input through unchanged) needs no rescaling.
+
+    Masks come from the device's counter-based stream: reproducible from the seed, and the same
+    on every backend.
+    """
+
+    def __init__(self, rate: float = 0.5):
+        super().__init__()
+        if not 0.0 <= rate < 1.0:
+            raise ValueError(f"Dropout rate must be in [0, 1), got {rate!r}")
+        self.rate = float(rate)
+        self.mask = None
+
+    def forward(self, x, training=False):
+        if not training or self.rate == 0.0:
+            self.mask = None
+            return x
+        keep = self.device.random(tuple(x.shape), x.dtype) >= self.rate
+        self.mask = self.xp.astype(keep, x.dtype) * (1.0 / (1.0 - self.rate))
+        return x * self.mask
+
+    def backward(self, dy, need_input_grad=True):
+        return dy if self.mask is None else dy * self.mask
+
+    def config(self):
+        return {"rate": self.rate}
+
+
+class Flatten(Layer):
+    """(B, d1, d2, ...) → (B, d1·d2·...); backward restores the input's shape."""
+
+    def forward(self, x, training=False):
+        self.shape = tuple(x.shape)
+        return self.xp.reshape(x, (x.shape[0], -1))
+
+    def backward(self, dy, need_input_grad=True):
+        return self.xp.reshape(dy, self.shape)
+
+
+LAYERS = {cls.__name__: cls for cls in (Dense, ReLU, LeakyReLU, Sigmoid, Tanh, Softmax, Dropout, Flatten)}

@@ -1,0 +1,154 @@
+"""Losses: the mean loss over a batch and its gradient with respect to the network's output.
+
+``value_and_grad(output, target)`` returns (L, ∂L/∂output): L is a 0-d array on the device
+(read it to the host only when it is reported), and the gradient has the output's shape.
+"""
+
+from __future__ import annotations
+
+import math
+
+import array_api_compat
+
+from . import functional as F
+
+__all__ = ["Loss", "SoftmaxCrossEntropy", "BinaryCrossEntropy", "MeanSquaredError", "get_loss"]
+
+
+class Loss:
+    name = "loss"
+    #: Whether integer targets are class indices (kept as integers) rather than values.
+    class_labels = False
+
+    def value_and_grad(self, output, target):
+        raise NotImplementedError
+
+    def value(self, output, target):
+        return self.value_and_grad(output, target)[0]
+
+    def check_targets(self, targets, num_outputs: int) -> None:
+        """Validate a whole target array once, before training (reads two numbers from it)."""
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+class SoftmaxCrossEntropy(Loss):
+    """Cross-entropy of softmax(z) against the true classes, from the logits z.
+
+    With p = softmax(z) and integer labels c:  L = −(1/B) Σ_i log p_{i, c_i}
+    computed as log-sum-exp(z_i) − z_{i, c_i} (never log of a rounded-to-zero p).
+    The gradient fuses softmax and cross-entropy:  ∂L/∂z = (p − y) / B,
+    where y is one-hot — subtracted through a boolean class mask, never built as a matrix.
+    Targets may also be (B, C) probabilities (one-hot or soft labels).
+    """
+
+    name = "softmax_cross_entropy"
+    class_labels = True
+
+    def _terms(self, z, target):
+        xp = array_api_compat.array_namespace(z, target)
+        if z.ndim != 2:
+            raise ValueError(f"SoftmaxCrossEntropy expects logits of shape (B, C), got {tuple(z.shape)}")
+        log_p = F.log_softmax(xp, z)
+        if xp.isdtype(target.dtype, "integral"):
+            if target.shape != (z.shape[0],):
+                raise ValueError(
+                    f"integer labels must have shape ({z.shape[0]},) for logits {tuple(z.shape)}, "
+                    f"got {tuple(target.shape)}"
+                )
+            is_true = F.class_mask(xp, target, z.shape[1], array_api_compat.device(z))
+            loss = -xp.mean(xp.sum(xp.where(is_true, log_p, 0.0), axis=1))
+            return xp, loss, log_p, is_true
+        if target.shape != z.shape:
+            raise ValueError(f"probability targets must have the logits' shape {tuple(z.shape)}, got {tuple(target.shape)}")
+        loss = -xp.mean(xp.sum(target * log_p, axis=1))
+        return xp, loss, log_p, None
+
+    def value(self, z, target):
+        return self._terms(z, target)[1]
+
+    def check_targets(self, targets, num_outputs):
+        xp = array_api_compat.array_namespace(targets)
+        if not xp.isdtype(targets.dtype, "integral"):
+            return
+        lo, hi = int(xp.min(targets)), int(xp.max(targets))
+        if lo < 0 or hi >= num_outputs:
+            raise ValueError(f"class labels range from {lo} to {hi} but the model has {num_outputs} outputs")
+
+    def value_and_grad(self, z, target):
+        xp, loss, log_p, is_true = self._terms(z, target)
+        p = xp.exp(log_p)
+        batch = z.shape[0]
+        delta = xp.where(is_true, p - 1.0, p) if is_true is not None else p - target
+        return loss, delta * (1.0 / batch)
+
+
+class BinaryCrossEntropy(Loss):
+    """Binary cross-entropy of σ(z) against targets y ∈ [0, 1], from the logits z.
+
+    L = mean(−y log σ(z) − (1 − y) log(1 − σ(z))) = mean(max(z, 0) − z y + log(1 + e^(−|z|))),
+    the second form finite for every z. Gradient: ∂L/∂z = (σ(z) − y) / N, N the element count.
+    Targets of shape (B,) are accepted for outputs of shape (B, 1).
+    """
+
+    name = "binary_cross_entropy"
+
+    def _prepare(self, z, target):
+        xp = array_api_compat.array_namespace(z, target)
+        if target.shape != z.shape:
+            if target.ndim == 1 and z.shape == (target.shape[0], 1):
+                target = xp.reshape(target, z.shape)
+            else:
+                raise ValueError(f"BinaryCrossEntropy target shape {tuple(target.shape)} does not match output {tuple(z.shape)}")
+        if not xp.isdtype(target.dtype, "real floating"):
+            target = xp.astype(target, z.dtype)
+        return xp, target
+
+    def check_targets(self, targets, num_outputs):
+        xp = array_api_compat.array_namespace(targets)
+        lo, hi = float(xp.min(targets)), float(xp.max(targets))
+        if lo < 0 or hi > 1:
+            raise ValueError(f"binary targets must lie in [0, 1], got values from {lo} to {hi}")
+
+    def value(self, z, target):
+        xp, y = self._prepare(z, target)
+        return xp.mean(xp.clip(z, 0.0, None) - z * y + xp.log1p(xp.exp(-xp.abs(z))))
+
+    def value_and_grad(self, z, target):
+        xp, y = self._prepare(z, target)
+        loss = self.value(z, y)
+        return loss, (F.sigmoid(xp, z) - y) * (1.0 / math.prod(z.shape))
+
+
+class MeanSquaredError(Loss):
+    """The quadratic cost: L = mean((a − y)²) over all elements; ∂L/∂a = 2 (a − y) / N."""
+
+    name = "mean_squared_error"
+
+    def value_and_grad(self, a, target):
+        xp = array_api_compat.array_namespace(a, target)
+        if target.shape != a.shape:
+            raise ValueError(f"MeanSquaredError target shape {tuple(target.shape)} does not match output {tuple(a.shape)}")
+        diff = a - target
+        return xp.mean(diff * diff), diff * (2.0 / math.prod(a.shape))
+
+
+LOSSES = {
+    "softmax_cross_entropy": SoftmaxCrossEntropy,
+    "cross_entropy": SoftmaxCrossEntropy,
+    "binary_cross_entropy": BinaryCrossEntropy,
+    "bce": BinaryCrossEntropy,
+    "mean_squared_error": MeanSquaredError,
+    "mse": MeanSquaredError,
+}
+
+
+def get_loss(name_or_loss) -> Loss:
+    """A loss by name ('cross_entropy', 'bce', 'mse') or a Loss instance as it is."""
+    if isinstance(name_or_loss, Loss):
+        return name_or_loss
+    try:
+        return LOSSES[name_or_loss]()
+    except KeyError:
+        raise ValueError(f"unknown loss {name_or_loss!r}; choose one of {', '.join(sorted(LOSSES))}") from None

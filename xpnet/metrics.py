@@ -1,0 +1,69 @@
+"""Metrics counted on the device, batch by batch, and read to the host once per epoch.
+
+``count(output, target)`` returns (number correct as a 0-d device array, number judged).
+"""
+
+from __future__ import annotations
+
+import math
+
+from array_api_compat import array_namespace
+
+__all__ = ["Metric", "Accuracy", "BinaryAccuracy", "get_metric", "default_metrics"]
+
+
+class Metric:
+    name = "metric"
+
+    def count(self, output, target):
+        raise NotImplementedError
+
+
+class Accuracy(Metric):
+    """Fraction of examples whose largest output is the true class (labels or one-hot rows)."""
+
+    name = "accuracy"
+
+    def count(self, output, target):
+        xp = array_namespace(output, target)
+        predicted = xp.argmax(output, axis=1)
+        truth = target if target.ndim == 1 else xp.argmax(target, axis=1)
+        return xp.count_nonzero(predicted == truth), output.shape[0]
+
+
+class BinaryAccuracy(Metric):
+    """Fraction of outputs on the right side of the threshold: logits > 0 ⇔ σ(z) > 0.5.
+
+    Use ``threshold=0.5`` for a model that ends in Sigmoid.
+    """
+
+    name = "binary_accuracy"
+
+    def __init__(self, threshold: float = 0.0):
+        self.threshold = float(threshold)
+
+    def count(self, output, target):
+        xp = array_namespace(output, target)
+        target = xp.reshape(target, output.shape)
+        truth = target > 0 if xp.isdtype(target.dtype, "integral") else target > 0.5
+        return xp.count_nonzero((output > self.threshold) == truth), math.prod(output.shape)
+
+
+METRICS = {"accuracy": Accuracy, "binary_accuracy": BinaryAccuracy}
+
+
+def get_metric(name_or_metric) -> Metric:
+    if isinstance(name_or_metric, Metric):
+        return name_or_metric
+    try:
+        return METRICS[name_or_metric]()
+    except KeyError:
+        raise ValueError(f"unknown metric {name_or_metric!r}; choose one of {', '.join(METRICS)}") from None
+
+
+def default_metrics(loss) -> list[Metric]:
+    """Accuracy for softmax cross-entropy, binary accuracy for BCE, none for regression."""
+    return {
+        "softmax_cross_entropy": [Accuracy()],
+        "binary_cross_entropy": [BinaryAccuracy()],
+    }.get(loss.name, [])

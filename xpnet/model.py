@@ -1,0 +1,138 @@
+"""Sequential: layers applied in order, and backpropagation through them in reverse.
+
+Forward:  a⁰ = x,  aˡ = layerˡ(aˡ⁻¹).
+Backward: δ from the loss enters the last layer; each layer stores its parameter gradients and
+hands ∂L/∂(its input) to the layer before it. All gradients are computed before any update.
+"""
+
+from __future__ import annotations
+
+import math
+
+from .backend import Device, dtype_name, get_device
+from .layers import LAYERS, Layer
+
+__all__ = ["Sequential"]
+
+
+class Sequential:
+    """A feed-forward network: ``Sequential([Dense(784, 128), ReLU(), ...], device="cpu")``.
+
+    Parameters are named ``"{index}.{name}"`` after the layer's position, e.g. ``"0.W"``.
+    """
+
+    def __init__(self, layers, *, device: Device | str = "cpu", dtype: str = "float32", seed: int = 0):
+        self.layers: list[Layer] = list(layers)
+        for layer in self.layers:
+            if not isinstance(layer, Layer):
+                raise TypeError(f"Sequential takes Layer objects, got {layer!r}")
+        self.device = get_device(device, seed=seed)
+        self.xp = self.device.xp
+        self.dtype = self.device.dtype(dtype)
+        with self.device:
+            for i, layer in enumerate(self.layers):
+                following = self.layers[i + 1] if i + 1 < len(self.layers) else None
+                layer.build(self.device, self.dtype, following)
+        first = [i for i, layer in enumerate(self.layers) if layer.params]
+        self._first_trainable = first[0] if first else len(self.layers)
+        self._slots = [
+            (f"{i}.{name}", layer, name) for i, layer in enumerate(self.layers) for name in layer.params
+        ]
+
+    # -------------------------------------------------------------- passes
+    def forward(self, x, training: bool = False):
+        if x.dtype != self.dtype:
+            raise TypeError(
+                f"input dtype {x.dtype} does not match the model's {self.dtype}; move data with "
+                "device.to_device(x, dtype=model.dtype) (xpnet never upcasts silently)"
+            )
+        with self.device:
+            for layer in self.layers:
+                x = layer.forward(x, training)
+        return x
+
+    __call__ = forward
+
+    def backward(self, delta, *, input_grad: bool = False):
+        """Backpropagate δ = ∂L/∂output; return ∂L/∂input when ``input_grad`` is set.
+
+        Layers before the first one with parameters are skipped, and that layer does not
+        compute its input gradient, unless ``input_grad`` asks for it.
+        """
+        stop = 0 if input_grad else self._first_trainable
+        with self.device:
+            for i in range(len(self.layers) - 1, stop - 1, -1):
+                delta = self.layers[i].backward(delta, need_input_grad=input_grad or i > stop)
+        return delta if input_grad else None
+
+    # ---------------------------------------------------------- parameters
+    def parameter_slots(self):
+        """(key, layer, name) for every parameter, in order; optimizers update through these."""
+        return self._slots
+
+    def named_parameters(self) -> dict:
+        return {key: layer.params[name] for key, layer, name in self._slots}
+
+    def named_gradients(self) -> dict:
+        return {key: layer.grads[name] for key, layer, name in self._slots if name in layer.grads}
+
+    def num_parameters(self) -> int:
+        return sum(math.prod(layer.params[name].shape) for _, layer, name in self._slots)
+
+    def state_dict(self) -> dict:
+        """A copy of every parameter, by key, on the model's device."""
+        return {key: self.xp.asarray(p, copy=True) for key, p in self.named_parameters().items()}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Copy parameters in from ``state`` (arrays of any backend); keys and shapes must match.
+
+        Everything is checked before anything is written, so a mismatch leaves the model as it was.
+        """
+        expected = set(self.named_parameters())
+        missing, unexpected = expected - set(state), set(state) - expected
+        if missing or unexpected:
+            raise ValueError(
+                f"state dict does not fit this model: missing {sorted(missing)}, unexpected {sorted(unexpected)}"
+            )
+        staged = {}
+        for key, layer, name in self._slots:
+            value = self.device.to_device(state[key], self.dtype, copy=True)
+            if tuple(value.shape) != tuple(layer.params[name].shape):
+                raise ValueError(
+                    f"parameter {key!r} has shape {tuple(value.shape)} in the state dict but "
+                    f"{tuple(layer.params[name].shape)} in the model"
+                )
+            staged[key] = value
+        for key, layer, name in self._slots:
+            layer.params[name] = staged[key]
+
+    # -------------------------------------------------------- description
+    def config(self) -> dict:
+        """The architecture as plain data: ``Sequential.from_config`` rebuilds it."""
+        return {
+            "layers": [{"type": type(layer).__name__, **layer.config()} for layer in self.layers],
+            "dtype": dtype_name(self.dtype),
+        }
+
+    @classmethod
+    def from_config(cls, config: dict, *, device: Device | str = "cpu", seed: int = 0) -> Sequential:
+        layers = []
+        for spec in config["layers"]:
+            spec = dict(spec)
+            kind = spec.pop("type")
+            if kind not in LAYERS:
+                raise ValueError(f"unknown layer type {kind!r} in model config")
+            layers.append(LAYERS[kind](**spec))
+        return cls(layers, device=device, dtype=config.get("dtype", "float32"), seed=seed)
+
+    def summary(self) -> str:
+        rows = [f"{'#':>3}  {'layer':<34} {'parameters':>12}"]
+        for i, layer in enumerate(self.layers):
+            count = sum(math.prod(p.shape) for p in layer.params.values())
+            rows.append(f"{i:>3}  {layer!r:<34} {count:>12,}")
+        rows.append(f"     {'total':<34} {self.num_parameters():>12,}")
+        return "\n".join(rows)
+
+    def __repr__(self) -> str:
+        inner = ", ".join(repr(layer) for layer in self.layers)
+        return f"Sequential([{inner}], device={self.device.name!r})"

@@ -1,0 +1,296 @@
+"""Training: fit with shuffled mini-batches, evaluate and predict in batches, callbacks.
+
+The data go to the device once; each epoch draws a permutation from the seeded shuffle stream,
+and each batch is taken on the device by index (``xp.take``). One step is
+
+    a = model.forward(x)                  forward pass, layer by layer
+    L, δ = loss.value_and_grad(a, y)      δ = ∂L/∂a (p − y over B for softmax cross-entropy)
+    model.backward(δ)                     every gradient first ...
+    optimizer.step(model)                 ... then every update
+
+The epoch's loss and metric counts accumulate on the device and are read once per epoch (or when
+a callback asks for the running loss, as a throttled progress bar does), never per batch.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+from .losses import get_loss
+from .metrics import default_metrics, get_metric
+
+__all__ = [
+    "fit",
+    "evaluate",
+    "predict",
+    "History",
+    "Callback",
+    "EarlyStopping",
+    "TrainingState",
+    "TrainingDiverged",
+]
+
+
+class TrainingDiverged(FloatingPointError):
+    """The epoch's mean loss was NaN or infinite."""
+
+
+class History:
+    """Per-epoch logs: ``history["loss"]``, ``history["val_accuracy"]``, ... as lists of floats."""
+
+    def __init__(self):
+        self.history: dict[str, list[float]] = {}
+        self.epochs: list[int] = []
+
+    def append(self, epoch: int, logs: dict) -> None:
+        self.epochs.append(epoch)
+        for key, value in logs.items():
+            self.history.setdefault(key, []).append(value)
+
+    def __getitem__(self, key: str) -> list[float]:
+        return self.history[key]
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.history
+
+    def __len__(self) -> int:
+        return len(self.epochs)
+
+    def __repr__(self) -> str:
+        return f"History(epochs={len(self)}, keys={sorted(self.history)})"
+
+
+class TrainingState:
+    """What callbacks see: the model, the optimizer, where training is, and a way to stop it."""
+
+    def __init__(self, model, optimizer, epochs, steps_per_epoch, num_samples, history):
+        self.model = model
+        self.optimizer = optimizer
+        self.epochs = epochs
+        self.steps_per_epoch = steps_per_epoch
+        self.num_samples = num_samples
+        self.history = history
+        self.epoch = 0
+        self.step = 0
+        self.samples_seen = 0
+        self.stop_training = False
+        self._loss_sum = 0.0
+
+    def running_loss(self) -> float:
+        """The mean training loss of this epoch so far. Reads the device: call it sparingly."""
+        if not self.samples_seen:
+            return math.nan
+        return self.model.device.item(self._loss_sum) / self.samples_seen
+
+
+class Callback:
+    """Hooks into ``fit``; every method is optional."""
+
+    def on_train_begin(self, state: TrainingState) -> None: ...
+
+    def on_epoch_begin(self, state: TrainingState) -> None: ...
+
+    def on_batch_end(self, state: TrainingState) -> None: ...
+
+    def on_epoch_end(self, state: TrainingState, logs: dict) -> None: ...
+
+    def on_train_end(self, state: TrainingState) -> None: ...
+
+
+class EarlyStopping(Callback):
+    """Stop when ``monitor`` has not improved by more than ``min_delta`` for ``patience`` epochs.
+
+    With ``restore_best_weights`` the model ends with the parameters of its best epoch.
+    """
+
+    def __init__(self, patience: int = 5, *, monitor: str = "val_loss", min_delta: float = 0.0,
+                 mode: str = "min", restore_best_weights: bool = True):
+        if patience < 0:
+            raise ValueError(f"patience must be non-negative, got {patience}")
+        if mode not in ("min", "max"):
+            raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
+        self.patience, self.monitor, self.min_delta = int(patience), monitor, float(min_delta)
+        self.mode, self.restore_best_weights = mode, restore_best_weights
+
+    def on_train_begin(self, state):
+        self.best = math.inf if self.mode == "min" else -math.inf
+        self.best_epoch = None
+        self.best_weights = None
+        self.wait = 0
+        self.stopped_epoch = None
+
+    def _improved(self, value: float) -> bool:
+        if self.mode == "min":
+            return value < self.best - self.min_delta
+        return value > self.best + self.min_delta
+
+    def on_epoch_end(self, state, logs):
+        if self.monitor not in logs:
+            raise ValueError(
+                f"EarlyStopping monitors {self.monitor!r}, which fit did not log "
+                f"(logged: {', '.join(sorted(logs))}); give validation data or a validation split"
+            )
+        value = logs[self.monitor]
+        if self._improved(value):
+            self.best, self.best_epoch, self.wait = value, state.epoch, 0
+            if self.restore_best_weights:
+                self.best_weights = state.model.state_dict()
+            return
+        self.wait += 1
+        if self.wait >= self.patience:
+            self.stopped_epoch = state.epoch
+            state.stop_training = True
+
+    def on_train_end(self, state):
+        if self.best_weights is not None:
+            state.model.load_state_dict(self.best_weights)
+
+
+# -------------------------------------------------------------------- helpers
+def _to_device_data(model, loss, x, y):
+    device = model.device
+    X = device.to_device(x, model.dtype)
+    Y = device.to_device_targets(y, model.dtype, class_labels=loss.class_labels)
+    if X.shape[0] != Y.shape[0]:
+        raise ValueError(f"x has {X.shape[0]} examples but y has {Y.shape[0]}")
+    if X.shape[0] == 0:
+        raise ValueError("no examples to train or evaluate on")
+    xp = model.xp
+    if not device.item(xp.all(xp.isfinite(X))):
+        raise ValueError("the input data contain NaN or infinite values")
+    if xp.isdtype(Y.dtype, "real floating") and not device.item(xp.all(xp.isfinite(Y))):
+        raise ValueError("the targets contain NaN or infinite values")
+    return X, Y
+
+
+def _batches(n: int, batch_size: int):
+    for start in range(0, n, batch_size):
+        yield start, min(start + batch_size, n)
+
+
+def _evaluate_on_device(model, loss, X, Y, batch_size, metrics) -> dict:
+    loss_sum, counts, totals = 0.0, [0] * len(metrics), [0] * len(metrics)
+    with model.device:
+        for start, stop in _batches(X.shape[0], batch_size):
+            out = model.forward(X[start:stop, ...], training=False)
+            yb = Y[start:stop, ...]
+            loss_sum = loss_sum + loss.value(out, yb) * (stop - start)
+            for i, metric in enumerate(metrics):
+                correct, judged = metric.count(out, yb)
+                counts[i], totals[i] = counts[i] + correct, totals[i] + judged
+    logs = {"loss": model.device.item(loss_sum) / X.shape[0]}
+    for metric, correct, judged in zip(metrics, counts, totals):
+        logs[metric.name] = model.device.item(correct) / judged
+    return logs
+
+
+def _check_batch_size(batch_size) -> int:
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    return batch_size
+
+
+# ------------------------------------------------------------------ public API
+def fit(model, loss, optimizer, x, y, *, epochs: int = 1, batch_size: int = 32,
+        validation_data=None, validation_split: float = 0.0, metrics=None,
+        callbacks=(), shuffle: bool = True) -> History:
+    """Train ``model`` on (x, y) and return the History of per-epoch logs.
+
+    x, y: arrays of any backend (or NumPy); moved to the model's device once. Integer y are class
+    labels. ``validation_data=(x_val, y_val)``, or ``validation_split`` = the fraction of examples
+    held out, chosen by a seeded permutation (never the tail: sorted data would bias it).
+    Logs per epoch: loss, each metric, val_ versions of both, and seconds.
+    """
+    if not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < 1:
+        raise ValueError(f"epochs must be a positive integer, got {epochs!r}")
+    _check_batch_size(batch_size)
+    if not 0.0 <= validation_split < 1.0:
+        raise ValueError(f"validation_split must be in [0, 1), got {validation_split!r}")
+    if validation_data is not None and validation_split:
+        raise ValueError("give validation_data or validation_split, not both")
+    loss = get_loss(loss)
+    metrics = default_metrics(loss) if metrics is None else [get_metric(m) for m in metrics]
+    device, xp = model.device, model.xp
+
+    X, Y = _to_device_data(model, loss, x, y)
+    val = None
+    if validation_data is not None:
+        val = _to_device_data(model, loss, *validation_data)
+    elif validation_split:
+        n_val = int(round(X.shape[0] * validation_split))
+        if not 0 < n_val < X.shape[0]:
+            raise ValueError(f"validation_split {validation_split} leaves {n_val} of {X.shape[0]} examples for validation")
+        order = device.permutation(X.shape[0])
+        val = (xp.take(X, order[:n_val], axis=0), xp.take(Y, order[:n_val], axis=0))
+        X, Y = xp.take(X, order[n_val:], axis=0), xp.take(Y, order[n_val:], axis=0)
+
+    n = X.shape[0]
+    history = History()
+    state = TrainingState(model, optimizer, epochs, math.ceil(n / batch_size), n, history)
+    for cb in callbacks:
+        cb.on_train_begin(state)
+    for epoch in range(epochs):
+        started = time.perf_counter()
+        state.epoch, state.samples_seen, state._loss_sum = epoch, 0, 0.0
+        for cb in callbacks:
+            cb.on_epoch_begin(state)
+        with device:
+            order = device.permutation(n) if shuffle else None
+            counts, totals = [0] * len(metrics), [0] * len(metrics)
+            for step, (start, stop) in enumerate(_batches(n, batch_size)):
+                if order is None:
+                    xb, yb = X[start:stop, ...], Y[start:stop, ...]
+                else:
+                    idx = order[start:stop]
+                    xb, yb = xp.take(X, idx, axis=0), xp.take(Y, idx, axis=0)
+                out = model.forward(xb, training=True)
+                if epoch == 0 and step == 0:
+                    loss.check_targets(Y, out.shape[-1])
+                value, delta = loss.value_and_grad(out, yb)
+                model.backward(delta)
+                optimizer.step(model)
+                state._loss_sum = state._loss_sum + value * (stop - start)
+                for i, metric in enumerate(metrics):
+                    correct, judged = metric.count(out, yb)
+                    counts[i], totals[i] = counts[i] + correct, totals[i] + judged
+                state.step, state.samples_seen = step, stop
+                for cb in callbacks:
+                    cb.on_batch_end(state)
+        logs = {"loss": state.running_loss()}
+        for metric, correct, judged in zip(metrics, counts, totals):
+            logs[metric.name] = device.item(correct) / judged
+        if not math.isfinite(logs["loss"]):
+            raise TrainingDiverged(
+                f"the training loss became {logs['loss']} in epoch {epoch + 1}; "
+                "try a lower learning rate or gradient clipping"
+            )
+        if val is not None:
+            val_logs = _evaluate_on_device(model, loss, *val, max(batch_size, 256), metrics)
+            logs.update({f"val_{key}": value for key, value in val_logs.items()})
+        logs["seconds"] = time.perf_counter() - started
+        history.append(epoch, logs)
+        for cb in callbacks:
+            cb.on_epoch_end(state, logs)
+        if state.stop_training:
+            break
+    for cb in callbacks:
+        cb.on_train_end(state)
+    return history
+
+
+def evaluate(model, loss, x, y, *, batch_size: int = 1024, metrics=None) -> dict:
+    """Mean loss and metrics of ``model`` on (x, y), in batches, read once at the end."""
+    loss = get_loss(loss)
+    metrics = default_metrics(loss) if metrics is None else [get_metric(m) for m in metrics]
+    X, Y = _to_device_data(model, loss, x, y)
+    return _evaluate_on_device(model, loss, X, Y, _check_batch_size(batch_size), metrics)
+
+
+def predict(model, x, *, batch_size: int = 1024):
+    """The model's outputs for x (in evaluation mode), computed in batches, on the device."""
+    _check_batch_size(batch_size)
+    X = model.device.to_device(x, model.dtype)
+    with model.device:
+        outputs = [model.forward(X[start:stop, ...]) for start, stop in _batches(X.shape[0], batch_size)]
+        return model.xp.concat(outputs, axis=0)
