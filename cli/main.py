@@ -17,8 +17,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"xpnet {xpnet.__version__}")
         print("devices: " + ", ".join(xpnet.available_devices()))
         return 0
-    print(f"xpnet: the command line is not built yet (got {' '.join(args)!r}); "
-          "use the library: import xpnet", file=sys.stderr)
+    print(
+        f"xpnet: the command line is not built yet (got {' '.join(args)!r}); use the library: import xpnet",
+        file=sys.stderr,
+    )
     return 2
 
 

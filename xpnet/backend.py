@@ -23,7 +23,6 @@ import math
 import re
 from typing import Any
 
-import array_api_compat
 import numpy as np
 
 __all__ = ["Device", "DeviceError", "available_devices", "get_device"]
@@ -64,12 +63,10 @@ def _parse(name: str) -> tuple[str, str | int | None]:
         if detail in _STRICT_NAMES:
             return "strict", detail
         raise DeviceError(
-            f"unknown array-api-strict device {detail!r} in {name!r}; "
-            f"choose one of: {', '.join(_STRICT_NAMES)}"
+            f"unknown array-api-strict device {detail!r} in {name!r}; choose one of: {', '.join(_STRICT_NAMES)}"
         )
     raise DeviceError(
-        f"unknown device {name!r}; use 'cpu', 'cuda', 'cuda:N', 'strict', "
-        "'strict:device1' or 'strict:no_float64'"
+        f"unknown device {name!r}; use 'cpu', 'cuda', 'cuda:N', 'strict', 'strict:device1' or 'strict:no_float64'"
     )
 
 
@@ -89,8 +86,7 @@ def _load_cupy(index: int):
         raise DeviceError("device 'cuda' is not usable: CUDA reports no GPU")
     if index >= count:
         raise DeviceError(
-            f"device 'cuda:{index}' does not exist: this machine has {count} GPU(s), "
-            f"cuda:0 to cuda:{count - 1}"
+            f"device 'cuda:{index}' does not exist: this machine has {count} GPU(s), cuda:0 to cuda:{count - 1}"
         )
     return cupy
 

@@ -49,15 +49,27 @@ def _relative_error(analytic: list[float], numeric: list[float]) -> float:
     return diff / scale if scale > 0 else 0.0
 
 
-def gradcheck(model, loss, x, y, *, eps: float = 1e-6, max_entries: int = 256,
-              training: bool = True, check_input: bool = True, seed: int = 0) -> GradcheckReport:
+def gradcheck(
+    model,
+    loss,
+    x,
+    y,
+    *,
+    eps: float = 1e-6,
+    max_entries: int = 256,
+    training: bool = True,
+    check_input: bool = True,
+    seed: int = 0,
+) -> GradcheckReport:
     """Compare ``model.backward`` with central differences for every parameter and the input.
 
     The model must be float64. Parameters with more than ``max_entries`` entries are checked
     on a seeded random subset of that many entries.
     """
     if dtype_name(model.dtype) != "float64":
-        raise ValueError(f"gradcheck needs a float64 model (got {dtype_name(model.dtype)}): build it with dtype='float64'")
+        raise ValueError(
+            f"gradcheck needs a float64 model (got {dtype_name(model.dtype)}): build it with dtype='float64'"
+        )
     loss = get_loss(loss)
     device, xp = model.device, model.xp
     X = device.to_device(x, model.dtype)
@@ -96,6 +108,7 @@ def gradcheck(model, loss, x, y, *, eps: float = 1e-6, max_entries: int = 256,
     report = GradcheckReport()
     with device:
         for key, layer, name in model.parameter_slots():
+
             def assign(value, layer=layer, name=name):
                 layer.params[name] = value
                 return loss_of(X)

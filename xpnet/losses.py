@@ -61,7 +61,9 @@ class SoftmaxCrossEntropy(Loss):
             loss = -xp.mean(xp.sum(xp.where(is_true, log_p, 0.0), axis=1))
             return xp, loss, log_p, is_true
         if target.shape != z.shape:
-            raise ValueError(f"probability targets must have the logits' shape {tuple(z.shape)}, got {tuple(target.shape)}")
+            raise ValueError(
+                f"probability targets must have the logits' shape {tuple(z.shape)}, got {tuple(target.shape)}"
+            )
         loss = -xp.mean(xp.sum(target * log_p, axis=1))
         return xp, loss, log_p, None
 
@@ -100,7 +102,9 @@ class BinaryCrossEntropy(Loss):
             if target.ndim == 1 and z.shape == (target.shape[0], 1):
                 target = xp.reshape(target, z.shape)
             else:
-                raise ValueError(f"BinaryCrossEntropy target shape {tuple(target.shape)} does not match output {tuple(z.shape)}")
+                raise ValueError(
+                    f"BinaryCrossEntropy target shape {tuple(target.shape)} does not match output {tuple(z.shape)}"
+                )
         if not xp.isdtype(target.dtype, "real floating"):
             target = xp.astype(target, z.dtype)
         return xp, target
@@ -129,7 +133,9 @@ class MeanSquaredError(Loss):
     def value_and_grad(self, a, target):
         xp = array_api_compat.array_namespace(a, target)
         if target.shape != a.shape:
-            raise ValueError(f"MeanSquaredError target shape {tuple(target.shape)} does not match output {tuple(a.shape)}")
+            raise ValueError(
+                f"MeanSquaredError target shape {tuple(target.shape)} does not match output {tuple(a.shape)}"
+            )
         diff = a - target
         return xp.mean(diff * diff), diff * (2.0 / math.prod(a.shape))
 

@@ -35,9 +35,7 @@ class Sequential:
                 layer.build(self.device, self.dtype, following)
         first = [i for i, layer in enumerate(self.layers) if layer.params]
         self._first_trainable = first[0] if first else len(self.layers)
-        self._slots = [
-            (f"{i}.{name}", layer, name) for i, layer in enumerate(self.layers) for name in layer.params
-        ]
+        self._slots = [(f"{i}.{name}", layer, name) for i, layer in enumerate(self.layers) for name in layer.params]
 
     # -------------------------------------------------------------- passes
     def forward(self, x, training: bool = False):

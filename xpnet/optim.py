@@ -190,7 +190,9 @@ class Optimizer:
             if key not in params:
                 raise ValueError(f"optimizer state has slots for {key!r}, which the model does not have")
             if set(slots) != set(self.slot_names):
-                raise ValueError(f"optimizer state for {key!r} has slots {sorted(slots)}, expected {sorted(self.slot_names)}")
+                raise ValueError(
+                    f"optimizer state for {key!r} has slots {sorted(slots)}, expected {sorted(self.slot_names)}"
+                )
             staged[key] = {}
             for name, value in slots.items():
                 moved = model.device.to_device(value, model.dtype, copy=True)
@@ -215,8 +217,8 @@ def clip_by_global_norm(grads, max_norm: float):
 class SGD(Optimizer):
     """Plain gradient descent, θ ← θ − η g; with ``momentum`` μ > 0 (PyTorch's convention):
 
-        v ← μ v + g,   θ ← θ − η v            (heavy ball)
-        θ ← θ − η (g + μ v)                    (Nesterov, with the new v)
+    v ← μ v + g,   θ ← θ − η v            (heavy ball)
+    θ ← θ − η (g + μ v)                    (Nesterov, with the new v)
     """
 
     def __init__(self, lr=0.01, *, momentum: float = 0.0, nesterov: bool = False, **kwargs):

@@ -104,8 +104,15 @@ class EarlyStopping(Callback):
     With ``restore_best_weights`` the model ends with the parameters of its best epoch.
     """
 
-    def __init__(self, patience: int = 5, *, monitor: str = "val_loss", min_delta: float = 0.0,
-                 mode: str = "min", restore_best_weights: bool = True):
+    def __init__(
+        self,
+        patience: int = 5,
+        *,
+        monitor: str = "val_loss",
+        min_delta: float = 0.0,
+        mode: str = "min",
+        restore_best_weights: bool = True,
+    ):
         if patience < 0:
             raise ValueError(f"patience must be non-negative, got {patience}")
         if mode not in ("min", "max"):
@@ -192,9 +199,21 @@ def _check_batch_size(batch_size) -> int:
 
 
 # ------------------------------------------------------------------ public API
-def fit(model, loss, optimizer, x, y, *, epochs: int = 1, batch_size: int = 32,
-        validation_data=None, validation_split: float = 0.0, metrics=None,
-        callbacks=(), shuffle: bool = True) -> History:
+def fit(
+    model,
+    loss,
+    optimizer,
+    x,
+    y,
+    *,
+    epochs: int = 1,
+    batch_size: int = 32,
+    validation_data=None,
+    validation_split: float = 0.0,
+    metrics=None,
+    callbacks=(),
+    shuffle: bool = True,
+) -> History:
     """Train ``model`` on (x, y) and return the History of per-epoch logs.
 
     x, y: arrays of any backend (or NumPy); moved to the model's device once. Integer y are class
@@ -220,7 +239,9 @@ def fit(model, loss, optimizer, x, y, *, epochs: int = 1, batch_size: int = 32,
     elif validation_split:
         n_val = int(round(X.shape[0] * validation_split))
         if not 0 < n_val < X.shape[0]:
-            raise ValueError(f"validation_split {validation_split} leaves {n_val} of {X.shape[0]} examples for validation")
+            raise ValueError(
+                f"validation_split {validation_split} leaves {n_val} of {X.shape[0]} examples for validation"
+            )
         order = device.permutation(X.shape[0])
         val = (xp.take(X, order[:n_val], axis=0), xp.take(Y, order[:n_val], axis=0))
         X, Y = xp.take(X, order[n_val:], axis=0), xp.take(Y, order[n_val:], axis=0)

@@ -1,0 +1,83 @@
+"""Backends for the test suite.
+
+Every test that takes the ``backend`` fixture runs once per backend: ``numpy``, ``strict``
+(array-api-strict's CPU device), ``strict:device1`` (a non-default device that refuses host
+conversions and device mixing, standing in for a GPU), ``strict:no_float64`` (refuses float64)
+and ``cuda`` (CuPy; skipped without a CUDA device). ``backend64`` leaves out no_float64.
+``pytest --backend numpy --backend cuda`` restricts the run to the named backends.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import xpnet
+
+BACKENDS = ["numpy", "strict", "strict:device1", "strict:no_float64", "cuda"]
+DEVICE_OF = {"numpy": "cpu", "cuda": "cuda:0"}
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--backend",
+        action="append",
+        choices=BACKENDS,
+        help="run backend-parametrized tests on this backend only (repeatable)",
+    )
+
+
+def _unavailable(backend: str) -> str | None:
+    try:
+        xpnet.Device(DEVICE_OF.get(backend, backend))
+    except (xpnet.DeviceError, ImportError) as exc:
+        return str(exc)
+    return None
+
+
+def _params(config, names):
+    chosen = config.getoption("--backend") or BACKENDS
+    return [name for name in names if name in chosen]
+
+
+def pytest_generate_tests(metafunc):
+    for fixture, names in (("backend", BACKENDS), ("backend64", [b for b in BACKENDS if b != "strict:no_float64"])):
+        if fixture in metafunc.fixturenames:
+            metafunc.parametrize(fixture, _params(metafunc.config, names), indirect=True)
+
+
+def _backend(request):
+    reason = _unavailable(request.param)
+    if reason:
+        pytest.skip(f"backend {request.param} unavailable: {reason}")
+    return DEVICE_OF.get(request.param, request.param)
+
+
+@pytest.fixture
+def backend(request) -> str:
+    """A device string for each backend (float32 tests)."""
+    return _backend(request)
+
+
+@pytest.fixture
+def backend64(request) -> str:
+    """A device string for each backend that has float64."""
+    return _backend(request)
+
+
+def on(device: xpnet.Device, values, dtype="float32"):
+    """A device array from nested lists / NumPy values."""
+    return device.to_device(np.asarray(values), dtype)
+
+
+def host(device: xpnet.Device, x) -> np.ndarray:
+    return np.asarray(device.to_host(x))
+
+
+def assert_on_device(device: xpnet.Device, x, dtype) -> None:
+    """x lives in the device's namespace, on its device, with the expected dtype."""
+    import array_api_compat
+
+    assert array_api_compat.array_namespace(x) is device.xp
+    assert array_api_compat.device(x) == array_api_compat.device(device.to_device(np.zeros(1), dtype))
+    assert x.dtype == device.dtype(dtype)
