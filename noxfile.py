@@ -1,0 +1,54 @@
+"""nox sessions: the test suite per backend, and lint.
+
+    nox -s tests-numpy      NumPy on the CPU
+    nox -s tests-strict     array-api-strict: its CPU device, device1 and no_float64
+    nox -s tests-cuda       CuPy on a CUDA GPU (skips itself when no GPU is present)
+    nox -s lint             ruff
+
+Each session installs xpnet with its test dependencies into a fresh virtual environment. On a
+machine without a package index (such as a lent GPU box), run them against what is installed:
+``nox --no-venv -s tests-cuda``. CuPy comes from the ``cuda12`` extra, or ``cuda13`` with
+XPNET_CUDA=13.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import nox
+
+nox.options.sessions = ["tests", "lint"]
+
+BACKENDS = {
+    "numpy": ["--backend", "numpy"],
+    "strict": ["--backend", "strict", "--backend", "strict:device1", "--backend", "strict:no_float64"],
+    "cuda": ["--backend", "cuda"],
+}
+
+
+def _installing(session) -> bool:
+    """False under --no-venv: then the session uses the packages already installed."""
+    return not isinstance(session.virtualenv, nox.virtualenv.PassthroughEnv)
+
+
+@nox.session
+@nox.parametrize("backend", list(BACKENDS), ids=list(BACKENDS))
+def tests(session, backend):
+    if backend == "cuda" and shutil.which("nvidia-smi") is None:
+        session.skip("no CUDA device here (nvidia-smi not found): the cuda backend is not tested")
+    if _installing(session):
+        cupy_extra = "cuda13" if os.environ.get("XPNET_CUDA") == "13" else "cuda12"
+        extras = f"dev,{cupy_extra}" if backend == "cuda" else "dev"
+        session.install("-e", f".[{extras}]")
+    if backend == "cuda":
+        session.run("python", "-c", "import xpnet; xpnet.Device('cuda')")  # fails loudly if CuPy cannot see a GPU
+    session.run("python", "-m", "pytest", *BACKENDS[backend], *session.posargs)
+
+
+@nox.session
+def lint(session):
+    if _installing(session):
+        session.install("ruff")
+    session.run("ruff", "check", ".")
+    session.run("ruff", "format", "--check", ".")
