@@ -18,13 +18,12 @@ import shutil
 
 import nox
 
-nox.options.sessions = ["tests", "lint"]
-
 BACKENDS = {
     "numpy": ["--backend", "numpy"],
     "strict": ["--backend", "strict", "--backend", "strict:device1", "--backend", "strict:no_float64"],
     "cuda": ["--backend", "cuda"],
 }
+nox.options.sessions = [*(f"tests-{b}" for b in BACKENDS), "lint"]
 
 
 def _installing(session) -> bool:
@@ -32,9 +31,7 @@ def _installing(session) -> bool:
     return not isinstance(session.virtualenv, nox.virtualenv.PassthroughEnv)
 
 
-@nox.session
-@nox.parametrize("backend", list(BACKENDS), ids=list(BACKENDS))
-def tests(session, backend):
+def _tests(session, backend):
     if backend == "cuda" and shutil.which("nvidia-smi") is None:
         session.skip("no CUDA device here (nvidia-smi not found): the cuda backend is not tested")
     if _installing(session):
@@ -44,6 +41,18 @@ def tests(session, backend):
     if backend == "cuda":
         session.run("python", "-c", "import xpnet; xpnet.Device('cuda')")  # fails loudly if CuPy cannot see a GPU
     session.run("python", "-m", "pytest", *BACKENDS[backend], *session.posargs)
+
+
+def _tests_session(backend):
+    def run(session):
+        _tests(session, backend)
+
+    run.__doc__ = f"pytest on the {backend} backend ({' '.join(BACKENDS[backend])})"
+    return nox.session(name=f"tests-{backend}")(run)
+
+
+for _backend in BACKENDS:
+    _tests_session(_backend)
 
 
 @nox.session

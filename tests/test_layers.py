@@ -271,3 +271,23 @@ def test_sequential_refuses_non_layers():
 def test_summary_lists_parameter_counts():
     text = Sequential([Dense(784, 128), ReLU(), Dense(128, 10)]).summary()
     assert "100,480" in text and "1,290" in text and "101,770" in text
+
+
+def test_default_initialization_looks_through_dropout_and_flatten():
+    model = Sequential([Flatten(), Dense(1000, 500), Dropout(0.5), ReLU(), Dense(500, 10)], seed=0)
+    assert host(model.device, model.named_parameters()["1.W"]).std() == pytest.approx(math.sqrt(2 / 1000), rel=0.01)
+
+
+def test_an_explicit_seed_reseeds_a_shared_device():
+    device = xpnet.Device("cpu")
+    first = Sequential([Dense(4, 4)], device=device, seed=8).named_parameters()["0.W"]
+    second = Sequential([Dense(4, 4)], device=device, seed=8).named_parameters()["0.W"]
+    third = Sequential([Dense(4, 4)], device=device).named_parameters()["0.W"]  # continues the stream
+    np.testing.assert_array_equal(first, second)
+    assert not np.array_equal(second, third)
+
+
+def test_backward_before_forward_is_a_clear_error():
+    model = Sequential([Dense(2, 2)])
+    with pytest.raises(RuntimeError, match="before forward"):
+        model.backward(model.device.to_device(np.ones((1, 2)), "float32"))

@@ -116,3 +116,22 @@ def test_losses_by_name():
     assert isinstance(get_loss("mse"), MeanSquaredError)
     with pytest.raises(ValueError, match="unknown loss 'hinge'"):
         get_loss("hinge")
+
+
+def test_float64_targets_do_not_upcast_a_float32_network(backend64):
+    device = Device(backend64)
+    z = on(device, [[0.5, -1.0], [2.0, 0.0]])
+    for loss, target in [
+        (MeanSquaredError(), on(device, [[1.0, 0.0], [0.0, 1.0]], "float64")),
+        (SoftmaxCrossEntropy(), on(device, [[1.0, 0.0], [0.0, 1.0]], "float64")),
+        (BinaryCrossEntropy(), on(device, [[1.0, 0.0], [0.0, 1.0]], "float64")),
+    ]:
+        value, grad = loss.value_and_grad(z, target)
+        assert_on_device(device, value, "float32")
+        assert_on_device(device, grad, "float32")
+
+
+def test_float_labels_for_cross_entropy_get_a_hint(backend):
+    device = Device(backend)
+    with pytest.raises(ValueError, match="class labels must be an integer array"):
+        SoftmaxCrossEntropy().value(on(device, np.zeros((2, 3))), on(device, [0.0, 1.0]))

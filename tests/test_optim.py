@@ -147,13 +147,7 @@ def test_state_dict_restores_the_run_exactly(backend, make):
     model, optimizer = Sequential([Dense(3, 2)], device=backend), make()
     train(model, optimizer, 3)
     saved_model, saved_optimizer = model.state_dict(), optimizer.state_dict()
-    saved_optimizer = {
-        **saved_optimizer,
-        "slots": {
-            k: {n: host(model.device, a).copy() for n, a in s.items()} for k, s in saved_optimizer["slots"].items()
-        },
-    }
-    train(model, optimizer, 2)
+    train(model, optimizer, 2)  # must not change the saved state: state_dict returns copies
 
     resumed, resumed_optimizer = Sequential([Dense(3, 2)], device=backend, seed=99), make()
     resumed.load_state_dict(saved_model)
@@ -197,3 +191,49 @@ def test_optimizers_by_name():
     assert type(get_optimizer("adam", lr=0.01)) is Adam
     assert get_optimizer("momentum").momentum == 0.9
     assert get_optimizer("AdamW").weight_decay == 0.01
+
+
+def test_optimizer_state_dict_is_a_copy_on_the_device(backend):
+    model = _scalar_model(backend)
+    optimizer = Adam(0.1)
+    _step(model, optimizer, 0.5)
+    saved = optimizer.state_dict()
+    before = host(model.device, saved["slots"]["0.W"]["m"]).copy()
+    assert_on_device(model.device, saved["slots"]["0.W"]["m"], "float32")
+    _step(model, optimizer, 0.7)
+    np.testing.assert_array_equal(host(model.device, saved["slots"]["0.W"]["m"]), before)
+
+
+def test_optimizer_state_with_other_hyperparameters_is_refused():
+    model = _scalar_model("cpu")
+    saved = Adam(0.1, beta2=0.9)
+    _step(model, saved, 0.5)
+    with pytest.raises(ValueError, match="saved with beta2=0.9, this optimizer has beta2=0.999"):
+        Adam(0.1).load_state_dict(saved.state_dict(), model)
+
+
+def test_step_before_backward_is_a_clear_error():
+    model = Sequential([Dense(2, 2)])
+    with pytest.raises(RuntimeError, match="no gradient for 0.W, 0.b: call model.backward"):
+        SGD(0.1).step(model)
+
+
+def test_numpy_float_clip_norm_does_not_upcast(backend):
+    model = _scalar_model(backend, w=0.0, b=0.0)
+    optimizer = SGD(1.0, clip_norm=np.float64(1.0))
+    assert _step(model, optimizer, 3.0, 4.0) == pytest.approx((-0.6, -0.8), rel=1e-6)
+    assert_on_device(model.device, model.layers[0].params["W"], "float32")
+
+
+@pytest.mark.parametrize(
+    "schedule, expected",
+    [
+        (ExponentialDecay(1.0, 0.5), [-1.0, -1.5, -1.75]),
+        (Warmup(1.0, 2), [-0.5, -1.5, -2.5]),
+        (CosineDecay(1.0, total_steps=2), [-1.0, -1.5, -1.5]),
+    ],
+)
+def test_each_schedule_drives_an_optimizer(backend, schedule, expected):
+    model = _scalar_model(backend, w=0.0, b=0.0)
+    optimizer = SGD(schedule)
+    assert [_step(model, optimizer, 1.0)[0] for _ in range(3)] == pytest.approx(expected)

@@ -242,3 +242,158 @@ def test_fit_accepts_device_arrays(backend):
     y = model.device.to_device(XOR_Y.astype(np.float32), model.dtype)
     history = fit(model, "bce", Adam(0.05), x, y, epochs=300, batch_size=4)
     assert history["binary_accuracy"][-1] == 1.0
+
+
+def test_validation_split_is_a_seeded_permutation_not_the_tail(backend):
+    device = xpnet.Device(backend, seed=0)
+    train_idx, val_idx = xpnet.train_validation_split(device, 1000, 0.2)
+    train_idx, val_idx = host(device, train_idx), host(device, val_idx)
+    assert len(val_idx) == 200 and len(train_idx) == 800
+    assert set(train_idx).isdisjoint(val_idx) and set(train_idx) | set(val_idx) == set(range(1000))
+    assert val_idx.min() < 500  # not the tail 800..999
+    assert (val_idx >= 800).mean() == pytest.approx(0.2, abs=0.08)
+    again = xpnet.train_validation_split(xpnet.Device(backend, seed=0), 1000, 0.2)[1]
+    np.testing.assert_array_equal(host(device, again), val_idx)
+    with pytest.raises(ValueError, match="leaves 0 of 3 examples"):
+        xpnet.train_validation_split(device, 3, 0.1)
+
+
+def test_sorted_data_split_keeps_every_class_in_validation():
+    x, y = _blobs(n=300)
+    order = np.argsort(y, kind="stable")  # sorted by class: a tail split would validate on class 2 only
+    model = Sequential([Dense(2, 8), ReLU(), Dense(8, 3)], seed=0)
+    history = fit(
+        model, "cross_entropy", Adam(0.05), x[order], y[order], epochs=10, batch_size=30, validation_split=0.3
+    )
+    assert history["val_accuracy"][-1] > 0.8
+
+
+def test_host_reads_per_epoch_do_not_grow_with_the_batch_count(monkeypatch):
+    reads = []
+    original = xpnet.Device.to_host
+    monkeypatch.setattr(xpnet.Device, "to_host", lambda self, x: reads.append(1) or original(self, x))
+    x, y = _blobs(n=600)
+
+    def count(batch_size):
+        reads.clear()
+        model = Sequential([Dense(2, 8), ReLU(), Dense(8, 3)])
+        fit(model, "cross_entropy", SGD(0.1), x, y, epochs=3, batch_size=batch_size, validation_split=0.1)
+        return len(reads)
+
+    few_batches, many_batches = count(270), count(6)  # 2 against 90 batches per epoch
+    assert few_batches == many_batches
+    assert many_batches <= 3 * 4 + 4  # per epoch: loss, accuracy, val_loss, val_accuracy; a few checks at start
+
+
+def test_on_train_end_runs_when_training_fails():
+    recorder = Recorder()
+    model = Sequential([Dense(2, 1)])
+    targets = np.array([[1e30], [1e30], [-1e30], [1e30]], dtype=np.float32)
+    with np.errstate(over="ignore", invalid="ignore"), pytest.raises(TrainingDiverged):
+        fit(model, "mse", SGD(1e10), XOR_X, targets, epochs=3, batch_size=4, callbacks=[recorder])
+    assert recorder.events[-1] == "train_end"
+
+
+def test_validation_targets_are_checked():
+    model = Sequential([Dense(2, 2)])
+    with pytest.raises(ValueError, match="class labels range from 7 to 8 but the model has 2 outputs"):
+        fit(model, "cross_entropy", SGD(0.1), XOR_X, XOR_Y, validation_data=(XOR_X, XOR_Y + 7))
+
+
+def test_optimizer_by_name_and_bad_optimizer():
+    model = Sequential([Dense(2, 4), Tanh(), Dense(4, 1)], seed=0)
+    assert len(fit(model, "bce", "adam", XOR_X, XOR_Y, epochs=2, batch_size=4)) == 2
+    with pytest.raises(TypeError, match="optimizer must be an xpnet Optimizer"):
+        fit(model, "bce", object(), XOR_X, XOR_Y)
+
+
+def test_shuffle_off_takes_batches_in_order_and_explicit_metrics(backend):
+    x, y = _blobs(n=64)
+    seen = []
+
+    class FirstRows(Callback):
+        def on_batch_end(self, state):
+            seen.append(state.samples_seen)
+
+    runs = []
+    for _ in range(2):
+        model = Sequential([Dense(2, 3)], device=backend, seed=0)
+        runs.append(
+            fit(
+                model,
+                "cross_entropy",
+                SGD(0.1),
+                x,
+                y,
+                epochs=2,
+                batch_size=16,
+                shuffle=False,
+                metrics=["accuracy"],
+                callbacks=[FirstRows()],
+            )
+        )
+    assert seen[:4] == [16, 32, 48, 64]
+    assert runs[0]["loss"] == runs[1]["loss"]
+    # without shuffling, fit is exactly the loop over consecutive batches
+    fitted = Sequential([Dense(2, 3)], device=backend, seed=0)
+    fit(fitted, "cross_entropy", SGD(0.1), x, y, epochs=1, batch_size=16, shuffle=False)
+    model = Sequential([Dense(2, 3)], device=backend, seed=0)
+    device = model.device
+    for start in range(0, 64, 16):
+        out = model.forward(device.to_device(x[start : start + 16], model.dtype), training=True)
+        _, delta = xpnet.SoftmaxCrossEntropy().value_and_grad(out, device.to_device(y[start : start + 16]))
+        model.backward(delta)
+        SGD(0.1).step(model)
+    for key, value in model.named_parameters().items():
+        np.testing.assert_array_equal(host(device, fitted.named_parameters()[key]), host(device, value))
+    assert set(runs[0].history) == {"loss", "accuracy", "seconds"}
+
+
+def test_early_stopping_options():
+    def feed(stopper, values, mode_model=None):
+        model = mode_model or Sequential([Dense(1, 1)])
+        state = xpnet.TrainingState(model, None, len(values), 1, 1, None)
+        stopper.on_train_begin(state)
+        for epoch, value in enumerate(values):
+            state.epoch = epoch
+            model.load_state_dict({"0.W": [[float(epoch)]], "0.b": [0.0]})
+            stopper.on_epoch_end(state, {"val_loss": value, "val_accuracy": value})
+            if state.stop_training:
+                break
+        stopper.on_train_end(state)
+        return model, state
+
+    # min_delta: 0.95 is not better than 1.0 by more than 0.1, so it does not reset the wait
+    stopper = EarlyStopping(patience=2, min_delta=0.1)
+    model, state = feed(stopper, [1.0, 0.95, 0.92, 0.5])
+    assert state.stop_training and stopper.stopped_epoch == 2 and stopper.best_epoch == 0
+    assert float(host(model.device, model.named_parameters()["0.W"])[0, 0]) == 0.0  # restored epoch 0
+    # mode="max" on accuracy
+    stopper = EarlyStopping(patience=1, monitor="val_accuracy", mode="max")
+    model, state = feed(stopper, [0.5, 0.7, 0.6, 0.9])
+    assert stopper.best_epoch == 1 and stopper.stopped_epoch == 2
+    assert float(host(model.device, model.named_parameters()["0.W"])[0, 0]) == 1.0
+    # restore_best_weights=False keeps the last weights
+    stopper = EarlyStopping(patience=1, restore_best_weights=False)
+    model, state = feed(stopper, [0.5, 0.7])
+    assert float(host(model.device, model.named_parameters()["0.W"])[0, 0]) == 1.0
+
+
+def test_predict_and_evaluate_outputs(backend):
+    model = Sequential([Dense(2, 3)], device=backend)
+    out = predict(model, XOR_X, batch_size=3)
+    from conftest import assert_on_device
+
+    assert_on_device(model.device, out, "float32")
+    assert tuple(out.shape) == (4, 3)
+    result = evaluate(model, "cross_entropy", XOR_X, XOR_Y)
+    assert set(result) == {"loss", "accuracy"} and all(type(v) is float for v in result.values())
+    with pytest.raises(ValueError, match="0 rows"):
+        predict(model, XOR_X[:0])
+
+
+def test_first_layer_input_gradient_is_skipped(backend):
+    model = Sequential([Dense(2, 3), ReLU(), Dense(3, 1)], device=backend)
+    out = model.forward(model.device.to_device(XOR_X, model.dtype))
+    assert model.backward(out) is None
+    assert tuple(model.backward(out, input_grad=True).shape) == (4, 2)

@@ -24,7 +24,17 @@ from .optim import (
     clip_by_global_norm,
     get_optimizer,
 )
-from .train import Callback, EarlyStopping, History, TrainingDiverged, TrainingState, evaluate, fit, predict
+from .train import (
+    Callback,
+    EarlyStopping,
+    History,
+    TrainingDiverged,
+    TrainingState,
+    evaluate,
+    fit,
+    predict,
+    train_validation_split,
+)
 
 __version__ = "0.1.0"
 
@@ -71,6 +81,7 @@ __all__ = [
     "fit",
     "get_device",
     "get_loss",
+    "train_validation_split",
     "get_optimizer",
     "gradcheck",
     "he_normal",

@@ -28,7 +28,7 @@ import numpy as np
 __all__ = ["Device", "DeviceError", "available_devices", "get_device"]
 
 _FLOAT_DTYPES = ("float32", "float64")
-_STRICT_NAMES = ("CPU_DEVICE", "device1", "device2", "no_float64", "no_x64")
+_STRICT_NAMES = ("CPU_DEVICE", "device1", "device2", "no_float64")
 _U32 = 0xFFFFFFFF
 
 
@@ -91,6 +91,20 @@ def _load_cupy(index: int):
     return cupy
 
 
+def _load_strict(detail: str):
+    try:
+        import array_api_strict
+    except ImportError as exc:
+        raise DeviceError("the strict devices need array-api-strict: pip install 'array-api-strict>=2.6'") from exc
+    try:
+        return array_api_strict, array_api_strict.Device(detail)
+    except ValueError as exc:  # older releases lack some devices (no_float64 came in 2.6)
+        raise DeviceError(
+            f"array-api-strict {array_api_strict.__version__} has no device {detail!r}: "
+            "pip install 'array-api-strict>=2.6'"
+        ) from exc
+
+
 class Device:
     """A backend and a device on it, with the run's seeded random streams.
 
@@ -115,10 +129,7 @@ class Device:
             self.native = self._cupy.cuda.Device(detail)
             self.name = f"cuda:{detail}"
         else:
-            import array_api_strict
-
-            self.xp = array_api_strict
-            self.native = array_api_strict.Device(detail)
+            self.xp, self.native = _load_strict(detail)
             self.name = "strict" if detail == "CPU_DEVICE" else f"strict:{detail}"
         self.seed(seed)
 
@@ -168,6 +179,10 @@ class Device:
 
         Arrays already on this device are cast (and copied when asked) in place of a transfer.
         """
+        with self:
+            return self._to_device(a, dtype, copy)
+
+    def _to_device(self, a, dtype, copy):
         xp = self.xp
         target = None if dtype is None else self.dtype(dtype, floating=False)
         if self._owns(a):
@@ -180,8 +195,7 @@ class Device:
         if self.kind == "numpy":
             return np.array(host, copy=True) if copy else host
         if self.kind == "cupy":
-            with self.native:
-                return self._cupy.asarray(host)
+            return self._cupy.asarray(host)
         if host.dtype == np.float64 and not self.supports_float64:
             raise ValueError(f"device {self.name!r} does not support float64; pass dtype='float32'")
         return xp.asarray(host, device=self.native)
@@ -275,9 +289,14 @@ class Device:
         self._dropout_counter = int(state["dropout_counter"])
 
 
-def get_device(device: Device | str, *, seed: int = 0) -> Device:
-    """Return ``device`` itself, or a new Device for a device string."""
-    return device if isinstance(device, Device) else Device(device, seed=seed)
+def get_device(device: Device | str, *, seed: int | None = None) -> Device:
+    """A new Device for a device string (seed 0 by default), or ``device`` itself, reseeded when
+    ``seed`` is given."""
+    if not isinstance(device, Device):
+        return Device(device, seed=0 if seed is None else seed)
+    if seed is not None:
+        device.seed(seed)
+    return device
 
 
 def available_devices() -> list[str]:
@@ -289,12 +308,12 @@ def available_devices() -> list[str]:
         names += [f"cuda:{i}" for i in range(cupy.cuda.runtime.getDeviceCount())]
     except Exception:  # no CuPy, no driver: no CUDA devices
         pass
-    try:
-        import array_api_strict  # noqa: F401
-
-        names += ["strict", "strict:device1", "strict:no_float64"]
-    except ImportError:
-        pass
+    for name in ("strict", "strict:device1", "strict:no_float64"):
+        try:
+            _load_strict(_parse(name)[1])
+        except DeviceError:
+            continue
+        names.append(name)
     return names
 
 

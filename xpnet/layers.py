@@ -32,7 +32,7 @@ __all__ = [
 class Layer:
     """Base class: parameters and their gradients by name, and the device computed on."""
 
-    #: The initializer a Dense layer right before this activation uses by default.
+    #: The initializer a Dense layer feeding this layer uses by default (None: look further on).
     default_init = "xavier_uniform"
 
     def __init__(self):
@@ -81,11 +81,12 @@ class Dense(Layer):
         self.out_features = out_features
         self.init = init
         self.bias = bias
+        self.x = None
 
     def build(self, device, dtype, next_layer=None):
         super().build(device, dtype, next_layer)
         name = self.init
-        if name == "auto":
+        if name == "auto":  # He before ReLU-like units, Xavier before the rest and at the output
             name = next_layer.default_init if next_layer is not None else Layer.default_init
         shape = (self.out_features, self.in_features)
         self.params["W"] = get_initializer(name)(device, shape, dtype)
@@ -106,6 +107,8 @@ class Dense(Layer):
 
     def backward(self, delta, need_input_grad=True):
         xp = self.xp
+        if self.x is None:
+            raise RuntimeError("Dense.backward called before forward: run model.forward on the batch first")
         self.grads["W"] = delta.T @ self.x
         if self.bias:
             self.grads["b"] = xp.sum(delta, axis=0)
@@ -127,7 +130,7 @@ class ReLU(Layer):
 
     def forward(self, z, training=False):
         self.z = z
-        return self.xp.clip(z, 0.0, None)
+        return self.xp.maximum(z, 0.0)
 
     def backward(self, da, need_input_grad=True):
         return self.xp.where(self.z > 0, da, 0.0)
@@ -206,6 +209,8 @@ class Dropout(Layer):
         self.rate = float(rate)
         self.mask = None
 
+    default_init = None
+
     def forward(self, x, training=False):
         if not training or self.rate == 0.0:
             self.mask = None
@@ -223,6 +228,8 @@ class Dropout(Layer):
 
 class Flatten(Layer):
     """(B, d1, d2, ...) → (B, d1·d2·...); backward restores the input's shape."""
+
+    default_init = None
 
     def forward(self, x, training=False):
         self.shape = tuple(x.shape)

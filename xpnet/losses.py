@@ -15,6 +15,11 @@ from . import functional as F
 __all__ = ["Loss", "SoftmaxCrossEntropy", "BinaryCrossEntropy", "MeanSquaredError", "get_loss"]
 
 
+def _like(xp, target, output):
+    """Targets in the output's dtype: float64 targets never upcast a float32 network."""
+    return target if target.dtype == output.dtype else xp.astype(target, output.dtype)
+
+
 class Loss:
     name = "loss"
     #: Whether integer targets are class indices (kept as integers) rather than values.
@@ -63,7 +68,9 @@ class SoftmaxCrossEntropy(Loss):
         if target.shape != z.shape:
             raise ValueError(
                 f"probability targets must have the logits' shape {tuple(z.shape)}, got {tuple(target.shape)}"
+                + ("; class labels must be an integer array" if target.ndim == 1 else "")
             )
+        target = _like(xp, target, z)
         loss = -xp.mean(xp.sum(target * log_p, axis=1))
         return xp, loss, log_p, None
 
@@ -82,7 +89,7 @@ class SoftmaxCrossEntropy(Loss):
         xp, loss, log_p, is_true = self._terms(z, target)
         p = xp.exp(log_p)
         batch = z.shape[0]
-        delta = xp.where(is_true, p - 1.0, p) if is_true is not None else p - target
+        delta = xp.where(is_true, p - 1.0, p) if is_true is not None else p - _like(xp, target, z)
         return loss, delta * (1.0 / batch)
 
 
@@ -105,9 +112,7 @@ class BinaryCrossEntropy(Loss):
                 raise ValueError(
                     f"BinaryCrossEntropy target shape {tuple(target.shape)} does not match output {tuple(z.shape)}"
                 )
-        if not xp.isdtype(target.dtype, "real floating"):
-            target = xp.astype(target, z.dtype)
-        return xp, target
+        return xp, _like(xp, target, z)
 
     def check_targets(self, targets, num_outputs):
         xp = array_api_compat.array_namespace(targets)
@@ -117,7 +122,7 @@ class BinaryCrossEntropy(Loss):
 
     def value(self, z, target):
         xp, y = self._prepare(z, target)
-        return xp.mean(xp.clip(z, 0.0, None) - z * y + xp.log1p(xp.exp(-xp.abs(z))))
+        return xp.mean(xp.maximum(z, 0.0) - z * y + xp.log1p(xp.exp(-xp.abs(z))))
 
     def value_and_grad(self, z, target):
         xp, y = self._prepare(z, target)
@@ -136,7 +141,7 @@ class MeanSquaredError(Loss):
             raise ValueError(
                 f"MeanSquaredError target shape {tuple(target.shape)} does not match output {tuple(a.shape)}"
             )
-        diff = a - target
+        diff = a - _like(xp, target, a)
         return xp.mean(diff * diff), diff * (2.0 / math.prod(a.shape))
 
 

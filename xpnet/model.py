@@ -19,9 +19,11 @@ class Sequential:
     """A feed-forward network: ``Sequential([Dense(784, 128), ReLU(), ...], device="cpu")``.
 
     Parameters are named ``"{index}.{name}"`` after the layer's position, e.g. ``"0.W"``.
+    ``seed`` (0 when a device string is given) restarts the device's random streams, so the
+    initial weights, batch order and dropout masks follow from it.
     """
 
-    def __init__(self, layers, *, device: Device | str = "cpu", dtype: str = "float32", seed: int = 0):
+    def __init__(self, layers, *, device: Device | str = "cpu", dtype: str = "float32", seed: int | None = None):
         self.layers: list[Layer] = list(layers)
         for layer in self.layers:
             if not isinstance(layer, Layer):
@@ -31,7 +33,8 @@ class Sequential:
         self.dtype = self.device.dtype(dtype)
         with self.device:
             for i, layer in enumerate(self.layers):
-                following = self.layers[i + 1] if i + 1 < len(self.layers) else None
+                # the activation a Dense layer feeds, looking through Dropout and Flatten
+                following = next((later for later in self.layers[i + 1 :] if later.default_init), None)
                 layer.build(self.device, self.dtype, following)
         first = [i for i, layer in enumerate(self.layers) if layer.params]
         self._first_trainable = first[0] if first else len(self.layers)
@@ -79,7 +82,8 @@ class Sequential:
 
     def state_dict(self) -> dict:
         """A copy of every parameter, by key, on the model's device."""
-        return {key: self.xp.asarray(p, copy=True) for key, p in self.named_parameters().items()}
+        with self.device:
+            return {key: self.xp.asarray(p, copy=True) for key, p in self.named_parameters().items()}
 
     def load_state_dict(self, state: dict) -> None:
         """Copy parameters in from ``state`` (arrays of any backend); keys and shapes must match.
@@ -113,7 +117,7 @@ class Sequential:
         }
 
     @classmethod
-    def from_config(cls, config: dict, *, device: Device | str = "cpu", seed: int = 0) -> Sequential:
+    def from_config(cls, config: dict, *, device: Device | str = "cpu", seed: int | None = None) -> Sequential:
         layers = []
         for spec in config["layers"]:
             spec = dict(spec)

@@ -13,6 +13,7 @@ made in place when the namespace allows it (``is_writeable_array``) and rebound 
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 from array_api_compat import array_namespace, is_writeable_array
@@ -129,9 +130,10 @@ class Optimizer:
             raise ValueError(f"clip_norm must be positive, got {clip_norm!r}")
         self.schedule = lr if isinstance(lr, Schedule) else Constant(lr)
         self.weight_decay = float(weight_decay)
-        self.clip_norm = clip_norm
+        self.clip_norm = None if clip_norm is None else float(clip_norm)
         self.steps = 0
         self.state: dict[str, dict] = {}
+        self._device = None  # the model's, from the first step or load: CuPy copies need its context
 
     @property
     def lr(self) -> float:
@@ -142,7 +144,11 @@ class Optimizer:
         lr = self.lr
         self.steps += 1
         slots = model.parameter_slots()
+        missing = [key for key, layer, name in slots if name not in layer.grads]
+        if missing:
+            raise RuntimeError(f"no gradient for {', '.join(missing)}: call model.backward before optimizer.step")
         grads = [layer.grads[name] for _, layer, name in slots]
+        self._device = model.device
         with model.device:
             if self.clip_norm is not None:
                 grads = clip_by_global_norm(grads, self.clip_norm)
@@ -169,12 +175,17 @@ class Optimizer:
         return {"weight_decay": self.weight_decay, "clip_norm": self.clip_norm}
 
     def state_dict(self) -> dict:
-        """{"type", "steps", "hyperparameters", "slots": {key: {slot: device array}}}."""
+        """{"type", "steps", "hyperparameters", "slots": {key: {slot: copy on the device}}}."""
+        slots = {}
+        with contextlib.nullcontext() if self._device is None else self._device:
+            for key, arrays in self.state.items():
+                xp = array_namespace(*arrays.values())
+                slots[key] = {name: xp.asarray(a, copy=True) for name, a in arrays.items()}
         return {
             "type": type(self).__name__,
             "steps": self.steps,
             "hyperparameters": self.hyperparameters(),
-            "slots": {key: dict(slots) for key, slots in self.state.items()},
+            "slots": slots,
         }
 
     def load_state_dict(self, state: dict, model) -> None:
@@ -184,6 +195,12 @@ class Optimizer:
         """
         if state.get("type") != type(self).__name__:
             raise ValueError(f"optimizer state is for {state.get('type')!r}, not {type(self).__name__}")
+        for name, value in state.get("hyperparameters", {}).items():
+            if self.hyperparameters().get(name) != value:
+                raise ValueError(
+                    f"optimizer state was saved with {name}={value!r}, this optimizer has "
+                    f"{name}={self.hyperparameters().get(name)!r}"
+                )
         params = model.named_parameters()
         staged = {}
         for key, slots in state["slots"].items():
@@ -204,6 +221,7 @@ class Optimizer:
                 staged[key][name] = moved
         self.state = staged
         self.steps = int(state["steps"])
+        self._device = model.device
 
 
 def clip_by_global_norm(grads, max_norm: float):

@@ -19,9 +19,11 @@ import time
 
 from .losses import get_loss
 from .metrics import default_metrics, get_metric
+from .optim import Optimizer, get_optimizer
 
 __all__ = [
     "fit",
+    "train_validation_split",
     "evaluate",
     "predict",
     "History",
@@ -199,6 +201,17 @@ def _check_batch_size(batch_size) -> int:
 
 
 # ------------------------------------------------------------------ public API
+def train_validation_split(device, n: int, fraction: float):
+    """Indices (train, validation) on the device: a seeded permutation of range(n), with the
+    first round(n · fraction) positions held out. Never the tail of the data: sorted data would
+    leave whole classes out of training."""
+    n_val = int(round(n * fraction))
+    if not 0 < n_val < n:
+        raise ValueError(f"validation_split {fraction} leaves {n_val} of {n} examples for validation")
+    order = device.permutation(n)
+    return order[n_val:], order[:n_val]
+
+
 def fit(
     model,
     loss,
@@ -219,6 +232,7 @@ def fit(
     x, y: arrays of any backend (or NumPy); moved to the model's device once. Integer y are class
     labels. ``validation_data=(x_val, y_val)``, or ``validation_split`` = the fraction of examples
     held out, chosen by a seeded permutation (never the tail: sorted data would bias it).
+    ``optimizer`` is an Optimizer or a name ('sgd', 'momentum', 'adam', 'adamw').
     Logs per epoch: loss, each metric, val_ versions of both, and seconds.
     """
     if not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < 1:
@@ -228,90 +242,116 @@ def fit(
         raise ValueError(f"validation_split must be in [0, 1), got {validation_split!r}")
     if validation_data is not None and validation_split:
         raise ValueError("give validation_data or validation_split, not both")
+    if isinstance(optimizer, str):
+        optimizer = get_optimizer(optimizer)
+    if not isinstance(optimizer, Optimizer):
+        raise TypeError(f"optimizer must be an xpnet Optimizer or its name, got {optimizer!r}")
     loss = get_loss(loss)
     metrics = default_metrics(loss) if metrics is None else [get_metric(m) for m in metrics]
     device, xp = model.device, model.xp
 
-    X, Y = _to_device_data(model, loss, x, y)
-    val = None
-    if validation_data is not None:
-        val = _to_device_data(model, loss, *validation_data)
-    elif validation_split:
-        n_val = int(round(X.shape[0] * validation_split))
-        if not 0 < n_val < X.shape[0]:
-            raise ValueError(
-                f"validation_split {validation_split} leaves {n_val} of {X.shape[0]} examples for validation"
-            )
-        order = device.permutation(X.shape[0])
-        val = (xp.take(X, order[:n_val], axis=0), xp.take(Y, order[:n_val], axis=0))
-        X, Y = xp.take(X, order[n_val:], axis=0), xp.take(Y, order[n_val:], axis=0)
+    with device:
+        X, Y = _to_device_data(model, loss, x, y)
+        val = None
+        if validation_data is not None:
+            val = _to_device_data(model, loss, *validation_data)
+        elif validation_split:
+            train_idx, val_idx = train_validation_split(device, X.shape[0], validation_split)
+            val = (xp.take(X, val_idx, axis=0), xp.take(Y, val_idx, axis=0))
+            X, Y = xp.take(X, train_idx, axis=0), xp.take(Y, train_idx, axis=0)
 
-    n = X.shape[0]
-    history = History()
-    state = TrainingState(model, optimizer, epochs, math.ceil(n / batch_size), n, history)
-    for cb in callbacks:
-        cb.on_train_begin(state)
-    for epoch in range(epochs):
-        started = time.perf_counter()
-        state.epoch, state.samples_seen, state._loss_sum = epoch, 0, 0.0
+        n = X.shape[0]
+        history = History()
+        state = TrainingState(model, optimizer, epochs, math.ceil(n / batch_size), n, history)
         for cb in callbacks:
-            cb.on_epoch_begin(state)
-        with device:
-            order = device.permutation(n) if shuffle else None
-            counts, totals = [0] * len(metrics), [0] * len(metrics)
-            for step, (start, stop) in enumerate(_batches(n, batch_size)):
-                if order is None:
-                    xb, yb = X[start:stop, ...], Y[start:stop, ...]
-                else:
-                    idx = order[start:stop]
-                    xb, yb = xp.take(X, idx, axis=0), xp.take(Y, idx, axis=0)
-                out = model.forward(xb, training=True)
-                if epoch == 0 and step == 0:
-                    loss.check_targets(Y, out.shape[-1])
-                value, delta = loss.value_and_grad(out, yb)
-                model.backward(delta)
-                optimizer.step(model)
-                state._loss_sum = state._loss_sum + value * (stop - start)
-                for i, metric in enumerate(metrics):
-                    correct, judged = metric.count(out, yb)
-                    counts[i], totals[i] = counts[i] + correct, totals[i] + judged
-                state.step, state.samples_seen = step, stop
+            cb.on_train_begin(state)
+        try:
+            for epoch in range(epochs):
+                started = time.perf_counter()
+                logs = _train_epoch(
+                    model,
+                    loss,
+                    optimizer,
+                    X,
+                    Y,
+                    state,
+                    epoch,
+                    batch_size,
+                    shuffle,
+                    metrics,
+                    callbacks,
+                    all_targets=[Y] if val is None else [Y, val[1]],
+                )
+                if val is not None:
+                    val_logs = _evaluate_on_device(model, loss, *val, max(batch_size, 256), metrics)
+                    logs.update({f"val_{key}": value for key, value in val_logs.items()})
+                logs["seconds"] = time.perf_counter() - started
+                history.append(epoch, logs)
                 for cb in callbacks:
-                    cb.on_batch_end(state)
-        logs = {"loss": state.running_loss()}
-        for metric, correct, judged in zip(metrics, counts, totals):
-            logs[metric.name] = device.item(correct) / judged
-        if not math.isfinite(logs["loss"]):
-            raise TrainingDiverged(
-                f"the training loss became {logs['loss']} in epoch {epoch + 1}; "
-                "try a lower learning rate or gradient clipping"
-            )
-        if val is not None:
-            val_logs = _evaluate_on_device(model, loss, *val, max(batch_size, 256), metrics)
-            logs.update({f"val_{key}": value for key, value in val_logs.items()})
-        logs["seconds"] = time.perf_counter() - started
-        history.append(epoch, logs)
-        for cb in callbacks:
-            cb.on_epoch_end(state, logs)
-        if state.stop_training:
-            break
-    for cb in callbacks:
-        cb.on_train_end(state)
+                    cb.on_epoch_end(state, logs)
+                if state.stop_training:
+                    break
+        finally:
+            for cb in callbacks:
+                cb.on_train_end(state)
     return history
+
+
+def _train_epoch(model, loss, optimizer, X, Y, state, epoch, batch_size, shuffle, metrics, callbacks, all_targets):
+    """One pass over (X, Y) in shuffled mini-batches; returns the epoch's logs (one host read each)."""
+    device, xp, n = model.device, model.xp, X.shape[0]
+    state.epoch, state.samples_seen, state._loss_sum = epoch, 0, 0.0
+    for cb in callbacks:
+        cb.on_epoch_begin(state)
+    order = device.permutation(n) if shuffle else None
+    counts, totals = [0] * len(metrics), [0] * len(metrics)
+    for step, (start, stop) in enumerate(_batches(n, batch_size)):
+        if order is None:
+            xb, yb = X[start:stop, ...], Y[start:stop, ...]
+        else:
+            idx = order[start:stop]
+            xb, yb = xp.take(X, idx, axis=0), xp.take(Y, idx, axis=0)
+        out = model.forward(xb, training=True)
+        if epoch == 0 and step == 0:  # the targets, training and validation, checked once
+            for targets in all_targets:
+                loss.check_targets(targets, out.shape[-1])
+        value, delta = loss.value_and_grad(out, yb)
+        model.backward(delta)
+        optimizer.step(model)
+        state._loss_sum = state._loss_sum + value * (stop - start)
+        for i, metric in enumerate(metrics):
+            correct, judged = metric.count(out, yb)
+            counts[i], totals[i] = counts[i] + correct, totals[i] + judged
+        state.step, state.samples_seen = step, stop
+        for cb in callbacks:
+            cb.on_batch_end(state)
+    logs = {"loss": state.running_loss()}
+    if not math.isfinite(logs["loss"]):
+        raise TrainingDiverged(
+            f"the training loss became {logs['loss']} in epoch {epoch + 1}; "
+            "try a lower learning rate or gradient clipping"
+        )
+    for metric, correct, judged in zip(metrics, counts, totals):
+        logs[metric.name] = device.item(correct) / judged
+    return logs
 
 
 def evaluate(model, loss, x, y, *, batch_size: int = 1024, metrics=None) -> dict:
     """Mean loss and metrics of ``model`` on (x, y), in batches, read once at the end."""
     loss = get_loss(loss)
     metrics = default_metrics(loss) if metrics is None else [get_metric(m) for m in metrics]
-    X, Y = _to_device_data(model, loss, x, y)
-    return _evaluate_on_device(model, loss, X, Y, _check_batch_size(batch_size), metrics)
+    with model.device:
+        X, Y = _to_device_data(model, loss, x, y)
+        loss.check_targets(Y, model.forward(X[:1, ...]).shape[-1])
+        return _evaluate_on_device(model, loss, X, Y, _check_batch_size(batch_size), metrics)
 
 
 def predict(model, x, *, batch_size: int = 1024):
     """The model's outputs for x (in evaluation mode), computed in batches, on the device."""
     _check_batch_size(batch_size)
     X = model.device.to_device(x, model.dtype)
+    if X.shape[0] == 0:
+        raise ValueError("predict got no examples (an input with 0 rows)")
     with model.device:
         outputs = [model.forward(X[start:stop, ...]) for start, stop in _batches(X.shape[0], batch_size)]
         return model.xp.concat(outputs, axis=0)
