@@ -1,0 +1,296 @@
+"""Datasets by name: embedded MNIST and breast cancer, downloaded Fashion-MNIST and KMNIST, and
+any folder of IDX files.
+
+A ``Dataset`` holds host (NumPy) arrays split into train / validation / test. Standardization
+takes its statistics from the training split only, and a split can only be made before
+standardizing, so no statistic of a held-out example leaks into training through this API.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import importlib.resources
+from pathlib import Path
+
+import numpy as np
+
+from .download import cache_dir, download
+from .errors import DataError
+from .idx import read_idx_pair
+from .preprocess import scale_pixels, split_indices, standardization_stats
+
+__all__ = [
+    "Split",
+    "Dataset",
+    "load_dataset",
+    "load_idx_folder",
+    "load_wdbc",
+    "read_table",
+    "DATASETS",
+    "IDX_FILES",
+    "NAMES",
+]
+
+#: The four standard IDX file names; each may also end in .gz.
+IDX_FILES = {
+    "train_images": "train-images-idx3-ubyte",
+    "train_labels": "train-labels-idx1-ubyte",
+    "test_images": "t10k-images-idx3-ubyte",
+    "test_labels": "t10k-labels-idx1-ubyte",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Split:
+    """Examples x (N, ...) and targets y (N,) of one part of a dataset."""
+
+    x: np.ndarray
+    y: np.ndarray
+
+    def __len__(self) -> int:
+        return self.x.shape[0]
+
+    def take(self, indices) -> Split:
+        return Split(self.x[indices], self.y[indices])
+
+
+@dataclasses.dataclass(frozen=True)
+class Dataset:
+    """A named dataset split into train, optional validation, and test (host arrays).
+
+    ``task`` is "multiclass" (integer labels 0..C−1, softmax cross-entropy) or "binary"
+    (labels 0/1, binary cross-entropy on one output).
+    """
+
+    name: str
+    train: Split
+    test: Split
+    val: Split | None = None
+    classes: tuple[str, ...] = ()
+    task: str = "multiclass"
+    image_shape: tuple[int, ...] | None = None
+    standardization: tuple[np.ndarray, np.ndarray] | None = None
+    feature_names: tuple[str, ...] = ()
+
+    @property
+    def num_features(self) -> int:
+        return int(np.prod(self.train.x.shape[1:]))
+
+    @property
+    def num_outputs(self) -> int:
+        return 1 if self.task == "binary" else len(self.classes)
+
+    def with_validation(self, fraction: float, *, seed: int = 0, stratify: bool = False) -> Dataset:
+        """Hold out ``fraction`` of the training split as validation (seeded permutation)."""
+        if self.val is not None:
+            raise DataError(f"{self.name} already has a validation split of {len(self.val)} examples")
+        if self.standardization is not None:
+            raise DataError("split before standardizing: the statistics must come from the training split alone")
+        kept, held = split_indices(self.train.y, fraction, seed=seed, stratify=stratify)
+        return dataclasses.replace(self, train=self.train.take(kept), val=self.train.take(held))
+
+    def standardized(self) -> Dataset:
+        """Every split standardized with the training split's per-feature mean and std."""
+        if self.standardization is not None:
+            raise DataError(f"{self.name} is standardized already")
+        mean, std = standardization_stats(self.train.x)
+
+        def apply(split):
+            return None if split is None else Split(((split.x - mean) / std).astype(np.float32), split.y)
+
+        return dataclasses.replace(
+            self, train=apply(self.train), val=apply(self.val), test=apply(self.test), standardization=(mean, std)
+        )
+
+    def summary(self) -> str:
+        parts = [f"train {len(self.train)}"]
+        if self.val is not None:
+            parts.append(f"validation {len(self.val)}")
+        parts.append(f"test {len(self.test)}")
+        return f"{self.name}: {', '.join(parts)}; {self.num_features} features, {len(self.classes)} classes"
+
+
+def _images_dataset(name, train, test, classes, flatten) -> Dataset:
+    (train_images, train_labels), (test_images, test_labels) = train, test
+    shape = tuple(train_images.shape[1:])
+    if tuple(test_images.shape[1:]) != shape:
+        raise DataError(f"{name}: training images are {shape} but test images are {tuple(test_images.shape[1:])}")
+
+    def prepare(images):
+        x = scale_pixels(images)
+        return x.reshape(x.shape[0], -1) if flatten else x
+
+    return Dataset(
+        name=name,
+        train=Split(prepare(train_images), train_labels),
+        test=Split(prepare(test_images), test_labels),
+        classes=tuple(classes),
+        image_shape=shape,
+    )
+
+
+def _find_idx(folder: Path, stem: str) -> Path:
+    for candidate in (folder / f"{stem}.gz", folder / stem):
+        if candidate.is_file():
+            return candidate
+    raise DataError(f"{folder}: no {stem} or {stem}.gz (an IDX dataset folder holds {', '.join(IDX_FILES.values())})")
+
+
+def load_idx_folder(folder, *, name: str | None = None, classes=None, flatten: bool = True) -> Dataset:
+    """A dataset from a folder with the four standard IDX files (gz or raw)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DataError(f"{folder}: not a folder")
+    paths = {key: _find_idx(folder, stem) for key, stem in IDX_FILES.items()}
+    classes = classes or [str(i) for i in range(10)]
+    train = read_idx_pair(paths["train_images"], paths["train_labels"], num_classes=len(classes))
+    test = read_idx_pair(paths["test_images"], paths["test_labels"], num_classes=len(classes))
+    return _images_dataset(name or folder.name, train, test, classes, flatten)
+
+
+@dataclasses.dataclass(frozen=True)
+class Remote:
+    """A downloadable IDX dataset: mirrors (tried in order) and the MD5 of each .gz file."""
+
+    mirrors: tuple[str, ...]
+    md5: dict
+    classes: tuple[str, ...]
+
+
+DATASETS = {
+    "fashion-mnist": Remote(
+        mirrors=(
+            "https://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",
+            "https://raw.githubusercontent.com/zalandoresearch/fashion-mnist/master/data/fashion/",
+        ),
+        md5={
+            "train-images-idx3-ubyte.gz": "8d4fb7e6c68d591d4c3dfef9ec88bf0d",
+            "train-labels-idx1-ubyte.gz": "25c81989df183df01b3e8a0aad5dffbe",
+            "t10k-images-idx3-ubyte.gz": "bef4ecab320f06d8554ea6380940ec79",
+            "t10k-labels-idx1-ubyte.gz": "bb300cfdad3c16e7a12a480ee83cd310",
+        },
+        classes=(
+            "T-shirt/top",
+            "Trouser",
+            "Pullover",
+            "Dress",
+            "Coat",
+            "Sandal",
+            "Shirt",
+            "Sneaker",
+            "Bag",
+            "Ankle boot",
+        ),
+    ),
+    "kmnist": Remote(
+        mirrors=("https://codh.rois.ac.jp/kmnist/dataset/kmnist/",),
+        md5={
+            "train-images-idx3-ubyte.gz": "bdb82020997e1d708af4cf47b453dcf7",
+            "train-labels-idx1-ubyte.gz": "e144d726b3acfaa3e44228e80efcd344",
+            "t10k-images-idx3-ubyte.gz": "5c965bf0a639b31b8f53240b1b52f4d7",
+            "t10k-labels-idx1-ubyte.gz": "7320c461ea6c1c855c0b718fb2a4b134",
+        },
+        classes=("o", "ki", "su", "tsu", "na", "ha", "ma", "ya", "re", "wo"),
+    ),
+}
+
+
+def _load_remote(name: str, data_dir, flatten: bool) -> Dataset:
+    remote = DATASETS[name]
+    folder = Path(data_dir) if data_dir is not None else cache_dir() / name
+    for filename, md5 in remote.md5.items():
+        download([mirror + filename for mirror in remote.mirrors], folder / filename, md5)
+    return load_idx_folder(folder, name=name, classes=remote.classes, flatten=flatten)
+
+
+def _embedded(*parts) -> Path:
+    resource = importlib.resources.files("xpnet.data").joinpath("files", *parts)
+    path = Path(str(resource))
+    if not path.is_file():
+        raise DataError(f"the embedded file {'/'.join(parts)} is missing from the installed package ({path})")
+    return path
+
+
+def _load_mnist(flatten: bool) -> Dataset:
+    train = read_idx_pair(
+        _embedded("mnist", "train-images-idx3-ubyte.gz"), _embedded("mnist", "train-labels-idx1-ubyte.gz")
+    )
+    test = read_idx_pair(
+        _embedded("mnist", "t10k-images-idx3-ubyte.gz"), _embedded("mnist", "t10k-labels-idx1-ubyte.gz")
+    )
+    return _images_dataset("mnist", train, test, [str(i) for i in range(10)], flatten)
+
+
+def read_table(path, target: str) -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
+    """A numeric CSV with a header: features (N, F) float32, the ``target`` column, the feature names."""
+    try:
+        with open(path, newline="") as handle:
+            rows = list(csv.reader(handle))
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read the file ({exc.strerror or exc})") from exc
+    if len(rows) < 2:
+        raise DataError(f"{path}: no data rows under the header")
+    header, body = rows[0], rows[1:]
+    if target not in header:
+        raise DataError(f"{path}: no column named {target!r} in the header")
+    for line, row in enumerate(body, start=2):
+        if len(row) != len(header):
+            raise DataError(f"{path}, line {line}: {len(row)} fields, the header has {len(header)}")
+    try:
+        table = np.array(body, dtype=np.float64)
+    except ValueError as exc:
+        raise DataError(f"{path}: a value is not a number ({exc})") from exc
+    if not np.all(np.isfinite(table)):
+        line = int(np.flatnonzero(~np.all(np.isfinite(table), axis=1))[0]) + 2
+        raise DataError(f"{path}, line {line}: NaN or infinite value")
+    column = header.index(target)
+    features = np.delete(table, column, axis=1).astype(np.float32)
+    names = tuple(name for i, name in enumerate(header) if i != column)
+    return features, table[:, column], names
+
+
+def load_wdbc(path=None, *, seed: int = 0) -> Dataset:
+    """Breast Cancer Wisconsin (Diagnostic): 569 × 30, target ``malignant`` (1) vs benign (0).
+
+    The default split is seeded and stratified: 341 train / 114 validation / 114 test.
+    """
+    path = path or _embedded("wdbc.csv")
+    x, target, names = read_table(path, "malignant")
+    if not np.all((target == 0) | (target == 1)):
+        raise DataError(f"{path}: the 'malignant' column must hold 0 or 1")
+    y = target.astype(np.int64)
+    rest, test = split_indices(y, 114 / 569, seed=seed, stratify=True)
+    train, val = split_indices(y[rest], 114 / 455, seed=seed + 1, stratify=True)
+    everything = Split(x, y)
+    return Dataset(
+        name="wdbc",
+        train=everything.take(rest[train]),
+        val=everything.take(rest[val]),
+        test=everything.take(test),
+        classes=("benign", "malignant"),
+        task="binary",
+        feature_names=names,
+    )
+
+
+NAMES = ("mnist", "wdbc", "fashion-mnist", "kmnist")
+
+
+def load_dataset(name: str = "mnist", *, data_dir=None, flatten: bool = True, seed: int = 0) -> Dataset:
+    """A dataset by name: 'mnist' and 'wdbc' ship with xpnet; 'fashion-mnist' and 'kmnist' are
+    downloaded on first use (to ``data_dir``, else $XPNET_DATA_DIR, else the user cache).
+
+    With ``data_dir`` and name 'mnist' (or any other IDX name), the folder's IDX files are used.
+    Images come as float32 in [0, 1], flattened to (N, H·W) unless ``flatten=False``.
+    """
+    key = name.lower()
+    if key == "wdbc":
+        return load_wdbc(Path(data_dir) / "wdbc.csv" if data_dir is not None else None, seed=seed)
+    if key in DATASETS:
+        return _load_remote(key, data_dir, flatten)
+    if key == "mnist":
+        return (
+            load_idx_folder(data_dir, name="mnist", flatten=flatten) if data_dir is not None else _load_mnist(flatten)
+        )
+    raise DataError(f"unknown dataset {name!r}; choose one of {', '.join(NAMES)}, or give an IDX folder")
