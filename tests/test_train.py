@@ -397,3 +397,17 @@ def test_first_layer_input_gradient_is_skipped(backend):
     out = model.forward(model.device.to_device(XOR_X, model.dtype))
     assert model.backward(out) is None
     assert tuple(model.backward(out, input_grad=True).shape) == (4, 2)
+
+
+def test_the_training_set_moves_to_the_device_once(monkeypatch):
+    moved = []
+    original = xpnet.Device.to_device
+    monkeypatch.setattr(
+        xpnet.Device,
+        "to_device",
+        lambda self, a, *args, **kw: moved.append(np.shape(a)) or original(self, a, *args, **kw),
+    )
+    x, y = _blobs(n=300)
+    model = Sequential([Dense(2, 8), ReLU(), Dense(8, 3)])
+    fit(model, "cross_entropy", SGD(0.1), x, y, epochs=4, batch_size=10)
+    assert moved.count((300, 2)) == 1 and moved.count((300,)) == 1 + 4  # the labels once, a permutation per epoch
