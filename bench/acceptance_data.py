@@ -37,17 +37,14 @@ print(json.dumps({"seconds": seconds, "peak_mib": peak / 1024, "growth_mib": (pe
 
 def mnist(seed: int, device: str) -> float:
     ds = load_dataset("mnist")
-    model = xn.Sequential(
-        [xn.Dense(784, 128), xn.ReLU(), xn.Dense(128, 64), xn.ReLU(), xn.Dense(64, 10)], device=device, seed=seed
-    )
+    model = xn.mlp(784, [128, 64], 10, device=device, seed=seed)
     xn.fit(model, "cross_entropy", xn.Adam(1e-3), ds.train.x, ds.train.y, epochs=5, batch_size=128)
     return xn.evaluate(model, "cross_entropy", ds.test.x, ds.test.y)["accuracy"]
 
 
 def wdbc(seed: int, device: str) -> float:
     ds = load_dataset("wdbc").standardized()
-    layers = [xn.Dense(30, 16), xn.ReLU(), xn.Dropout(0.2), xn.Dense(16, 8), xn.ReLU(), xn.Dropout(0.2), xn.Dense(8, 1)]
-    model = xn.Sequential(layers, device=device, seed=seed)
+    model = xn.mlp(30, [16, 8], 1, dropout=0.2, device=device, seed=seed)
     xn.fit(
         model,
         "bce",

@@ -291,3 +291,22 @@ def test_backward_before_forward_is_a_clear_error():
     model = Sequential([Dense(2, 2)])
     with pytest.raises(RuntimeError, match="before forward"):
         model.backward(model.device.to_device(np.ones((1, 2)), "float32"))
+
+
+def test_mlp_builder():
+    model = xpnet.mlp(784, [128, 64], 10)
+    assert model.num_parameters() == 109_386
+    assert [type(layer).__name__ for layer in model.layers] == ["Dense", "ReLU", "Dense", "ReLU", "Dense"]
+    dropped = xpnet.mlp(30, [16, 8], 1, activation="tanh", dropout=0.2, dtype="float64")
+    assert [type(layer).__name__ for layer in dropped.layers] == [
+        "Dense",
+        "Tanh",
+        "Dropout",
+        "Dense",
+        "Tanh",
+        "Dropout",
+        "Dense",
+    ]
+    assert dropped.layers[2].rate == 0.2
+    with pytest.raises(ValueError, match="unknown activation 'swish'"):
+        xpnet.mlp(2, [2], 1, activation="swish")

@@ -14,7 +14,7 @@ def mnist():
 
 
 def test_one_epoch_of_mnist_reaches_95_percent(mnist):
-    model = xn.Sequential([xn.Dense(784, 128), xn.ReLU(), xn.Dense(128, 64), xn.ReLU(), xn.Dense(64, 10)], seed=0)
+    model = xn.mlp(784, [128, 64], 10, seed=0)
     history = xn.fit(model, "cross_entropy", xn.Adam(1e-3), mnist.train.x, mnist.train.y, epochs=1, batch_size=128)
     result = xn.evaluate(model, "cross_entropy", mnist.test.x, mnist.test.y)
     assert result["accuracy"] >= 0.95
@@ -23,8 +23,7 @@ def test_one_epoch_of_mnist_reaches_95_percent(mnist):
 
 def test_breast_cancer_recipe_generalizes():
     ds = load_dataset("wdbc").standardized()
-    layers = [xn.Dense(30, 16), xn.ReLU(), xn.Dropout(0.2), xn.Dense(16, 8), xn.ReLU(), xn.Dropout(0.2), xn.Dense(8, 1)]
-    model = xn.Sequential(layers, seed=1)
+    model = xn.mlp(30, [16, 8], 1, dropout=0.2, seed=1)
     stopper = xn.EarlyStopping(20)
     history = xn.fit(
         model,

@@ -8,7 +8,7 @@ from .initializers import he_normal, he_uniform, xavier_normal, xavier_uniform, 
 from .layers import Dense, Dropout, Flatten, Layer, LeakyReLU, ReLU, Sigmoid, Softmax, Tanh
 from .losses import BinaryCrossEntropy, Loss, MeanSquaredError, SoftmaxCrossEntropy, get_loss
 from .metrics import Accuracy, BinaryAccuracy, Metric
-from .model import Sequential
+from .model import Sequential, mlp
 from .optim import (
     SGD,
     Adam,
@@ -86,6 +86,7 @@ __all__ = [
     "gradcheck",
     "he_normal",
     "he_uniform",
+    "mlp",
     "predict",
     "xavier_normal",
     "xavier_uniform",

@@ -12,7 +12,7 @@ import math
 from .backend import Device, dtype_name, get_device
 from .layers import LAYERS, Layer
 
-__all__ = ["Sequential"]
+__all__ = ["Sequential", "mlp"]
 
 
 class Sequential:
@@ -138,3 +138,35 @@ class Sequential:
     def __repr__(self) -> str:
         inner = ", ".join(repr(layer) for layer in self.layers)
         return f"Sequential([{inner}], device={self.device.name!r})"
+
+
+ACTIVATIONS = {"relu": "ReLU", "leaky_relu": "LeakyReLU", "tanh": "Tanh", "sigmoid": "Sigmoid"}
+
+
+def mlp(
+    n_inputs: int,
+    hidden: list[int] | tuple[int, ...],
+    n_outputs: int,
+    *,
+    activation: str = "relu",
+    dropout: float = 0.0,
+    device: Device | str = "cpu",
+    dtype: str = "float32",
+    seed: int | None = None,
+) -> Sequential:
+    """A multilayer perceptron: Dense → activation (→ Dropout) per hidden size, then Dense to the
+    outputs (logits: pair with SoftmaxCrossEntropy, or one output with BinaryCrossEntropy).
+
+    ``mlp(784, [128, 64], 10)`` is the 784-128-64-10 ReLU network (109,386 parameters).
+    """
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {activation!r}; choose one of {', '.join(ACTIVATIONS)}")
+    layers: list[Layer] = []
+    width = n_inputs
+    for size in hidden:
+        layers += [LAYERS["Dense"](width, size), LAYERS[ACTIVATIONS[activation]]()]
+        if dropout:
+            layers.append(LAYERS["Dropout"](dropout))
+        width = size
+    layers.append(LAYERS["Dense"](width, n_outputs))
+    return Sequential(layers, device=device, dtype=dtype, seed=seed)
