@@ -1,8 +1,4 @@
-"""Placeholder entry point for the ``xpnet`` console script.
-
-The typer application (train, evaluate, predict, gradcheck, devices, plot) is a separate issue;
-until it lands this entry point reports the version and the devices available here.
-"""
+"""Entry point of the ``xpnet`` console script."""
 
 from __future__ import annotations
 
@@ -10,18 +6,16 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> int:
-    import xpnet
-
-    args = sys.argv[1:] if argv is None else argv
-    if args in ([], ["--version"], ["devices"]):
-        print(f"xpnet {xpnet.__version__}")
-        print("devices: " + ", ".join(xpnet.available_devices()))
-        return 0
-    print(
-        f"xpnet: the command line is not built yet (got {' '.join(args)!r}); use the library: import xpnet",
-        file=sys.stderr,
-    )
-    return 2
+    try:
+        from .app import app
+    except ImportError as exc:  # typer missing: the library works, the command line does not
+        print(f"xpnet: the command line needs typer ({exc}): pip install xpnet", file=sys.stderr)
+        return 2
+    try:
+        app(args=argv, prog_name="xpnet")
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    return 0
 
 
 if __name__ == "__main__":

@@ -147,6 +147,23 @@ class Device:
         if self.kind == "cupy":
             self.native.__exit__(*exc)
 
+    def describe(self) -> str:
+        """One line about the device: library version, and for a GPU its name and memory."""
+        if self.kind == "numpy":
+            return f"NumPy {np.__version__} on the CPU"
+        if self.kind == "cupy":
+            cupy = self._cupy
+            props = cupy.cuda.runtime.getDeviceProperties(self.native.id)
+            free, total = self.native.mem_info
+            pool = cupy.get_default_memory_pool()
+            name = props["name"].decode() if isinstance(props["name"], bytes) else props["name"]
+            return (
+                f"{name}, {total / 2**30:.1f} GiB ({free / 2**30:.1f} GiB free); CuPy {cupy.__version__}, "
+                f"CUDA runtime {cupy.cuda.runtime.runtimeGetVersion()}; memory pool {pool.used_bytes() / 2**20:.1f} MiB "
+                f"used of {pool.total_bytes() / 2**20:.1f} MiB held"
+            )
+        return f"array-api-strict {self.xp.__version__}, device {self.native} (a test stand-in)"
+
     # ----------------------------------------------------------------- dtypes
     @property
     def supports_float64(self) -> bool:

@@ -77,6 +77,7 @@ class TrainingState:
         self.step = 0
         self.samples_seen = 0
         self.stop_training = False
+        self.first_epoch = 0
         self._loss_sum = 0.0
 
     def running_loss(self) -> float:
@@ -121,13 +122,29 @@ class EarlyStopping(Callback):
             raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
         self.patience, self.monitor, self.min_delta = int(patience), monitor, float(min_delta)
         self.mode, self.restore_best_weights = mode, restore_best_weights
+        self._restored = False
+        self.reset()
 
-    def on_train_begin(self, state):
+    def reset(self) -> None:
         self.best = math.inf if self.mode == "min" else -math.inf
         self.best_epoch = None
         self.best_weights = None
         self.wait = 0
         self.stopped_epoch = None
+
+    def on_train_begin(self, state):
+        if not self._restored:  # a resumed run keeps the state it was saved with
+            self.reset()
+        self._restored = False
+
+    def state_dict(self) -> dict:
+        """Counters as JSON-ready values; ``best_weights`` (device arrays) are saved apart."""
+        return {"best": self.best, "best_epoch": self.best_epoch, "wait": self.wait}
+
+    def load_state_dict(self, state: dict, best_weights: dict | None = None) -> None:
+        self.best, self.best_epoch, self.wait = float(state["best"]), state["best_epoch"], int(state["wait"])
+        self.best_weights = best_weights
+        self._restored = True
 
     def _improved(self, value: float) -> bool:
         if self.mode == "min":
@@ -226,6 +243,8 @@ def fit(
     metrics=None,
     callbacks=(),
     shuffle: bool = True,
+    initial_epoch: int = 0,
+    history: History | None = None,
 ) -> History:
     """Train ``model`` on (x, y) and return the History of per-epoch logs.
 
@@ -234,6 +253,8 @@ def fit(
     held out, chosen by a seeded permutation (never the tail: sorted data would bias it).
     ``optimizer`` is an Optimizer or a name ('sgd', 'momentum', 'adam', 'adamw').
     Logs per epoch: loss, each metric, val_ versions of both, and seconds.
+    To continue a run, pass ``initial_epoch`` (epochs already done) and its ``history``; with the
+    model, optimizer and device random state restored, the result is that of an unbroken run.
     """
     if not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < 1:
         raise ValueError(f"epochs must be a positive integer, got {epochs!r}")
@@ -242,6 +263,8 @@ def fit(
         raise ValueError(f"validation_split must be in [0, 1), got {validation_split!r}")
     if validation_data is not None and validation_split:
         raise ValueError("give validation_data or validation_split, not both")
+    if not 0 <= initial_epoch <= epochs:
+        raise ValueError(f"initial_epoch must be between 0 and epochs={epochs}, got {initial_epoch}")
     if isinstance(optimizer, str):
         optimizer = get_optimizer(optimizer)
     if not isinstance(optimizer, Optimizer):
@@ -261,12 +284,13 @@ def fit(
             X, Y = xp.take(X, train_idx, axis=0), xp.take(Y, train_idx, axis=0)
 
         n = X.shape[0]
-        history = History()
+        history = History() if history is None else history
         state = TrainingState(model, optimizer, epochs, math.ceil(n / batch_size), n, history)
+        state.first_epoch = initial_epoch
         for cb in callbacks:
             cb.on_train_begin(state)
         try:
-            for epoch in range(epochs):
+            for epoch in range(initial_epoch, epochs):
                 started = time.perf_counter()
                 logs = _train_epoch(
                     model,
@@ -312,7 +336,7 @@ def _train_epoch(model, loss, optimizer, X, Y, state, epoch, batch_size, shuffle
             idx = order[start:stop]
             xb, yb = xp.take(X, idx, axis=0), xp.take(Y, idx, axis=0)
         out = model.forward(xb, training=True)
-        if epoch == 0 and step == 0:  # the targets, training and validation, checked once
+        if step == 0 and epoch == state.first_epoch:  # the targets, training and validation, checked once
             for targets in all_targets:
                 loss.check_targets(targets, out.shape[-1])
         value, delta = loss.value_and_grad(out, yb)

@@ -1,0 +1,259 @@
+"""The ``xpnet`` command line: train, evaluate, predict, gradcheck, devices, plot."""
+
+from __future__ import annotations
+
+import functools
+import json
+import platform
+import sys
+from pathlib import Path
+from typing import List, Optional  # noqa: UP035 - typer reads these annotations
+
+import numpy as np
+import typer
+
+import xpnet as xn
+
+from .progress import ProgressBar
+from .run import CLIError, load_run, make_device, train_run
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=False,
+    pretty_exceptions_enable=False,
+    help="xpnet: train and inspect neural networks on NumPy (cpu) or CuPy (cuda).",
+)
+
+
+def _show_version(value: bool):
+    if value:
+        typer.echo(f"xpnet {xn.__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_options(
+    version: bool = typer.Option(False, "--version", callback=_show_version, is_eager=True, help="print the version"),
+):
+    """xpnet: train and inspect neural networks on NumPy (cpu) or CuPy (cuda)."""
+
+
+def reports_errors(command):
+    """Print a failure as one line on stderr and exit with its code: never a traceback."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except CLIError as exc:
+            typer.echo(f"xpnet: {exc}", err=True)
+            raise typer.Exit(exc.code) from None
+        except (xn.DeviceError, xn.data.DataError, ValueError) as exc:
+            typer.echo(f"xpnet: {exc}", err=True)
+            raise typer.Exit(2) from None
+        except (RuntimeError, OSError, MemoryError) as exc:
+            typer.echo(f"xpnet: {type(exc).__name__}: {exc}", err=True)
+            raise typer.Exit(1) from None
+
+    return wrapper
+
+
+@app.command()
+@reports_errors
+def train(
+    device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:N, strict, strict:device1, ... [default: cpu]"),
+    dataset: Optional[str] = typer.Option(None, help="mnist, wdbc, fashion-mnist or kmnist [default: mnist]"),
+    data_dir: Optional[str] = typer.Option(None, help="a folder with the dataset's files (IDX, or wdbc.csv)"),
+    hidden: Optional[str] = typer.Option(None, help="hidden layer sizes, comma-separated [default: 128,64]"),
+    activation: Optional[str] = typer.Option(None, help="relu, leaky_relu, tanh or sigmoid [default: relu]"),
+    dropout: Optional[float] = typer.Option(None, help="dropout rate after each hidden layer [default: 0]"),
+    optimizer: Optional[str] = typer.Option(None, help="sgd, momentum, adam or adamw [default: adam]"),
+    lr: Optional[float] = typer.Option(None, help="learning rate [default: 0.001 for adam/adamw, 0.1 sgd, 0.05 momentum]"),
+    weight_decay: Optional[float] = typer.Option(None, help="L2 (decoupled for adamw) weight decay [default: 0]"),
+    schedule: Optional[str] = typer.Option(None, help="none, step (halve per epoch), exponential, cosine, warmup"),
+    epochs: Optional[int] = typer.Option(None, help="epochs in all (with --resume: the new total) [default: 5]"),
+    batch_size: Optional[int] = typer.Option(None, help="examples per step [default: 128]"),
+    seed: Optional[int] = typer.Option(None, help="seed for weights, split, batch order, dropout [default: 0]"),
+    val_split: Optional[float] = typer.Option(None, help="fraction of training data for validation [default: 0.1]"),
+    early_stopping: Optional[int] = typer.Option(None, "--early-stopping", metavar="PATIENCE",
+                                                 help="stop after PATIENCE epochs without a better val loss"),
+    dtype: Optional[str] = typer.Option(None, help="float32 or float64 [default: float32]"),
+    out: Optional[str] = typer.Option(None, metavar="RUN_DIR", help="run folder [default: runs/DATASET-TIME]"),
+    resume: Optional[str] = typer.Option(None, metavar="RUN_DIR", help="continue an interrupted run"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress and no epoch lines"),
+    json_output: bool = typer.Option(False, "--json", help="print one JSON object at the end, nothing else"),
+):
+    """Train an MLP (default: 784-128-64-10 on the embedded MNIST, on the CPU)."""
+    options = dict(device=device, dataset=dataset, data_dir=data_dir, hidden=hidden, activation=activation,
+                   dropout=dropout, optimizer=optimizer, lr=lr, weight_decay=weight_decay, schedule=schedule,
+                   epochs=epochs, batch_size=batch_size, seed=seed, val_split=val_split,
+                   early_stopping=early_stopping, dtype=dtype)
+    if resume and out:
+        raise CLIError("give --resume RUN_DIR or --out RUN_DIR, not both")
+    talk = not (quiet or json_output)
+
+    def display(config):
+        if not talk:
+            return []
+        typer.echo(f"training on {config['dataset']} with {config['device']}: hidden {config['hidden']}, "
+                   f"{config['optimizer']} lr {config['lr']}, {config['epochs']} epochs, batch {config['batch_size']}")
+        return [ProgressBar(sys.stdout, interactive=sys.stdout.isatty())]
+
+    summary = train_run(options, out=out, resume=resume, callbacks_for=display)
+    if json_output:
+        typer.echo(json.dumps(summary))
+    elif not quiet:
+        typer.echo(f"test accuracy {summary['test_accuracy']:.4f}  test loss {summary['test_loss']:.4f}  "
+                   f"{summary['seconds']:.1f}s  {summary['samples_per_second']:,.0f} samples/s  -> {summary['run_dir']}")
+
+
+def _predictions(model, data, split):
+    logits = model.device.to_host(xn.predict(model, split.x))
+    if data.dataset.task == "binary":
+        p = 1.0 / (1.0 + np.exp(-np.clip(logits[:, 0], -500, 500)))
+        return (p > 0.5).astype(np.int64), np.where(p > 0.5, p, 1 - p)
+    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
+    probabilities = shifted / shifted.sum(axis=1, keepdims=True)
+    return probabilities.argmax(axis=1), probabilities.max(axis=1)
+
+
+def confusion_matrix(truth, predicted, num_classes: int) -> np.ndarray:
+    matrix = np.zeros((num_classes, num_classes), dtype=np.int64)
+    np.add.at(matrix, (truth, predicted), 1)
+    return matrix
+
+
+@app.command()
+@reports_errors
+def evaluate(
+    run_dir: str = typer.Argument(..., help="a run folder written by xpnet train"),
+    device: Optional[str] = typer.Option(None, help="evaluate on this device [default: the run's]"),
+    json_output: bool = typer.Option(False, "--json", help="print one JSON object"),
+):
+    """Test loss and accuracy, per-class precision and recall, and the confusion matrix."""
+    _, data, model, _ = load_run(run_dir, device)
+    ds = data.dataset
+    result = xn.evaluate(model, data.loss, ds.test.x, ds.test.y)
+    predicted, _ = _predictions(model, data, ds.test)
+    classes = ds.classes
+    matrix = confusion_matrix(ds.test.y, predicted, len(classes))
+    precision = np.diag(matrix) / np.maximum(matrix.sum(axis=0), 1)
+    recall = np.diag(matrix) / np.maximum(matrix.sum(axis=1), 1)
+    accuracy = float(np.trace(matrix) / matrix.sum())
+    if json_output:
+        typer.echo(json.dumps({"loss": result["loss"], "accuracy": accuracy, "precision": precision.tolist(),
+                               "recall": recall.tolist(), "confusion_matrix": matrix.tolist(), "classes": list(classes)}))
+        return
+    typer.echo(f"{ds.name} test set: {len(ds.test)} examples  loss {result['loss']:.4f}  accuracy {accuracy:.4f}")
+    typer.echo(f"\n{'class':>12} {'precision':>10} {'recall':>8} {'support':>8}")
+    for i, name in enumerate(classes):
+        typer.echo(f"{name:>12} {precision[i]:>10.4f} {recall[i]:>8.4f} {matrix[i].sum():>8}")
+    typer.echo("\nconfusion matrix (rows: true class, columns: predicted)")
+    width = max(5, len(str(matrix.max())) + 1)
+    typer.echo(" " * 12 + "".join(f"{name[:width - 1]:>{width}}" for name in classes))
+    for i, name in enumerate(classes):
+        typer.echo(f"{name[:11]:>11} " + "".join(f"{v:>{width}}" for v in matrix[i]))
+
+
+def _load_input(path: Path, data) -> np.ndarray:
+    """One file as rows of model input: images become 28×28 grayscale like MNIST, .npy as is."""
+    ds = data.dataset
+    if not path.is_file():
+        raise CLIError(f"{path}: no such file")
+    if path.suffix.lower() == ".npy":
+        try:
+            array = np.load(path, allow_pickle=False)
+        except (ValueError, OSError) as exc:
+            raise CLIError(f"{path}: not a readable .npy file ({exc})") from exc
+        if array.dtype == np.uint8:
+            array = array.astype(np.float32) / 255.0
+        rows = array.reshape(-1, ds.num_features) if array.size % ds.num_features == 0 else None
+        if rows is None:
+            raise CLIError(f"{path}: {array.shape} does not divide into rows of {ds.num_features} features")
+    else:
+        if ds.image_shape is None:
+            raise CLIError(f"{path}: the {ds.name} model takes .npy rows of {ds.num_features} features, not images")
+        from .images import load_image
+
+        rows = load_image(path, ds.image_shape).reshape(1, -1)
+    if not np.all(np.isfinite(rows)):
+        raise CLIError(f"{path}: contains NaN or infinite values")
+    if data.extra:
+        rows = (rows - data.extra["data_mean"]) / data.extra["data_std"]
+    return rows.astype(np.float32)
+
+
+@app.command()
+@reports_errors
+def predict(
+    run_dir: str = typer.Argument(..., help="a run folder written by xpnet train"),
+    files: List[Path] = typer.Argument(..., help="PNG/JPEG images (any size) or .npy arrays"),  # noqa: UP006
+    device: Optional[str] = typer.Option(None, help="predict on this device [default: the run's]"),
+):
+    """The predicted class of each image or row, with its probability."""
+    _, data, model, _ = load_run(run_dir, device)
+    classes = data.dataset.classes
+    for path in files:
+        rows = _load_input(path, data)
+        predicted, probability = _predictions(model, data, xn.data.Split(rows, np.zeros(len(rows), np.int64)))
+        for i, (cls, p) in enumerate(zip(predicted, probability)):
+            label = f"{path}" + (f"[{i}]" if len(rows) > 1 else "")
+            typer.echo(f"{label}: {classes[int(cls)]} (probability {p:.3f})")
+
+
+@app.command()
+@reports_errors
+def gradcheck(
+    device: str = typer.Option("cpu", help="the device to check on"),
+    seed: int = typer.Option(0, help="seed for the network and the data"),
+    tolerance: float = typer.Option(1e-6, help="largest relative error that passes"),
+):
+    """Backpropagation against central differences (float64) on a small random network."""
+    dev = make_device(device, seed)
+    model = xn.Sequential([xn.Dense(6, 5), xn.Tanh(), xn.Dense(5, 4), xn.ReLU(), xn.Dropout(0.25), xn.Dense(4, 3)],
+                          device=dev, dtype="float64", seed=seed)
+    rng = np.random.default_rng(seed)
+    report = xn.gradcheck(model, "cross_entropy", rng.normal(size=(8, 6)), rng.integers(0, 3, size=8))
+    typer.echo(f"gradient check on {dev.name}: 6-5-3 tanh/relu/dropout network, softmax cross-entropy, float64")
+    typer.echo(report.table())
+    verdict = "passed" if report.passed(tolerance) else "FAILED"
+    typer.echo(f"largest relative error {report.max_error:.2e}: {verdict} (tolerance {tolerance:g})")
+    if not report.passed(tolerance):
+        raise typer.Exit(1)
+
+
+def _version(module: str) -> str | None:
+    try:
+        from importlib.metadata import version
+
+        return version(module)
+    except Exception:
+        return None
+
+
+@app.command()
+@reports_errors
+def devices():
+    """The backends and devices available here, with library versions."""
+    typer.echo(f"xpnet {xn.__version__}, Python {platform.python_version()}")
+    for package in ("numpy", "array-api-compat", "array-api-strict", "cupy-cuda12x", "cupy-cuda13x", "typer",
+                    "safetensors", "matplotlib", "pillow"):
+        found = _version(package)
+        if found:
+            typer.echo(f"  {package:18s} {found}")
+    typer.echo("devices:")
+    for name in xn.available_devices():
+        typer.echo(f"  {name:18s} {xn.Device(name).describe()}")
+
+
+@app.command()
+@reports_errors
+def plot(
+    run_dir: str = typer.Argument(..., help="a run folder written by xpnet train"),
+    device: Optional[str] = typer.Option(None, help="compute predictions on this device [default: the run's]"),
+):
+    """PNG plots: learning curves, first-layer weights, confusion matrix, worst mistakes."""
+    from .plots import plot_run
+
+    for path in plot_run(run_dir, device):
+        typer.echo(str(path))

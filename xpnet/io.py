@@ -1,0 +1,139 @@
+"""Checkpoints: tensors in safetensors (loading a file cannot run code), everything else as JSON.
+
+One file holds a whole training state: the model's parameters (``model/<key>``), the optimizer's
+slots (``optimizer/<key>/<slot>``), any extra tensors (``extra/<name>``: early stopping's best
+weights, the data's standardization statistics) and, in the safetensors metadata, one JSON
+document with the architecture, the optimizer's step count and hyperparameters, and whatever the
+caller adds (epoch, history, random state). It is written to a temporary file in the same folder
+and renamed over the old one, so a crash leaves either the old checkpoint or the new one, never
+half of one. A checkpoint written on any device loads on any other.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from .model import Sequential
+
+__all__ = ["CheckpointError", "Checkpoint", "save_checkpoint", "load_checkpoint", "write_json_atomic"]
+
+_FORMAT = "xpnet-checkpoint-1"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, corrupted, truncated or made for another architecture."""
+
+
+@dataclasses.dataclass
+class Checkpoint:
+    """What ``load_checkpoint`` read: host arrays by group, and the JSON metadata."""
+
+    path: Path
+    model: dict
+    optimizer: dict
+    extra: dict
+    meta: dict
+
+    def build_model(self, device="cpu") -> Sequential:
+        """The saved architecture on ``device``, with the saved parameters."""
+        try:
+            model = Sequential.from_config(self.meta["model"], device=device)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CheckpointError(f"{self.path}: the saved architecture cannot be rebuilt ({exc})") from exc
+        self.load_model_into(model)
+        return model
+
+    def load_model_into(self, model: Sequential) -> None:
+        try:
+            model.load_state_dict(self.model)
+        except ValueError as exc:
+            raise CheckpointError(f"{self.path} does not fit this model: {exc}") from exc
+
+    def load_optimizer_into(self, optimizer, model: Sequential) -> None:
+        state = dict(self.meta.get("optimizer", {}))
+        state["slots"] = self.optimizer
+        try:
+            optimizer.load_state_dict(state, model)
+        except (KeyError, ValueError) as exc:
+            raise CheckpointError(f"{self.path}: the optimizer state does not fit: {exc}") from exc
+
+
+def write_json_atomic(path, document) -> None:
+    """Write JSON to ``path`` through a temporary file and a rename."""
+    path = Path(path)
+    _atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(document, indent=2) + "\n"))
+
+
+def _atomic_write(path: Path, write) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the usual permissions
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_checkpoint(path, model: Sequential, optimizer=None, *, extra: dict | None = None, meta: dict | None = None):
+    """Write model (and optimizer) state, extra host arrays and JSON metadata to one file."""
+    from safetensors.numpy import save_file
+
+    device = model.device
+    tensors = {f"model/{key}": device.to_host(value) for key, value in model.named_parameters().items()}
+    document = {"format": _FORMAT, "model": model.config(), **(meta or {})}
+    if optimizer is not None:
+        state = optimizer.state_dict()
+        for key, slots in state.pop("slots").items():
+            for slot, value in slots.items():
+                tensors[f"optimizer/{key}/{slot}"] = device.to_host(value)
+        document["optimizer"] = state
+    for name, value in (extra or {}).items():
+        tensors[f"extra/{name}"] = device.to_host(value)
+    tensors = {name: np.ascontiguousarray(value) for name, value in tensors.items()}
+    metadata = {"xpnet": json.dumps(document)}
+    _atomic_write(Path(path), lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+
+def load_checkpoint(path) -> Checkpoint:
+    """Read a checkpoint written by ``save_checkpoint``; CheckpointError names what is wrong."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"no checkpoint at {path}")
+    try:
+        with safe_open(str(path), framework="numpy") as handle:
+            metadata = handle.metadata() or {}
+            tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{path} is corrupted or truncated ({exc})") from exc
+    try:
+        meta = json.loads(metadata["xpnet"])
+    except (KeyError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path} is not an xpnet checkpoint (no readable metadata)") from exc
+    if meta.get("format") != _FORMAT:
+        raise CheckpointError(f"{path} has format {meta.get('format')!r}, expected {_FORMAT!r}")
+    groups: dict = {"model": {}, "optimizer": {}, "extra": {}}
+    for name, value in tensors.items():
+        group, _, rest = name.partition("/")
+        if group not in groups or not rest:
+            raise CheckpointError(f"{path}: unexpected tensor {name!r}")
+        if group == "optimizer":
+            key, _, slot = rest.rpartition("/")
+            groups["optimizer"].setdefault(key, {})[slot] = value
+        else:
+            groups[group][rest] = value
+    return Checkpoint(path=path, model=groups["model"], optimizer=groups["optimizer"], extra=groups["extra"], meta=meta)
