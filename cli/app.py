@@ -7,7 +7,6 @@ import json
 import platform
 import sys
 from pathlib import Path
-from typing import List, Optional  # noqa: UP035 - typer reads these annotations
 
 import numpy as np
 import typer
@@ -61,33 +60,48 @@ def reports_errors(command):
 @app.command()
 @reports_errors
 def train(
-    device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:N, strict, strict:device1, ... [default: cpu]"),
-    dataset: Optional[str] = typer.Option(None, help="mnist, wdbc, fashion-mnist or kmnist [default: mnist]"),
-    data_dir: Optional[str] = typer.Option(None, help="a folder with the dataset's files (IDX, or wdbc.csv)"),
-    hidden: Optional[str] = typer.Option(None, help="hidden layer sizes, comma-separated [default: 128,64]"),
-    activation: Optional[str] = typer.Option(None, help="relu, leaky_relu, tanh or sigmoid [default: relu]"),
-    dropout: Optional[float] = typer.Option(None, help="dropout rate after each hidden layer [default: 0]"),
-    optimizer: Optional[str] = typer.Option(None, help="sgd, momentum, adam or adamw [default: adam]"),
-    lr: Optional[float] = typer.Option(None, help="learning rate [default: 0.001 for adam/adamw, 0.1 sgd, 0.05 momentum]"),
-    weight_decay: Optional[float] = typer.Option(None, help="L2 (decoupled for adamw) weight decay [default: 0]"),
-    schedule: Optional[str] = typer.Option(None, help="none, step (halve per epoch), exponential, cosine, warmup"),
-    epochs: Optional[int] = typer.Option(None, help="epochs in all (with --resume: the new total) [default: 5]"),
-    batch_size: Optional[int] = typer.Option(None, help="examples per step [default: 128]"),
-    seed: Optional[int] = typer.Option(None, help="seed for weights, split, batch order, dropout [default: 0]"),
-    val_split: Optional[float] = typer.Option(None, help="fraction of training data for validation [default: 0.1]"),
-    early_stopping: Optional[int] = typer.Option(None, "--early-stopping", metavar="PATIENCE",
-                                                 help="stop after PATIENCE epochs without a better val loss"),
-    dtype: Optional[str] = typer.Option(None, help="float32 or float64 [default: float32]"),
-    out: Optional[str] = typer.Option(None, metavar="RUN_DIR", help="run folder [default: runs/DATASET-TIME]"),
-    resume: Optional[str] = typer.Option(None, metavar="RUN_DIR", help="continue an interrupted run"),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress and no epoch lines"),
+    device: str | None = typer.Option(None, help="cpu, cuda, cuda:N, strict, strict:device1, ... [default: cpu]"),
+    dataset: str | None = typer.Option(None, help="mnist, wdbc, fashion-mnist or kmnist [default: mnist]"),
+    data_dir: str | None = typer.Option(None, help="a folder with the dataset's files (IDX, or wdbc.csv)"),
+    hidden: str | None = typer.Option(None, help="hidden layer sizes, comma-separated [default: 128,64]"),
+    activation: str | None = typer.Option(None, help="relu, leaky_relu, tanh or sigmoid [default: relu]"),
+    dropout: float | None = typer.Option(None, help="dropout rate after each hidden layer [default: 0]"),
+    optimizer: str | None = typer.Option(None, help="sgd, momentum, adam or adamw [default: adam]"),
+    lr: float | None = typer.Option(None, help="learning rate [default: 0.001 for adam/adamw, 0.1 sgd, 0.05 momentum]"),
+    weight_decay: float | None = typer.Option(None, help="L2 (decoupled for adamw) weight decay [default: 0]"),
+    schedule: str | None = typer.Option(None, help="none, step (halve per epoch), exponential, cosine, warmup"),
+    epochs: int | None = typer.Option(None, help="epochs in all (with --resume: the new total) [default: 5]"),
+    batch_size: int | None = typer.Option(None, help="examples per step [default: 128]"),
+    seed: int | None = typer.Option(None, help="seed for weights, split, batch order, dropout [default: 0]"),
+    val_split: float | None = typer.Option(None, help="fraction of training data for validation [default: 0.1]"),
+    early_stopping: int | None = typer.Option(
+        None, "--early-stopping", metavar="PATIENCE", help="stop after PATIENCE epochs without a better val loss"
+    ),
+    dtype: str | None = typer.Option(None, help="float32 or float64 [default: float32]"),
+    out: str | None = typer.Option(None, metavar="RUN_DIR", help="run folder [default: runs/DATASET-TIME]"),
+    resume: str | None = typer.Option(None, metavar="RUN_DIR", help="continue an interrupted run"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress and no epoch lines: the result only"),
     json_output: bool = typer.Option(False, "--json", help="print one JSON object at the end, nothing else"),
 ):
     """Train an MLP (default: 784-128-64-10 on the embedded MNIST, on the CPU)."""
-    options = dict(device=device, dataset=dataset, data_dir=data_dir, hidden=hidden, activation=activation,
-                   dropout=dropout, optimizer=optimizer, lr=lr, weight_decay=weight_decay, schedule=schedule,
-                   epochs=epochs, batch_size=batch_size, seed=seed, val_split=val_split,
-                   early_stopping=early_stopping, dtype=dtype)
+    options = dict(
+        device=device,
+        dataset=dataset,
+        data_dir=data_dir,
+        hidden=hidden,
+        activation=activation,
+        dropout=dropout,
+        optimizer=optimizer,
+        lr=lr,
+        weight_decay=weight_decay,
+        schedule=schedule,
+        epochs=epochs,
+        batch_size=batch_size,
+        seed=seed,
+        val_split=val_split,
+        early_stopping=early_stopping,
+        dtype=dtype,
+    )
     if resume and out:
         raise CLIError("give --resume RUN_DIR or --out RUN_DIR, not both")
     talk = not (quiet or json_output)
@@ -95,16 +109,20 @@ def train(
     def display(config):
         if not talk:
             return []
-        typer.echo(f"training on {config['dataset']} with {config['device']}: hidden {config['hidden']}, "
-                   f"{config['optimizer']} lr {config['lr']}, {config['epochs']} epochs, batch {config['batch_size']}")
+        typer.echo(
+            f"training on {config['dataset']} with {config['device']}: hidden {config['hidden']}, "
+            f"{config['optimizer']} lr {config['lr']}, {config['epochs']} epochs, batch {config['batch_size']}"
+        )
         return [ProgressBar(sys.stdout, interactive=sys.stdout.isatty())]
 
     summary = train_run(options, out=out, resume=resume, callbacks_for=display)
     if json_output:
         typer.echo(json.dumps(summary))
-    elif not quiet:
-        typer.echo(f"test accuracy {summary['test_accuracy']:.4f}  test loss {summary['test_loss']:.4f}  "
-                   f"{summary['seconds']:.1f}s  {summary['samples_per_second']:,.0f} samples/s  -> {summary['run_dir']}")
+    else:
+        typer.echo(
+            f"test accuracy {summary['test_accuracy']:.4f}  test loss {summary['test_loss']:.4f}  "
+            f"{summary['seconds']:.1f}s  {summary['samples_per_second']:,.0f} samples/s  -> {summary['run_dir']}"
+        )
 
 
 def _predictions(model, data, split):
@@ -127,7 +145,7 @@ def confusion_matrix(truth, predicted, num_classes: int) -> np.ndarray:
 @reports_errors
 def evaluate(
     run_dir: str = typer.Argument(..., help="a run folder written by xpnet train"),
-    device: Optional[str] = typer.Option(None, help="evaluate on this device [default: the run's]"),
+    device: str | None = typer.Option(None, help="evaluate on this device [default: the run's]"),
     json_output: bool = typer.Option(False, "--json", help="print one JSON object"),
 ):
     """Test loss and accuracy, per-class precision and recall, and the confusion matrix."""
@@ -141,8 +159,18 @@ def evaluate(
     recall = np.diag(matrix) / np.maximum(matrix.sum(axis=1), 1)
     accuracy = float(np.trace(matrix) / matrix.sum())
     if json_output:
-        typer.echo(json.dumps({"loss": result["loss"], "accuracy": accuracy, "precision": precision.tolist(),
-                               "recall": recall.tolist(), "confusion_matrix": matrix.tolist(), "classes": list(classes)}))
+        typer.echo(
+            json.dumps(
+                {
+                    "loss": result["loss"],
+                    "accuracy": accuracy,
+                    "precision": precision.tolist(),
+                    "recall": recall.tolist(),
+                    "confusion_matrix": matrix.tolist(),
+                    "classes": list(classes),
+                }
+            )
+        )
         return
     typer.echo(f"{ds.name} test set: {len(ds.test)} examples  loss {result['loss']:.4f}  accuracy {accuracy:.4f}")
     typer.echo(f"\n{'class':>12} {'precision':>10} {'recall':>8} {'support':>8}")
@@ -150,7 +178,7 @@ def evaluate(
         typer.echo(f"{name:>12} {precision[i]:>10.4f} {recall[i]:>8.4f} {matrix[i].sum():>8}")
     typer.echo("\nconfusion matrix (rows: true class, columns: predicted)")
     width = max(5, len(str(matrix.max())) + 1)
-    typer.echo(" " * 12 + "".join(f"{name[:width - 1]:>{width}}" for name in classes))
+    typer.echo(" " * 12 + "".join(f"{name[: width - 1]:>{width}}" for name in classes))
     for i, name in enumerate(classes):
         typer.echo(f"{name[:11]:>11} " + "".join(f"{v:>{width}}" for v in matrix[i]))
 
@@ -187,8 +215,8 @@ def _load_input(path: Path, data) -> np.ndarray:
 @reports_errors
 def predict(
     run_dir: str = typer.Argument(..., help="a run folder written by xpnet train"),
-    files: List[Path] = typer.Argument(..., help="PNG/JPEG images (any size) or .npy arrays"),  # noqa: UP006
-    device: Optional[str] = typer.Option(None, help="predict on this device [default: the run's]"),
+    files: list[Path] = typer.Argument(..., help="PNG/JPEG images (any size) or .npy arrays"),
+    device: str | None = typer.Option(None, help="predict on this device [default: the run's]"),
 ):
     """The predicted class of each image or row, with its probability."""
     _, data, model, _ = load_run(run_dir, device)
@@ -210,8 +238,12 @@ def gradcheck(
 ):
     """Backpropagation against central differences (float64) on a small random network."""
     dev = make_device(device, seed)
-    model = xn.Sequential([xn.Dense(6, 5), xn.Tanh(), xn.Dense(5, 4), xn.ReLU(), xn.Dropout(0.25), xn.Dense(4, 3)],
-                          device=dev, dtype="float64", seed=seed)
+    model = xn.Sequential(
+        [xn.Dense(6, 5), xn.Tanh(), xn.Dense(5, 4), xn.ReLU(), xn.Dropout(0.25), xn.Dense(4, 3)],
+        device=dev,
+        dtype="float64",
+        seed=seed,
+    )
     rng = np.random.default_rng(seed)
     report = xn.gradcheck(model, "cross_entropy", rng.normal(size=(8, 6)), rng.integers(0, 3, size=8))
     typer.echo(f"gradient check on {dev.name}: 6-5-3 tanh/relu/dropout network, softmax cross-entropy, float64")
@@ -236,8 +268,17 @@ def _version(module: str) -> str | None:
 def devices():
     """The backends and devices available here, with library versions."""
     typer.echo(f"xpnet {xn.__version__}, Python {platform.python_version()}")
-    for package in ("numpy", "array-api-compat", "array-api-strict", "cupy-cuda12x", "cupy-cuda13x", "typer",
-                    "safetensors", "matplotlib", "pillow"):
+    for package in (
+        "numpy",
+        "array-api-compat",
+        "array-api-strict",
+        "cupy-cuda12x",
+        "cupy-cuda13x",
+        "typer",
+        "safetensors",
+        "matplotlib",
+        "pillow",
+    ):
         found = _version(package)
         if found:
             typer.echo(f"  {package:18s} {found}")
@@ -250,7 +291,7 @@ def devices():
 @reports_errors
 def plot(
     run_dir: str = typer.Argument(..., help="a run folder written by xpnet train"),
-    device: Optional[str] = typer.Option(None, help="compute predictions on this device [default: the run's]"),
+    device: str | None = typer.Option(None, help="compute predictions on this device [default: the run's]"),
 ):
     """PNG plots: learning curves, first-layer weights, confusion matrix, worst mistakes."""
     from .plots import plot_run

@@ -75,8 +75,15 @@ def _confusion(plt, ds, predicted, out: Path) -> Path:
     ax.imshow(matrix, cmap="Blues")
     for i in range(n):
         for j in range(n):
-            ax.text(j, i, str(matrix[i, j]), ha="center", va="center",
-                    color="white" if matrix[i, j] > matrix.max() / 2 else "black", fontsize=8)
+            ax.text(
+                j,
+                i,
+                str(matrix[i, j]),
+                ha="center",
+                va="center",
+                color="white" if matrix[i, j] > matrix.max() / 2 else "black",
+                fontsize=8,
+            )
     ax.set_xticks(range(n), ds.classes, rotation=45, ha="right")
     ax.set_yticks(range(n), ds.classes)
     ax.set_xlabel("predicted")
@@ -110,8 +117,10 @@ def _mistakes(plt, ds, probabilities, predicted, out: Path, count: int = 16) -> 
         ax.axis("off")
     for ax, i in zip(axes.flat, worst):
         ax.imshow(ds.test.x[i].reshape(ds.image_shape), cmap="gray")
-        ax.set_title(f"{ds.classes[predicted[i]]} ({probabilities[i, predicted[i]]:.2f})\ntrue {ds.classes[ds.test.y[i]]}",
-                     fontsize=7)
+        ax.set_title(
+            f"{ds.classes[predicted[i]]} ({probabilities[i, predicted[i]]:.2f})\ntrue {ds.classes[ds.test.y[i]]}",
+            fontsize=7,
+        )
     fig.suptitle("most confidently misclassified test images: predicted (probability), true")
     return _save(plt, fig, out / "misclassified.png")
 

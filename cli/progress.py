@@ -61,6 +61,7 @@ class ProgressBar(Callback):
         rate = state.num_samples / max(seconds, 1e-9)
         prefix = "\r\033[K" if self.interactive else ""
         self.stream.write(
-            f"{prefix}epoch {state.epoch + 1}/{state.epochs}  {format_logs(logs)}  {seconds:.1f}s  {rate:,.0f} samples/s\n"
+            f"{prefix}epoch {state.epoch + 1}/{state.epochs}  {format_logs(logs)}  "
+            f"{seconds:.1f}s  {rate:,.0f} samples/s\n"
         )
         self.stream.flush()

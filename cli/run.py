@@ -69,14 +69,29 @@ def resolve_config(options: dict, saved: dict | None = None) -> dict:
     config.update({key: value for key, value in options.items() if value is not None})
     config["hidden"] = parse_hidden(config["hidden"])
     checks = [
-        (isinstance(config["epochs"], int) and config["epochs"] >= 1, f"--epochs must be a positive integer, got {config['epochs']}"),
+        (
+            isinstance(config["epochs"], int) and config["epochs"] >= 1,
+            f"--epochs must be a positive integer, got {config['epochs']}",
+        ),
         (config["batch_size"] >= 1, f"--batch-size must be a positive integer, got {config['batch_size']}"),
         (0.0 <= config["dropout"] < 1.0, f"--dropout must be in [0, 1), got {config['dropout']}"),
         (0.0 <= config["val_split"] < 1.0, f"--val-split must be in [0, 1), got {config['val_split']}"),
-        (config["early_stopping"] >= 0, f"--early-stopping must be a patience of 0 (off) or more, got {config['early_stopping']}"),
-        (config["optimizer"] in DEFAULT_LR, f"--optimizer must be one of {', '.join(DEFAULT_LR)}, got {config['optimizer']!r}"),
-        (config["schedule"] in SCHEDULES, f"--schedule must be one of {', '.join(SCHEDULES)}, got {config['schedule']!r}"),
-        (config["activation"] in xn.model.ACTIVATIONS, f"--activation must be one of {', '.join(xn.model.ACTIVATIONS)}, got {config['activation']!r}"),
+        (
+            config["early_stopping"] >= 0,
+            f"--early-stopping must be a patience of 0 (off) or more, got {config['early_stopping']}",
+        ),
+        (
+            config["optimizer"] in DEFAULT_LR,
+            f"--optimizer must be one of {', '.join(DEFAULT_LR)}, got {config['optimizer']!r}",
+        ),
+        (
+            config["schedule"] in SCHEDULES,
+            f"--schedule must be one of {', '.join(SCHEDULES)}, got {config['schedule']!r}",
+        ),
+        (
+            config["activation"] in xn.model.ACTIVATIONS,
+            f"--activation must be one of {', '.join(xn.model.ACTIVATIONS)}, got {config['activation']!r}",
+        ),
         (config["dtype"] in ("float32", "float64"), f"--dtype must be float32 or float64, got {config['dtype']!r}"),
         (config["weight_decay"] >= 0, f"--weight-decay must be non-negative, got {config['weight_decay']}"),
         (config["seed"] >= 0, f"--seed must be non-negative, got {config['seed']}"),
@@ -123,9 +138,16 @@ def make_device(name: str, seed: int = 0) -> xn.Device:
 
 def build_model(config: dict, data: Data, device: xn.Device) -> xn.Sequential:
     try:
-        return xn.mlp(data.dataset.num_features, config["hidden"], data.dataset.num_outputs,
-                      activation=config["activation"], dropout=config["dropout"], device=device,
-                      dtype=config["dtype"], seed=config["seed"])
+        return xn.mlp(
+            data.dataset.num_features,
+            config["hidden"],
+            data.dataset.num_outputs,
+            activation=config["activation"],
+            dropout=config["dropout"],
+            device=device,
+            dtype=config["dtype"],
+            seed=config["seed"],
+        )
     except ValueError as exc:
         raise CLIError(str(exc)) from exc
 
@@ -152,8 +174,9 @@ class RunRecorder(xn.Callback):
         line = {"epoch": state.epoch + 1, **logs, "samples_per_second": state.num_samples / max(logs["seconds"], 1e-9)}
         with open(self.run_dir / METRICS, "a") as handle:
             handle.write(json.dumps(line) + "\n")
-        save_run_checkpoint(self.run_dir, state.model, state.optimizer, self.data, state.history, state.epoch + 1,
-                            self.early_stopping)
+        save_run_checkpoint(
+            self.run_dir, state.model, state.optimizer, self.data, state.history, state.epoch + 1, self.early_stopping
+        )
 
 
 def save_run_checkpoint(run_dir, model, optimizer, data, history, epochs_done, early_stopping, finished=False):
@@ -233,14 +256,21 @@ def train_run(options: dict, *, out: str | None, resume: str | None, callbacks_f
         meta = checkpoint.meta
         initial_epoch = int(meta["epochs_done"])
         if initial_epoch >= config["epochs"]:
-            raise CLIError(f"{run_dir} has finished its {initial_epoch} epochs; pass --epochs N (more than {initial_epoch}) to continue")
+            raise CLIError(
+                f"{run_dir} has finished its {initial_epoch} epochs; "
+                f"pass --epochs N (more than {initial_epoch}) to continue"
+            )
         device.set_rng_state(meta["rng_state"])  # host streams: the same on every backend
         for epoch, _ in enumerate(meta["history"].get("loss", [])):
             history.append(epoch, {key: values[epoch] for key, values in meta["history"].items()})
         if early_stopping is not None and "early_stopping" in meta:
-            best = {key[len("best/"):]: value for key, value in checkpoint.extra.items() if key.startswith("best/")}
-            early_stopping.load_state_dict(meta["early_stopping"], {k: device.to_device(v, model.dtype) for k, v in best.items()} or None)
-        lines = [json.dumps({"epoch": e + 1, **{k: v[e] for k, v in history.history.items()}}) for e in range(len(history))]
+            best = {key[len("best/") :]: value for key, value in checkpoint.extra.items() if key.startswith("best/")}
+            early_stopping.load_state_dict(
+                meta["early_stopping"], {k: device.to_device(v, model.dtype) for k, v in best.items()} or None
+            )
+        lines = [
+            json.dumps({"epoch": e + 1, **{k: v[e] for k, v in history.history.items()}}) for e in range(len(history))
+        ]
         (run_dir / METRICS).write_text("".join(line + "\n" for line in lines))
     else:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -251,13 +281,26 @@ def train_run(options: dict, *, out: str | None, resume: str | None, callbacks_f
     callbacks += callbacks_for(config)
     started = time.perf_counter()
     try:
-        xn.fit(model, data.loss, optimizer, ds.train.x, ds.train.y, epochs=config["epochs"],
-               batch_size=config["batch_size"], validation_data=None if ds.val is None else (ds.val.x, ds.val.y),
-               callbacks=callbacks, initial_epoch=initial_epoch, history=history)
+        xn.fit(
+            model,
+            data.loss,
+            optimizer,
+            ds.train.x,
+            ds.train.y,
+            epochs=config["epochs"],
+            batch_size=config["batch_size"],
+            validation_data=None if ds.val is None else (ds.val.x, ds.val.y),
+            callbacks=callbacks,
+            initial_epoch=initial_epoch,
+            history=history,
+        )
     except KeyboardInterrupt:
         done = len(history)
-        raise CLIError(f"interrupted: the checkpoint holds epoch {done} of {config['epochs']}; "
-                       f"resume with: xpnet train --resume {run_dir}", code=130) from None
+        raise CLIError(
+            f"interrupted: the checkpoint holds epoch {done} of {config['epochs']}; "
+            f"resume with: xpnet train --resume {run_dir}",
+            code=130,
+        ) from None
     except xn.TrainingDiverged as exc:
         raise CLIError(f"{exc}; the checkpoint of epoch {len(history)} is intact in {run_dir}", code=1) from None
     seconds = time.perf_counter() - started

@@ -159,8 +159,8 @@ class Device:
             name = props["name"].decode() if isinstance(props["name"], bytes) else props["name"]
             return (
                 f"{name}, {total / 2**30:.1f} GiB ({free / 2**30:.1f} GiB free); CuPy {cupy.__version__}, "
-                f"CUDA runtime {cupy.cuda.runtime.runtimeGetVersion()}; memory pool {pool.used_bytes() / 2**20:.1f} MiB "
-                f"used of {pool.total_bytes() / 2**20:.1f} MiB held"
+                f"CUDA runtime {cupy.cuda.runtime.runtimeGetVersion()}; "
+                f"memory pool {pool.used_bytes() / 2**20:.1f} MiB used of {pool.total_bytes() / 2**20:.1f} MiB held"
             )
         return f"array-api-strict {self.xp.__version__}, device {self.native} (a test stand-in)"
 
