@@ -50,7 +50,9 @@ def reports_errors(command):
         except (xn.DeviceError, xn.data.DataError, ValueError) as exc:
             typer.echo(f"xpnet: {exc}", err=True)
             raise typer.Exit(2) from None
-        except (RuntimeError, OSError, MemoryError) as exc:
+        except (typer.Exit, typer.Abort, KeyboardInterrupt):
+            raise
+        except Exception as exc:  # a runtime failure: still one line, never a traceback
             typer.echo(f"xpnet: {type(exc).__name__}: {exc}", err=True)
             raise typer.Exit(1) from None
 

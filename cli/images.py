@@ -16,7 +16,7 @@ def load_image(path, shape) -> np.ndarray:
     try:
         from PIL import Image, UnidentifiedImageError
     except ImportError as exc:
-        raise CLIError("reading images needs Pillow: pip install 'xpnet[plot]'") from exc
+        raise CLIError("reading images needs Pillow: pip install pillow") from exc
     try:
         with Image.open(path) as image:
             gray = image.convert("L").resize((shape[1], shape[0]), Image.Resampling.LANCZOS)

@@ -1,10 +1,14 @@
 """Runs: the training configuration, the run folder, and rebuilding a run from it.
 
 A run folder holds
-    config.json          every option of the run (and the data's shape), written once
-    metrics.jsonl        one JSON line per finished epoch
-    checkpoint.safetensors  model, optimizer, random state, history, early stopping (each epoch)
-    results.json         the test figures, when training has finished
+    config.json             every option of the run (rewritten only when a resume adds epochs)
+    metrics.jsonl           one JSON line per finished epoch
+    checkpoint.safetensors  model, optimizer, random state, history and early stopping, as of the
+                            last finished epoch (epoch 0: the initial state), plus the best weights
+    results.json            the test figures, when training has finished
+
+Every file is replaced through a temporary file and a rename: an interruption at any moment
+leaves a run that ``xpnet train --resume`` continues.
 """
 
 from __future__ import annotations
@@ -14,6 +18,8 @@ import json
 import math
 import time
 from pathlib import Path
+
+import numpy as np
 
 import xpnet as xn
 from xpnet.data import load_dataset
@@ -52,33 +58,56 @@ CONFIG, METRICS, CHECKPOINT, RESULTS = "config.json", "metrics.jsonl", "checkpoi
 
 
 def parse_hidden(text) -> list[int]:
-    if isinstance(text, list):
+    if isinstance(text, list) and text and all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in text):
         return text
-    try:
-        sizes = [int(part) for part in str(text).split(",") if part.strip()]
-    except ValueError:
-        sizes = []
-    if not sizes or any(size < 1 for size in sizes) or not all(p.strip().isdigit() for p in str(text).split(",")):
+    parts = str(text).split(",")
+    if isinstance(text, list) or not all(part.strip().isdigit() and int(part) > 0 for part in parts):
         raise CLIError(f"--hidden must be positive integers separated by commas, such as 128,64; got {text!r}")
-    return sizes
+    return [int(part) for part in parts]
 
 
-def resolve_config(options: dict, saved: dict | None = None) -> dict:
+_TYPES = {
+    "device": str,
+    "dataset": str,
+    "activation": str,
+    "optimizer": str,
+    "schedule": str,
+    "dtype": str,
+    "epochs": int,
+    "batch_size": int,
+    "seed": int,
+    "early_stopping": int,
+    "dropout": (int, float),
+    "weight_decay": (int, float),
+    "val_split": (int, float),
+    "lr": (int, float),
+}
+
+
+def resolve_config(options: dict, saved: dict | None = None, *, source: str = "the command line") -> dict:
     """Options given on the command line, over the saved run's (on resume), over the defaults."""
+    if saved is not None and not isinstance(saved, dict):
+        raise CLIError(f"{source} does not hold a JSON object")
     config = {**DEFAULTS, **(saved or {})}
     config.update({key: value for key, value in options.items() if value is not None})
     config["hidden"] = parse_hidden(config["hidden"])
+    if config["lr"] is None:  # the optimizer's own default; an unknown optimizer is reported below
+        config["lr"] = DEFAULT_LR.get(config["optimizer"], 1e-3)
+    for key, kind in _TYPES.items():
+        if not isinstance(config[key], kind) or isinstance(config[key], bool):
+            raise CLIError(
+                f"{source}: {key} must be of type {getattr(kind, '__name__', 'number')}, got {config[key]!r}"
+            )
+    if config["data_dir"] is not None:
+        config["data_dir"] = str(Path(config["data_dir"]).expanduser().resolve())
     checks = [
-        (
-            isinstance(config["epochs"], int) and config["epochs"] >= 1,
-            f"--epochs must be a positive integer, got {config['epochs']}",
-        ),
+        (config["epochs"] >= 1, f"--epochs must be a positive integer, got {config['epochs']}"),
         (config["batch_size"] >= 1, f"--batch-size must be a positive integer, got {config['batch_size']}"),
         (0.0 <= config["dropout"] < 1.0, f"--dropout must be in [0, 1), got {config['dropout']}"),
         (0.0 <= config["val_split"] < 1.0, f"--val-split must be in [0, 1), got {config['val_split']}"),
         (
             config["early_stopping"] >= 0,
-            f"--early-stopping must be a patience of 0 (off) or more, got {config['early_stopping']}",
+            f"--early-stopping must be 0 (off) or a patience, got {config['early_stopping']}",
         ),
         (
             config["optimizer"] in DEFAULT_LR,
@@ -93,16 +122,19 @@ def resolve_config(options: dict, saved: dict | None = None) -> dict:
             f"--activation must be one of {', '.join(xn.model.ACTIVATIONS)}, got {config['activation']!r}",
         ),
         (config["dtype"] in ("float32", "float64"), f"--dtype must be float32 or float64, got {config['dtype']!r}"),
-        (config["weight_decay"] >= 0, f"--weight-decay must be non-negative, got {config['weight_decay']}"),
+        (
+            math.isfinite(config["weight_decay"]) and config["weight_decay"] >= 0,
+            f"--weight-decay must be a finite non-negative number, got {config['weight_decay']}",
+        ),
+        (
+            math.isfinite(config["lr"]) and config["lr"] > 0,
+            f"--lr must be a finite positive number, got {config['lr']}",
+        ),
         (config["seed"] >= 0, f"--seed must be non-negative, got {config['seed']}"),
     ]
     for ok, message in checks:
         if not ok:
             raise CLIError(message)
-    if config["lr"] is None:
-        config["lr"] = DEFAULT_LR[config["optimizer"]]
-    if not config["lr"] > 0:
-        raise CLIError(f"--lr must be positive, got {config['lr']}")
     return config
 
 
@@ -116,8 +148,11 @@ class Data:
 
 
 def load_data(config: dict) -> Data:
+    """The run's data. The breast-cancer table keeps its fixed 341/114/114 split (seed 0, whatever
+    --seed is, so that every run is tested on the same rows); image sets hold out --val-split of
+    the training images, stratified and seeded by --seed."""
     try:
-        dataset = load_dataset(config["dataset"], data_dir=config["data_dir"], seed=config["seed"])
+        dataset = load_dataset(config["dataset"], data_dir=config["data_dir"], seed=0)
     except xn.data.DataError as exc:
         raise CLIError(str(exc)) from exc
     if dataset.val is None and config["val_split"] > 0:
@@ -165,25 +200,42 @@ def build_optimizer(config: dict, steps_per_epoch: int) -> xn.Optimizer:
 
 
 class RunRecorder(xn.Callback):
-    """After every epoch: append the metrics line, then save the whole state to the checkpoint."""
+    """After every epoch: append the metrics line, then save the whole state to the checkpoint.
 
-    def __init__(self, run_dir: Path, data: Data, early_stopping: xn.EarlyStopping | None):
+    Runs after EarlyStopping, so the checkpoint knows whether this epoch ended the run.
+    """
+
+    def __init__(self, run_dir: Path, data: Data, early_stopping: xn.EarlyStopping | None, epochs_saved: int):
         self.run_dir, self.data, self.early_stopping = run_dir, data, early_stopping
+        self.epochs_saved = epochs_saved
 
     def on_epoch_end(self, state, logs):
         line = {"epoch": state.epoch + 1, **logs, "samples_per_second": state.num_samples / max(logs["seconds"], 1e-9)}
         with open(self.run_dir / METRICS, "a") as handle:
             handle.write(json.dumps(line) + "\n")
+        last = state.stop_training or state.epoch + 1 == state.epochs
         save_run_checkpoint(
-            self.run_dir, state.model, state.optimizer, self.data, state.history, state.epoch + 1, self.early_stopping
+            self.run_dir,
+            state.model,
+            state.optimizer,
+            self.data,
+            state.history,
+            state.epoch + 1,
+            self.early_stopping,
+            finished=last,
+            stopped_early=state.stop_training,
         )
+        self.epochs_saved = state.epoch + 1
 
 
-def save_run_checkpoint(run_dir, model, optimizer, data, history, epochs_done, early_stopping, finished=False):
+def save_run_checkpoint(
+    run_dir, model, optimizer, data, history, epochs_done, early_stopping, *, finished=False, stopped_early=False
+):
     extra = dict(data.extra)
     meta = {
         "epochs_done": epochs_done,
         "finished": finished,
+        "stopped_early": stopped_early,
         "history": history.history,
         "rng_state": model.device.rng_state(),
         "saved_on": model.device.name,
@@ -200,9 +252,10 @@ def read_config(run_dir) -> dict:
     if not path.is_file():
         raise CLIError(f"{run_dir} is not an xpnet run folder (no {CONFIG})")
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
+        saved = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CLIError(f"{path} is not valid JSON ({exc})") from exc
+    return resolve_config({}, saved, source=str(path))
 
 
 def read_checkpoint(run_dir):
@@ -212,111 +265,183 @@ def read_checkpoint(run_dir):
         raise CLIError(str(exc)) from exc
 
 
+def best_weights(checkpoint) -> dict:
+    """The weights a run was tested with: early stopping's best, else the last epoch's."""
+    best = {key[len("best/") :]: value for key, value in checkpoint.extra.items() if key.startswith("best/")}
+    return best or checkpoint.model
+
+
 def load_run(run_dir, device_name: str | None = None):
-    """(config, data, model) of a finished or interrupted run, on the chosen device."""
+    """(config, data, model, checkpoint) of a run, the model holding the weights it was tested with."""
     config = read_config(run_dir)
     checkpoint = read_checkpoint(run_dir)
     data = load_data(config)
+    if "data_mean" in checkpoint.extra:  # the statistics the model was trained with
+        data.extra = {"data_mean": checkpoint.extra["data_mean"], "data_std": checkpoint.extra["data_std"]}
     device = make_device(device_name or config["device"], config["seed"])
     model = build_model(config, data, device)
     try:
-        checkpoint.load_model_into(model)
-    except CheckpointError as exc:
-        raise CLIError(str(exc)) from exc
+        model.load_state_dict(best_weights(checkpoint))
+    except ValueError as exc:
+        raise CLIError(f"{checkpoint.path} does not fit this model: {exc}") from exc
     return config, data, model, checkpoint
 
 
+RESUME_OVERRIDES = ("epochs", "device", "data_dir")
+
+
+def _resume_config(run_dir: Path, options: dict) -> tuple[dict, dict]:
+    saved = read_config(run_dir)
+    fixed = {k: v for k, v in options.items() if v is not None and k not in RESUME_OVERRIDES}
+    if fixed:
+        wanted = resolve_config(fixed, saved)
+        changed = [k for k in fixed if wanted[k] != saved[k]]
+        if changed:
+            key = changed[0]
+            raise CLIError(
+                f"--{key.replace('_', '-')} cannot change when resuming (the run has "
+                f"{saved[key]!r}); only --epochs, --device and --data-dir can"
+            )
+    config = resolve_config({k: options[k] for k in RESUME_OVERRIDES if options.get(k) is not None}, saved)
+    if config["epochs"] != saved["epochs"] and config["schedule"] in ("cosine", "warmup"):
+        raise CLIError(
+            f"--epochs cannot change when resuming a run with the {config['schedule']} schedule, "
+            f"which spans its {saved['epochs']} epochs"
+        )
+    return config, saved
+
+
+def _restore(run_dir: Path, config, model, optimizer, early_stopping):
+    """Load the checkpoint into model, optimizer, random state and early stopping."""
+    checkpoint = read_checkpoint(run_dir)
+    try:
+        checkpoint.load_model_into(model)
+        checkpoint.load_optimizer_into(optimizer, model)
+        meta = checkpoint.meta
+        model.device.set_rng_state(meta["rng_state"])  # host streams: the same on every backend
+        history = xn.History()
+        losses = meta["history"].get("loss", [])
+        for epoch in range(len(losses)):
+            history.append(epoch, {key: values[epoch] for key, values in meta["history"].items()})
+        if len(history) != int(meta["epochs_done"]):
+            raise CheckpointError(
+                f"{checkpoint.path}: its history has {len(history)} epochs, not {meta['epochs_done']}"
+            )
+        if early_stopping is not None and "early_stopping" in meta:
+            best = {k[len("best/") :]: v for k, v in checkpoint.extra.items() if k.startswith("best/")}
+            early_stopping.load_state_dict(
+                meta["early_stopping"], {k: model.device.to_device(v, model.dtype) for k, v in best.items()} or None
+            )
+    except CheckpointError as exc:
+        raise CLIError(str(exc)) from exc
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CLIError(
+            f"{checkpoint.path}: the checkpoint's metadata is incomplete ({type(exc).__name__}: {exc})"
+        ) from exc
+    return checkpoint, history
+
+
+def _write_lines_atomic(path: Path, lines: list[str]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(line + "\n" for line in lines))
+    tmp.replace(path)
+
+
 def train_run(options: dict, *, out: str | None, resume: str | None, callbacks_for) -> dict:
-    """Train (or continue) a run; return the summary. ``callbacks_for(state)`` adds display."""
-    saved = read_config(resume) if resume else None
-    if resume and saved is not None:
+    """Train (or continue) a run; return the summary. ``callbacks_for(config)`` adds display."""
+    if resume:
         run_dir = Path(resume)
-        config = resolve_config({k: options[k] for k in ("epochs", "device") if options.get(k) is not None}, saved)
+        config, saved = _resume_config(run_dir, options)
     else:
-        config = resolve_config(options)
+        config, saved = resolve_config(options), None
         run_dir = Path(out) if out else Path("runs") / f"{config['dataset']}-{time.strftime('%Y%m%d-%H%M%S')}"
-        if (run_dir / CHECKPOINT).exists():
+        if (run_dir / CHECKPOINT).exists() or (run_dir / CONFIG).exists():
             raise CLIError(f"{run_dir} already holds a run: resume it with --resume {run_dir}, or choose another --out")
     device = make_device(config["device"], config["seed"])
     data = load_data(config)
     ds = data.dataset
+    if config["early_stopping"] and ds.val is None:
+        raise CLIError("--early-stopping watches the validation loss: give --val-split above 0")
     model = build_model(config, data, device)
-    steps_per_epoch = math.ceil(len(ds.train) / config["batch_size"])
-    optimizer = build_optimizer(config, steps_per_epoch)
+    optimizer = build_optimizer(config, math.ceil(len(ds.train) / config["batch_size"]))
     early_stopping = xn.EarlyStopping(config["early_stopping"]) if config["early_stopping"] else None
-    history, initial_epoch = xn.History(), 0
 
     if resume:
-        checkpoint = read_checkpoint(run_dir)
-        try:
-            checkpoint.load_model_into(model)
-            checkpoint.load_optimizer_into(optimizer, model)
-        except CheckpointError as exc:
-            raise CLIError(str(exc)) from exc
-        meta = checkpoint.meta
-        initial_epoch = int(meta["epochs_done"])
-        if initial_epoch >= config["epochs"]:
+        checkpoint, history = _restore(run_dir, config, model, optimizer, early_stopping)
+        if checkpoint.meta.get("stopped_early"):
+            if (run_dir / RESULTS).exists() or config["epochs"] != saved["epochs"]:
+                raise CLIError(
+                    f"{run_dir} stopped early after epoch {len(history)} (no better validation loss "
+                    f"for {config['early_stopping']} epochs): there is nothing to resume"
+                )
+        elif len(history) >= config["epochs"] and (run_dir / RESULTS).exists():
             raise CLIError(
-                f"{run_dir} has finished its {initial_epoch} epochs; "
-                f"pass --epochs N (more than {initial_epoch}) to continue"
+                f"{run_dir} has finished its {len(history)} epochs; "
+                f"pass --epochs N (more than {len(history)}) to continue"
             )
-        device.set_rng_state(meta["rng_state"])  # host streams: the same on every backend
-        for epoch, _ in enumerate(meta["history"].get("loss", [])):
-            history.append(epoch, {key: values[epoch] for key, values in meta["history"].items()})
-        if early_stopping is not None and "early_stopping" in meta:
-            best = {key[len("best/") :]: value for key, value in checkpoint.extra.items() if key.startswith("best/")}
-            early_stopping.load_state_dict(
-                meta["early_stopping"], {k: device.to_device(v, model.dtype) for k, v in best.items()} or None
-            )
-        lines = [
-            json.dumps({"epoch": e + 1, **{k: v[e] for k, v in history.history.items()}}) for e in range(len(history))
-        ]
-        (run_dir / METRICS).write_text("".join(line + "\n" for line in lines))
+        if config["epochs"] != saved["epochs"]:
+            write_json_atomic(run_dir / CONFIG, {**config, "xpnet_version": xn.__version__})
+        kept = (run_dir / METRICS).read_text().splitlines()[: len(history)] if (run_dir / METRICS).exists() else []
+        _write_lines_atomic(run_dir / METRICS, kept)
     else:
+        history = xn.History()
         run_dir.mkdir(parents=True, exist_ok=True)
         write_json_atomic(run_dir / CONFIG, {**config, "xpnet_version": xn.__version__})
-        (run_dir / METRICS).write_text("")
+        _write_lines_atomic(run_dir / METRICS, [])
+        save_run_checkpoint(run_dir, model, optimizer, data, history, 0, early_stopping)  # epoch 0: resumable
 
-    callbacks = [c for c in (early_stopping, RunRecorder(run_dir, data, early_stopping)) if c is not None]
-    callbacks += callbacks_for(config)
+    initial_epoch = len(history)
+    training_left = initial_epoch < config["epochs"] and not (resume and checkpoint.meta.get("stopped_early"))
+    recorder = RunRecorder(run_dir, data, early_stopping, initial_epoch)
+    callbacks = [c for c in (early_stopping, recorder) if c is not None] + callbacks_for(config)
     started = time.perf_counter()
     try:
-        xn.fit(
-            model,
-            data.loss,
-            optimizer,
-            ds.train.x,
-            ds.train.y,
-            epochs=config["epochs"],
-            batch_size=config["batch_size"],
-            validation_data=None if ds.val is None else (ds.val.x, ds.val.y),
-            callbacks=callbacks,
-            initial_epoch=initial_epoch,
-            history=history,
-        )
+        with np.errstate(all="ignore"):  # a diverging run ends with one message, not a page of warnings
+            if training_left:
+                xn.fit(
+                    model,
+                    data.loss,
+                    optimizer,
+                    ds.train.x,
+                    ds.train.y,
+                    epochs=config["epochs"],
+                    batch_size=config["batch_size"],
+                    validation_data=None if ds.val is None else (ds.val.x, ds.val.y),
+                    callbacks=callbacks,
+                    initial_epoch=initial_epoch,
+                    history=history,
+                )
+            else:  # finished training but not its test evaluation (interrupted there)
+                model.load_state_dict(best_weights(checkpoint))
+            seconds = time.perf_counter() - started
+            summary = _finish(run_dir, config, data, model, history, initial_epoch, seconds)
     except KeyboardInterrupt:
-        done = len(history)
         raise CLIError(
-            f"interrupted: the checkpoint holds epoch {done} of {config['epochs']}; "
+            f"interrupted: the checkpoint holds epoch {recorder.epochs_saved} of {config['epochs']}; "
             f"resume with: xpnet train --resume {run_dir}",
             code=130,
         ) from None
     except xn.TrainingDiverged as exc:
-        raise CLIError(f"{exc}; the checkpoint of epoch {len(history)} is intact in {run_dir}", code=1) from None
-    seconds = time.perf_counter() - started
-    epochs_run = len(history) - initial_epoch
-    save_run_checkpoint(run_dir, model, optimizer, data, history, len(history), early_stopping, finished=True)
+        raise CLIError(
+            f"{exc}; the checkpoint of epoch {recorder.epochs_saved} is intact in {run_dir}", code=1
+        ) from None
+    return summary
+
+
+def _finish(run_dir, config, data, model, history, initial_epoch, seconds) -> dict:
+    """Test the trained model (early stopping has put its best weights back) and write results.json."""
+    ds = data.dataset
     test = xn.evaluate(model, data.loss, ds.test.x, ds.test.y)
     metric = "binary_accuracy" if data.loss == "bce" else "accuracy"
     summary = {
         "run_dir": str(run_dir),
         "dataset": config["dataset"],
-        "device": device.name,
+        "device": model.device.name,
         "test_accuracy": test[metric],
         "test_loss": test["loss"],
         "epochs": len(history),
         "seconds": seconds,
-        "samples_per_second": epochs_run * len(ds.train) / max(seconds, 1e-9),
+        "samples_per_second": (len(history) - initial_epoch) * len(ds.train) / max(seconds, 1e-9),
         "parameters": model.num_parameters(),
     }
     write_json_atomic(run_dir / RESULTS, summary)

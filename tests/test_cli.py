@@ -45,8 +45,9 @@ def wdbc_run(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def mnist_run(tmp_path_factory):
+    """``xpnet train`` with no options but the run folder: the default MLP, 5 epochs of MNIST."""
     run = tmp_path_factory.mktemp("runs") / "mnist"
-    result = invoke("train", "--epochs", 1, "--out", run)
+    result = invoke("train", "--out", run)
     assert result.exit_code == 0, result.output
     return run, result
 
@@ -55,17 +56,17 @@ def mnist_run(tmp_path_factory):
 def test_default_training_run_on_mnist(mnist_run):
     run, result = mnist_run
     out = result.stdout
-    assert "training on mnist with cpu: hidden [128, 64], adam lr 0.001" in out
-    assert "epoch 1/1  loss " in out and "val_accuracy" in out and "samples/s" in out
+    assert "training on mnist with cpu: hidden [128, 64], adam lr 0.001, 5 epochs, batch 128" in out
+    assert "epoch 5/5  loss " in out and "val_accuracy" in out and "samples/s" in out
     summary = json.loads((run / "results.json").read_text())
-    assert summary["test_accuracy"] >= 0.94  # one epoch on 54,000 examples; the default five reach 97%
+    assert summary["test_accuracy"] >= 0.97
     assert f"test accuracy {summary['test_accuracy']:.4f}" in out
     config = json.loads((run / "config.json").read_text())
-    assert config["hidden"] == [128, 64] and config["epochs"] == 1 and config["val_split"] == 0.1
+    assert config["hidden"] == [128, 64] and config["epochs"] == 5 and config["val_split"] == 0.1
     lines = (run / "metrics.jsonl").read_text().splitlines()
-    assert len(lines) == 1 and json.loads(lines[0])["epoch"] == 1
+    assert [json.loads(line)["epoch"] for line in lines] == [1, 2, 3, 4, 5]
     checkpoint = load_checkpoint(run / "checkpoint.safetensors")
-    assert checkpoint.meta["epochs_done"] == 1 and checkpoint.meta["finished"]
+    assert checkpoint.meta["epochs_done"] == 5 and checkpoint.meta["finished"]
     assert checkpoint.build_model().num_parameters() == 109_386
     assert set(checkpoint.optimizer["0.W"]) == {"m", "v"}
 
@@ -153,6 +154,105 @@ def test_resume_equals_an_uninterrupted_run(tmp_path, monkeypatch):
         json.loads(resumed.stdout)["test_accuracy"]
         == json.loads((tmp_path / "whole" / "results.json").read_text())["test_accuracy"]
     )
+
+
+ES_ARGS = [
+    "--dataset",
+    "wdbc",
+    "--hidden",
+    "32,16",
+    "--lr",
+    "0.01",
+    "--batch-size",
+    "16",
+    "--epochs",
+    "40",
+    "--early-stopping",
+    "6",
+]
+
+
+def _same_checkpoints(a, b):
+    first, second = load_checkpoint(a / "checkpoint.safetensors"), load_checkpoint(b / "checkpoint.safetensors")
+    for group in ("model", "extra"):
+        assert getattr(first, group).keys() == getattr(second, group).keys()
+        for key, value in getattr(first, group).items():
+            np.testing.assert_array_equal(getattr(second, group)[key], value)
+    assert first.meta["early_stopping"] == second.meta["early_stopping"]
+    assert first.meta["epochs_done"] == second.meta["epochs_done"]
+
+
+def test_resume_mid_epoch_while_early_stopping_waits(tmp_path, monkeypatch):
+    assert invoke("train", *ES_ARGS, "--out", tmp_path / "whole", "--quiet").exit_code == 0
+    whole = load_checkpoint(tmp_path / "whole" / "checkpoint.safetensors")
+    assert whole.meta["stopped_early"] and whole.meta["epochs_done"] < 40
+
+    from cli import run as run_module
+
+    def ctrl_c_in_epoch_five(self, state):
+        if state.epoch == 4 and state.step == 7:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(run_module.RunRecorder, "on_batch_end", ctrl_c_in_epoch_five, raising=False)
+    broken = invoke("train", *ES_ARGS, "--out", tmp_path / "broken", "--quiet")
+    assert_one_line_error(broken, 130, "the checkpoint holds epoch 4 of 40")
+    saved = load_checkpoint(tmp_path / "broken" / "checkpoint.safetensors")
+    assert saved.meta["epochs_done"] == 4 and saved.meta["early_stopping"]["wait"] > 0
+    monkeypatch.undo()
+    assert invoke("train", "--resume", tmp_path / "broken", "--quiet").exit_code == 0
+    _same_checkpoints(tmp_path / "whole", tmp_path / "broken")
+    assert (tmp_path / "broken" / "metrics.jsonl").read_text().count("\n") == whole.meta["epochs_done"]
+    results = [json.loads((tmp_path / name / "results.json").read_text()) for name in ("whole", "broken")]
+    assert results[0]["test_accuracy"] == results[1]["test_accuracy"]
+    # the run stopped early: nothing to resume, and evaluate uses the best weights, as the test did
+    assert_one_line_error(invoke("train", "--resume", tmp_path / "broken"), 2, "stopped early after epoch")
+    report = json.loads(invoke("evaluate", tmp_path / "broken", "--json").stdout)
+    assert report["accuracy"] == pytest.approx(results[1]["test_accuracy"])
+
+
+def test_interrupt_in_the_first_epoch_resumes_from_the_start(tmp_path, monkeypatch):
+    args = [*WDBC, "--epochs", 2]
+    assert invoke("train", *args, "--out", tmp_path / "whole", "--quiet").exit_code == 0
+    from cli import run as run_module
+
+    def ctrl_c(self, state):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(run_module.RunRecorder, "on_batch_end", ctrl_c, raising=False)
+    assert_one_line_error(invoke("train", *args, "--out", tmp_path / "broken", "--quiet"), 130, "holds epoch 0 of 2")
+    monkeypatch.undo()
+    assert invoke("train", "--resume", tmp_path / "broken", "--quiet").exit_code == 0
+    whole = load_checkpoint(tmp_path / "whole" / "checkpoint.safetensors").model
+    again = load_checkpoint(tmp_path / "broken" / "checkpoint.safetensors").model
+    for key in whole:
+        np.testing.assert_array_equal(again[key], whole[key])
+
+
+def test_resume_with_more_epochs_equals_the_longer_run(tmp_path):
+    assert invoke("train", *WDBC, "--epochs", 5, "--out", tmp_path / "long", "--quiet").exit_code == 0
+    assert invoke("train", *WDBC, "--epochs", 3, "--out", tmp_path / "short", "--quiet").exit_code == 0
+    result = invoke("train", "--resume", tmp_path / "short", "--epochs", 5, "--json")
+    assert result.exit_code == 0 and json.loads(result.stdout)["epochs"] == 5
+    assert json.loads((tmp_path / "short" / "config.json").read_text())["epochs"] == 5
+    long, short = (load_checkpoint(tmp_path / name / "checkpoint.safetensors").model for name in ("long", "short"))
+    for key in long:
+        np.testing.assert_array_equal(short[key], long[key])
+
+
+def test_resume_refuses_changes_it_cannot_honour(tmp_path):
+    assert (
+        invoke("train", *WDBC, "--epochs", 2, "--schedule", "cosine", "--out", tmp_path / "run", "--quiet").exit_code
+        == 0
+    )
+    assert_one_line_error(
+        invoke("train", "--resume", tmp_path / "run", "--epochs", 4),
+        2,
+        "--epochs cannot change when resuming a run with the cosine schedule",
+    )
+    assert_one_line_error(
+        invoke("train", "--resume", tmp_path / "run", "--lr", "0.5"), 2, "--lr cannot change when resuming"
+    )
+    assert_one_line_error(invoke("train", "--resume", tmp_path / "run", "--out", tmp_path / "x"), 2, "not both")
 
 
 def test_resume_of_a_finished_run_asks_for_more_epochs(wdbc_run):
@@ -263,7 +363,10 @@ def test_checkpoint_from_a_device_loads_on_cpu_and_back(tmp_path):
         (["--optimizer", "rmsprop"], "--optimizer must be one of"),
         (["--dataset", "cifar"], "unknown dataset 'cifar'"),
         (["--dataset", "mnist", "--data-dir", "/nonexistent/folder"], "not a folder"),
-        (["--lr", "-1"], "--lr must be positive"),
+        (["--lr", "-1"], "--lr must be a finite positive number"),
+        (["--lr", "inf"], "--lr must be a finite positive number"),
+        (["--weight-decay", "inf"], "--weight-decay must be a finite non-negative number"),
+        (["--val-split", "0", "--early-stopping", "3"], "--early-stopping watches the validation loss"),
     ],
 )
 def test_bad_training_options(tmp_path, args, pattern):
@@ -278,6 +381,50 @@ def test_cuda_without_cupy_is_a_clear_error(tmp_path, monkeypatch):
     assert_one_line_error(result, 2, r"device 'cuda' needs CuPy.*xpnet\[cuda12\]")
 
 
+def test_cuda_without_a_gpu_is_a_clear_error(tmp_path, monkeypatch):
+    import types
+
+    class NoDriver(Exception):
+        pass
+
+    def no_device_count():
+        raise NoDriver("cudaErrorNoDevice: no CUDA-capable device is detected")
+
+    fake = types.SimpleNamespace(
+        cuda=types.SimpleNamespace(runtime=types.SimpleNamespace(getDeviceCount=no_device_count))
+    )
+    monkeypatch.setitem(sys.modules, "cupy", fake)
+    result = invoke("train", "--device", "cuda:1", "--out", tmp_path / "run")
+    assert_one_line_error(result, 2, "device 'cuda' is not usable: no CUDA driver or GPU found")
+
+
+@pytest.mark.parametrize(
+    "config, pattern",
+    [
+        ("[1, 2]", "does not hold a JSON object"),
+        ('{"batch_size": "big"}', "batch_size must be of type int"),
+        ('{"hidden": null}', "--hidden must be positive integers"),
+        ("{not json", "is not valid JSON"),
+    ],
+)
+def test_malformed_run_config(wdbc_run, tmp_path, config, pattern):
+    run, _ = wdbc_run
+    copy = tmp_path / "copy"
+    shutil.copytree(run, copy)
+    (copy / "config.json").write_text(config)
+    assert_one_line_error(invoke("evaluate", copy), 2, pattern)
+    assert_one_line_error(invoke("train", "--resume", copy, "--epochs", 99), 2, pattern)
+
+
+def test_usage_errors_are_one_line(capsys):
+    assert main(["train", "--epochs", "abc"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Invalid value for '--epochs'" in err
+    assert main(["train", "--bogus"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "No such option: --bogus" in err
+
+
 def test_malformed_data_folder(tmp_path):
     folder = tmp_path / "idx"
     folder.mkdir()
@@ -288,7 +435,7 @@ def test_malformed_data_folder(tmp_path):
     assert_one_line_error(result, 2, "t10k-labels-idx1-ubyte: wrong magic number 01020801")
 
 
-@pytest.mark.parametrize("damage", ["corrupt", "truncate", "empty"])
+@pytest.mark.parametrize("damage", ["corrupt", "flip-data", "truncate", "empty"])
 def test_damaged_checkpoints(wdbc_run, tmp_path, damage):
     run, _ = wdbc_run
     copy = tmp_path / "copy"
@@ -297,11 +444,18 @@ def test_damaged_checkpoints(wdbc_run, tmp_path, damage):
     data = path.read_bytes()
     if damage == "corrupt":
         path.write_bytes(b"\xff" * 16 + data[16:])
+    elif damage == "flip-data":  # inside the tensors: the header still parses
+        path.write_bytes(data[:-100] + bytes(b ^ 0x55 for b in data[-100:-60]) + data[-60:])
     elif damage == "truncate":
         path.write_bytes(data[: len(data) // 2])
     else:
         path.write_bytes(b"")
-    for command in (["evaluate", copy], ["train", "--resume", copy, "--epochs", 99]):
+    np.save(tmp_path / "row.npy", np.zeros(30))
+    for command in (
+        ["evaluate", copy],
+        ["train", "--resume", copy, "--epochs", 99],
+        ["predict", copy, tmp_path / "row.npy"],
+    ):
         assert_one_line_error(invoke(*command), 2, "is corrupted or truncated")
 
 
@@ -316,6 +470,9 @@ def test_checkpoint_of_another_architecture(wdbc_run, tmp_path):
     shutil.copytree(run, copy)
     shutil.copy(tmp_path / "x.safetensors", copy / "checkpoint.safetensors")
     assert_one_line_error(invoke("evaluate", copy), 2, "does not fit this model")
+    np.save(tmp_path / "row.npy", np.zeros(30))
+    assert_one_line_error(invoke("predict", copy, tmp_path / "row.npy"), 2, "does not fit this model")
+    assert_one_line_error(invoke("train", "--resume", copy, "--epochs", 99), 2, "does not fit this model")
     assert_one_line_error(invoke("evaluate", tmp_path / "nowhere"), 2, "is not an xpnet run folder")
 
 

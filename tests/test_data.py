@@ -189,7 +189,9 @@ def test_standardization_uses_the_training_split_only():
     assert np.abs(std.test.x.mean(axis=0)).max() > 0.01  # the test split was not fitted
     assert std.train.x.dtype == np.float32
     with pytest.raises(DataError, match="split before standardizing"):
-        load_dataset("mnist").standardized().with_validation(0.1)
+        load_dataset("mnist").standardized(without_validation=True).with_validation(0.1)
+    with pytest.raises(DataError, match="call with_validation\\(\\) before standardized\\(\\)"):
+        load_dataset("mnist").standardized()
     with pytest.raises(DataError, match="standardized already"):
         std.standardized()
 

@@ -411,3 +411,73 @@ def test_the_training_set_moves_to_the_device_once(monkeypatch):
     model = Sequential([Dense(2, 8), ReLU(), Dense(8, 3)])
     fit(model, "cross_entropy", SGD(0.1), x, y, epochs=4, batch_size=10)
     assert moved.count((300, 2)) == 1 and moved.count((300,)) == 1 + 4  # the labels once, a permutation per epoch
+
+
+def test_fit_continues_from_initial_epoch_like_an_unbroken_run(backend):
+    x, y = _blobs(n=200)
+    validation = _blobs(n=60, seed=9)
+
+    def model_and_parts():
+        model = Sequential([Dense(2, 8), ReLU(), Dropout(0.2), Dense(8, 3)], device=backend, seed=4)
+        return model, Adam(0.01), EarlyStopping(patience=10)
+
+    def train(model, optimizer, stopper, epochs, **kw):
+        return fit(
+            model,
+            "cross_entropy",
+            optimizer,
+            x,
+            y,
+            epochs=epochs,
+            batch_size=32,
+            validation_data=validation,
+            callbacks=[stopper],
+            **kw,
+        )
+
+    model, optimizer, stopper = model_and_parts()
+    whole = train(model, optimizer, stopper, 4)
+
+    first, first_optimizer, first_stopper = model_and_parts()
+    history = train(first, first_optimizer, first_stopper, 2)
+    saved = (
+        first.state_dict(),
+        first_optimizer.state_dict(),
+        first.device.rng_state(),
+        first_stopper.state_dict(),
+        first_stopper.best_weights,
+    )
+
+    second, second_optimizer, second_stopper = model_and_parts()
+    second.load_state_dict(saved[0])
+    second_optimizer.load_state_dict(saved[1], second)
+    second.device.set_rng_state(saved[2])
+    second_stopper.load_state_dict(saved[3], saved[4])
+    resumed = train(second, second_optimizer, second_stopper, 4, initial_epoch=2, history=history)
+
+    assert resumed.epochs == [0, 1, 2, 3]
+    for key in ("loss", "accuracy", "val_loss", "val_accuracy"):
+        assert resumed[key] == whole[key]  # exactly: the same computation in the same order
+    for key, value in model.named_parameters().items():
+        np.testing.assert_array_equal(host(model.device, second.named_parameters()[key]), host(model.device, value))
+    assert second_stopper.state_dict() == stopper.state_dict()
+    with pytest.raises(ValueError, match="initial_epoch must be between 0 and epochs=4"):
+        fit(second, "cross_entropy", second_optimizer, x, y, epochs=4, initial_epoch=5)
+
+
+def test_early_stopping_state_round_trip():
+    model = Sequential([Dense(1, 1)])
+    stopper = EarlyStopping(patience=3)
+    state = xpnet.TrainingState(model, None, 5, 1, 1, None)
+    stopper.on_train_begin(state)
+    for epoch, value in enumerate([0.5, 0.4, 0.45]):
+        state.epoch = epoch
+        stopper.on_epoch_end(state, {"val_loss": value})
+    saved, best = stopper.state_dict(), stopper.best_weights
+    assert saved == {"best": 0.4, "best_epoch": 1, "wait": 1}
+    restored = EarlyStopping(patience=3)
+    restored.load_state_dict(saved, best)
+    restored.on_train_begin(state)  # a resumed fit must not reset what was restored
+    assert restored.state_dict() == saved and restored.best_weights is best
+    restored.on_train_begin(state)  # a later, fresh fit does reset
+    assert restored.state_dict() == {"best": float("inf"), "best_epoch": None, "wait": 0}

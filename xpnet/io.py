@@ -12,6 +12,7 @@ half of one. A checkpoint written on any device loads on any other.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import tempfile
@@ -95,7 +96,7 @@ def save_checkpoint(path, model: Sequential, optimizer=None, *, extra: dict | No
     tensors = {f"model/{key}": device.to_host(value) for key, value in model.named_parameters().items()}
     document = {"format": _FORMAT, "model": model.config(), **(meta or {})}
     if optimizer is not None:
-        state = optimizer.state_dict()
+        state = optimizer.state_dict(copy=False)
         for key, slots in state.pop("slots").items():
             for slot, value in slots.items():
                 tensors[f"optimizer/{key}/{slot}"] = device.to_host(value)
@@ -103,8 +104,19 @@ def save_checkpoint(path, model: Sequential, optimizer=None, *, extra: dict | No
     for name, value in (extra or {}).items():
         tensors[f"extra/{name}"] = device.to_host(value)
     tensors = {name: np.ascontiguousarray(value) for name, value in tensors.items()}
+    document["sha256"] = _digest(tensors)
     metadata = {"xpnet": json.dumps(document)}
     _atomic_write(Path(path), lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+
+def _digest(tensors: dict) -> str:
+    """SHA-256 over every tensor's name, dtype, shape and bytes: damage inside the data shows."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        value = np.ascontiguousarray(tensors[name])
+        digest.update(f"{name}|{value.dtype.str}|{value.shape}|".encode())
+        digest.update(value.tobytes())
+    return digest.hexdigest()
 
 
 def load_checkpoint(path) -> Checkpoint:
@@ -124,8 +136,11 @@ def load_checkpoint(path) -> Checkpoint:
         meta = json.loads(metadata["xpnet"])
     except (KeyError, json.JSONDecodeError) as exc:
         raise CheckpointError(f"{path} is not an xpnet checkpoint (no readable metadata)") from exc
-    if meta.get("format") != _FORMAT:
-        raise CheckpointError(f"{path} has format {meta.get('format')!r}, expected {_FORMAT!r}")
+    if not isinstance(meta, dict) or meta.get("format") != _FORMAT:
+        found = meta.get("format") if isinstance(meta, dict) else None
+        raise CheckpointError(f"{path} has format {found!r}, expected {_FORMAT!r}")
+    if meta.get("sha256") != _digest(tensors):
+        raise CheckpointError(f"{path} is corrupted or truncated (its tensors do not match their SHA-256)")
     groups: dict = {"model": {}, "optimizer": {}, "extra": {}}
     for name, value in tensors.items():
         group, _, rest = name.partition("/")

@@ -174,13 +174,17 @@ class Optimizer:
     def hyperparameters(self) -> dict:
         return {"weight_decay": self.weight_decay, "clip_norm": self.clip_norm}
 
-    def state_dict(self) -> dict:
-        """{"type", "steps", "hyperparameters", "slots": {key: {slot: copy on the device}}}."""
+    def state_dict(self, *, copy: bool = True) -> dict:
+        """{"type", "steps", "hyperparameters", "slots": {key: {slot: array on the device}}}.
+
+        The slots are copies, unless ``copy=False`` (for a caller that reads them at once, such as
+        a checkpoint writer, which then needs no second copy on the device).
+        """
         slots = {}
         with contextlib.nullcontext() if self._device is None else self._device:
             for key, arrays in self.state.items():
                 xp = array_namespace(*arrays.values())
-                slots[key] = {name: xp.asarray(a, copy=True) for name, a in arrays.items()}
+                slots[key] = {name: xp.asarray(a, copy=True) if copy else a for name, a in arrays.items()}
         return {
             "type": type(self).__name__,
             "steps": self.steps,

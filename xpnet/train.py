@@ -254,7 +254,8 @@ def fit(
     ``optimizer`` is an Optimizer or a name ('sgd', 'momentum', 'adam', 'adamw').
     Logs per epoch: loss, each metric, val_ versions of both, and seconds.
     To continue a run, pass ``initial_epoch`` (epochs already done) and its ``history``; with the
-    model, optimizer and device random state restored, the result is that of an unbroken run.
+    model, optimizer, callbacks and device random state restored, the result is that of an
+    unbroken run. Resume with ``validation_data``: a ``validation_split`` is drawn anew each call.
     """
     if not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < 1:
         raise ValueError(f"epochs must be a positive integer, got {epochs!r}")

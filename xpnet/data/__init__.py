@@ -7,7 +7,7 @@ from .datasets import DATASETS, IDX_FILES, NAMES, Dataset, Split, load_dataset, 
 from .download import cache_dir, download, md5_of
 from .errors import DataError
 from .idx import read_idx, read_idx_pair, write_idx
-from .preprocess import one_hot, scale_pixels, split_indices, standardization_stats
+from .preprocess import one_hot, scale_pixels, split_indices
 
 __all__ = [
     "DATASETS",
@@ -28,6 +28,5 @@ __all__ = [
     "read_table",
     "scale_pixels",
     "split_indices",
-    "standardization_stats",
     "write_idx",
 ]

@@ -18,7 +18,7 @@ import numpy as np
 from .download import cache_dir, download
 from .errors import DataError
 from .idx import read_idx_pair
-from .preprocess import scale_pixels, split_indices, standardization_stats
+from .preprocess import _standardization_stats, scale_pixels, split_indices
 
 __all__ = [
     "Split",
@@ -90,11 +90,21 @@ class Dataset:
         kept, held = split_indices(self.train.y, fraction, seed=seed, stratify=stratify)
         return dataclasses.replace(self, train=self.train.take(kept), val=self.train.take(held))
 
-    def standardized(self) -> Dataset:
-        """Every split standardized with the training split's per-feature mean and std."""
+    def standardized(self, *, without_validation: bool = False) -> Dataset:
+        """Every split standardized with the training split's per-feature mean and std.
+
+        Split off the validation examples first (``with_validation``): statistics taken before
+        the split would include them. ``without_validation=True`` says that no validation split
+        will be made from this training data.
+        """
         if self.standardization is not None:
             raise DataError(f"{self.name} is standardized already")
-        mean, std = standardization_stats(self.train.x)
+        if self.val is None and not without_validation:
+            raise DataError(
+                f"{self.name} has no validation split yet: call with_validation() before standardized(), "
+                "or standardized(without_validation=True) if there will be none"
+            )
+        mean, std = _standardization_stats(self.train.x)
 
         def apply(split):
             return None if split is None else Split(((split.x - mean) / std).astype(np.float32), split.y)
@@ -161,7 +171,7 @@ class Remote:
 DATASETS = {
     "fashion-mnist": Remote(
         mirrors=(
-            "https://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",
+            "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",  # S3 websites serve HTTP only; MD5 guards
             "https://raw.githubusercontent.com/zalandoresearch/fashion-mnist/master/data/fashion/",
         ),
         md5={
@@ -200,6 +210,8 @@ def _load_remote(name: str, data_dir, flatten: bool) -> Dataset:
     remote = DATASETS[name]
     folder = Path(data_dir) if data_dir is not None else cache_dir() / name
     for filename, md5 in remote.md5.items():
+        if (folder / filename.removesuffix(".gz")).is_file() and not (folder / filename).exists():
+            continue  # uncompressed files put there by hand: the IDX reader checks them
         download([mirror + filename for mirror in remote.mirrors], folder / filename, md5)
     return load_idx_folder(folder, name=name, classes=remote.classes, flatten=flatten)
 

@@ -85,6 +85,8 @@ def download(urls: list[str], destination, md5: str, *, timeout: float = 60.0) -
     checksum (a corrupted earlier download) is removed and fetched again.
     """
     destination = Path(destination)
+    for stale in destination.parent.glob(f".{destination.name}.*.part"):  # left by a killed process
+        stale.unlink(missing_ok=True)
     if destination.exists():
         if md5_of(destination) == md5:
             return destination

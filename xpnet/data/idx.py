@@ -91,8 +91,8 @@ def read_idx_pair(images_path, labels_path, *, num_classes: int = 10) -> tuple[n
         raise DataError(
             f"{images_path}: expected uint8 images of shape (N, rows, cols), got {images.dtype} {images.shape}"
         )
-    if labels.ndim != 1:
-        raise DataError(f"{labels_path}: expected a vector of labels, got shape {labels.shape}")
+    if labels.ndim != 1 or labels.dtype.kind not in "iu":
+        raise DataError(f"{labels_path}: expected a vector of integer labels, got {labels.dtype} {labels.shape}")
     if labels.shape[0] != images.shape[0]:
         raise DataError(
             f"{labels_path}: {labels.shape[0]} labels for {images.shape[0]} images in {os.path.basename(images_path)}"

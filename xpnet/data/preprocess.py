@@ -8,7 +8,7 @@ import numpy as np
 
 from .errors import DataError
 
-__all__ = ["scale_pixels", "one_hot", "split_indices", "standardization_stats"]
+__all__ = ["scale_pixels", "one_hot", "split_indices"]
 
 
 def scale_pixels(images: np.ndarray) -> np.ndarray:
@@ -67,8 +67,12 @@ def split_indices(labels, fraction: float, *, seed: int = 0, stratify: bool = Fa
     return kept, held
 
 
-def standardization_stats(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per-feature mean and standard deviation (a constant feature gets std 1, not 0)."""
+def _standardization_stats(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-feature mean and standard deviation (a constant feature gets std 1, not 0).
+
+    Private on purpose: the only way to standardize is ``Dataset.standardized()``, which feeds
+    this the training split alone.
+    """
     mean = x.mean(axis=0, dtype=np.float64)
     std = x.std(axis=0, dtype=np.float64)
     return mean.astype(np.float32), np.where(std > 0, std, 1.0).astype(np.float32)
