@@ -291,6 +291,31 @@ def devices():
 
 @app.command()
 @reports_errors
+def bench(
+    device: str = typer.Option("cpu", help="the device xpnet trains on"),
+    batch_sizes: str = typer.Option("32,128,512", help="comma-separated batch sizes"),
+    epochs: int = typer.Option(5, help="epochs per implementation (the median of epochs 2..N is reported)"),
+    rss: bool = typer.Option(True, help="measure each implementation's peak RSS in a short separate process"),
+    json_file: str | None = typer.Option(None, "--json", metavar="FILE", help="also write the rows as JSON"),
+):
+    """Train MNIST with xpnet, PyTorch, scikit-learn and the bare matmuls, interleaved; print a table."""
+    from .bench import run_benchmark, table
+
+    try:
+        sizes = [int(b) for b in batch_sizes.split(",")]
+    except ValueError:
+        raise CLIError(f"--batch-sizes must be integers separated by commas, got {batch_sizes!r}") from None
+    if epochs < 1 or any(b < 1 for b in sizes):
+        raise CLIError("--epochs and every batch size must be positive")
+    make_device(device)
+    rows = run_benchmark(sizes, epochs, device=device, measure_rss=rss, log=typer.echo)
+    typer.echo(table(rows))
+    if json_file:
+        Path(json_file).write_text(json.dumps(rows, indent=2))
+
+
+@app.command()
+@reports_errors
 def plot(
     run_dir: str = typer.Argument(..., help="a run folder written by xpnet train"),
     device: str | None = typer.Option(None, help="compute predictions on this device [default: the run's]"),

@@ -165,9 +165,9 @@ def test_available_devices_lists_cpu_and_strict():
 
 
 LIBRARY = pathlib.Path(xpnet.__file__).parent
-# The backend, and the host-side I/O: the data package (files before anything reaches a device)
-# and io.py (checkpoints: host copies of device arrays, handed to safetensors).
-ALLOWED_TO_IMPORT_NUMPY = {"backend.py", "data", "io.py"}
+# The backend and its NumPy fast paths (handed out by the backend only), and the host-side I/O:
+# the data package (files before anything reaches a device) and io.py (checkpoints: host copies).
+ALLOWED_TO_IMPORT_NUMPY = {"backend.py", "_fast_numpy.py", "data", "io.py"}
 
 
 def test_only_the_backend_module_imports_numpy_or_cupy():

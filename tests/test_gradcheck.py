@@ -24,7 +24,9 @@ from xpnet import (
 )
 
 TOLERANCE = 1e-6
-SETTINGS = settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+SETTINGS = settings(
+    max_examples=12, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 
 ACTIVATIONS = {
     "relu": ReLU,

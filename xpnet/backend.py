@@ -20,6 +20,7 @@ Every other module computes through ``device.xp`` only.
 from __future__ import annotations
 
 import math
+import os
 import re
 from typing import Any
 
@@ -113,7 +114,7 @@ class Device:
     (a stand-in for an accelerator: it refuses host conversions and mixing devices).
     """
 
-    def __init__(self, name: str = "cpu", *, seed: int = 0):
+    def __init__(self, name: str = "cpu", *, seed: int = 0, fast: bool | None = None):
         self.kind, detail = _parse(name)
         if self.kind == "numpy":
             import array_api_compat.numpy
@@ -132,6 +133,14 @@ class Device:
             self.xp, self.native = _load_strict(detail)
             self.name = "strict" if detail == "CPU_DEVICE" else f"strict:{detail}"
         self.seed(seed)
+        if fast is None:
+            fast = os.environ.get("XPNET_FAST", "1") != "0"
+        #: Backend-specific fast paths (None: the Array API reference code runs everywhere).
+        self.fast = None
+        if fast and self.kind == "numpy":
+            from ._fast_numpy import NumpyFastPaths
+
+            self.fast = NumpyFastPaths(threads=_cores())
 
     def __repr__(self) -> str:
         return f"Device({self.name!r})"
@@ -332,6 +341,10 @@ def available_devices() -> list[str]:
             continue
         names.append(name)
     return names
+
+
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def dtype_name(dtype) -> str:

@@ -55,7 +55,7 @@ def gradcheck(
     x,
     y,
     *,
-    eps: float = 1e-6,
+    eps: float = 1e-5,
     max_entries: int = 256,
     training: bool = True,
     check_input: bool = True,

@@ -40,12 +40,15 @@ class Layer:
         self.grads: dict = {}
         self.device = None
         self.xp = None
+        self.fast = None  # the device's fast paths, used in training when it has them
+        self._buffers: dict = {}
 
     def build(self, device, dtype, next_layer: Layer | None = None) -> None:
         """Attach the layer to ``device`` and create its parameters in ``dtype``."""
         self.device = device
         self.xp = device.xp
         self.dtype = dtype
+        self.fast = device.fast
 
     def forward(self, x, training: bool = False):
         raise NotImplementedError
@@ -100,15 +103,22 @@ class Dense(Layer):
                 f"(batch, {self.in_features}), got {tuple(x.shape)}"
             )
         self.x = x
-        z = x @ self.params["W"].T
+        W, b = self.params["W"], self.params.get("b")
+        if training and self.fast is not None:  # the same z, into a buffer reused every step
+            out = self.fast.buffer(self._buffers, "z", (x.shape[0], self.out_features), W.dtype)
+            return self.fast.linear(x, W, b, out)
+        z = x @ W.T
         if self.bias:
-            z = z + self.params["b"]
+            z = z + b
         return z
 
     def backward(self, delta, need_input_grad=True):
         xp = self.xp
         if self.x is None:
             raise RuntimeError("Dense.backward called before forward: run model.forward on the batch first")
+        if self.fast is not None and "W" in self.grads:  # into the existing gradient arrays
+            dx = self.fast.buffer(self._buffers, "dx", tuple(self.x.shape), delta.dtype) if need_input_grad else None
+            return self.fast.linear_backward(delta, self.x, self.params["W"], self.grads["W"], self.grads.get("b"), dx)
         self.grads["W"] = delta.T @ self.x
         if self.bias:
             self.grads["b"] = xp.sum(delta, axis=0)
@@ -130,9 +140,16 @@ class ReLU(Layer):
 
     def forward(self, z, training=False):
         self.z = z
+        if training and self.fast is not None:
+            self.z = self.fast.relu(z, self.fast.buffer(self._buffers, "a", tuple(z.shape), z.dtype))
+            return self.z  # a > 0 exactly where z > 0: backward can use a
         return self.xp.maximum(z, 0.0)
 
     def backward(self, da, need_input_grad=True):
+        if self.fast is not None:
+            mask = self.fast.buffer(self._buffers, "mask", tuple(da.shape), bool)
+            out = self.fast.buffer(self._buffers, "da", tuple(da.shape), da.dtype)
+            return self.fast.relu_backward(da, self.z, mask, out)
         return self.xp.where(self.z > 0, da, 0.0)
 
 

@@ -85,7 +85,12 @@ class SoftmaxCrossEntropy(Loss):
         if lo < 0 or hi >= num_outputs:
             raise ValueError(f"class labels range from {lo} to {hi} but the model has {num_outputs} outputs")
 
-    def value_and_grad(self, z, target):
+    def value_and_grad(self, z, target, *, fast=None, buffers=None):
+        """With ``fast`` (a device's fast paths) and integer labels, δ goes into a buffer in
+        ``buffers``: the same L and (p − y)/B, fused."""
+        if fast is not None and z.ndim == 2 and target.shape == (z.shape[0],):
+            delta = fast.buffer(buffers, "delta", tuple(z.shape), z.dtype)
+            return fast.softmax_cross_entropy(z, target, delta)
         xp, loss, log_p, is_true = self._terms(z, target)
         p = xp.exp(log_p)
         batch = z.shape[0]

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import math
 
+from array_api_compat import array_namespace, is_writeable_array
+
 from .backend import Device, dtype_name, get_device
 from .layers import LAYERS, Layer
 
@@ -39,6 +41,9 @@ class Sequential:
         first = [i for i, layer in enumerate(self.layers) if layer.params]
         self._first_trainable = first[0] if first else len(self.layers)
         self._slots = [(f"{i}.{name}", layer, name) for i, layer in enumerate(self.layers) for name in layer.params]
+        self.has_gradients = False  # set by backward: with flat storage the gradient arrays always exist
+        with self.device:
+            self.flat = FlatParameters(self) if self.device.fast is not None and self._slots else None
 
     # -------------------------------------------------------------- passes
     def forward(self, x, training: bool = False):
@@ -61,6 +66,7 @@ class Sequential:
         compute its input gradient, unless ``input_grad`` asks for it.
         """
         stop = 0 if input_grad else self._first_trainable
+        self.has_gradients = True
         with self.device:
             for i in range(len(self.layers) - 1, stop - 1, -1):
                 delta = self.layers[i].backward(delta, need_input_grad=input_grad or i > stop)
@@ -105,8 +111,9 @@ class Sequential:
                     f"{tuple(layer.params[name].shape)} in the model"
                 )
             staged[key] = value
-        for key, layer, name in self._slots:
-            layer.params[name] = staged[key]
+        with self.device:
+            for key, layer, name in self._slots:
+                layer.params[name] = _assign(layer.params[name], staged[key])
 
     # -------------------------------------------------------- description
     def config(self) -> dict:
@@ -138,6 +145,57 @@ class Sequential:
     def __repr__(self) -> str:
         inner = ", ".join(repr(layer) for layer in self.layers)
         return f"Sequential([{inner}], device={self.device.name!r})"
+
+
+def _assign(current, value):
+    """Write ``value`` into ``current`` when it can be written (a view into flat storage must stay
+    one), else hand back ``value`` to rebind."""
+    if is_writeable_array(current):
+        current[...] = value
+        return current
+    return value
+
+
+class FlatParameters:
+    """All parameters in one flat array and all gradients in another; each layer's arrays are
+    views into them. An optimizer then updates every parameter with one pass per operation
+    instead of one per parameter (a fast path: used where the backend has one, as on NumPy).
+
+    ``decay`` is 1 over weights and 0 over biases: weight decay applies to weights only.
+    """
+
+    def __init__(self, model: Sequential):
+        xp, fast = model.xp, model.device.fast
+        self.fast = fast
+        self._links = []
+        sizes = [math.prod(layer.params[name].shape) for _, layer, name in model._slots]
+        total = sum(sizes)
+        self.params = fast.flat(total, model.dtype)
+        self.grads = fast.flat(total, model.dtype)
+        self.decay = fast.flat(total, model.dtype)
+        self.offsets = {}
+        offset = 0
+        for (key, layer, name), size in zip(model._slots, sizes):
+            shape = tuple(layer.params[name].shape)
+            view = xp.reshape(self.params[offset : offset + size], shape)
+            view[...] = layer.params[name]
+            layer.params[name] = view
+            layer.grads[name] = xp.reshape(self.grads[offset : offset + size], shape)
+            self._links.append((layer.params, layer.grads, name, view, layer.grads[name]))
+            if len(shape) >= 2:
+                self.decay[offset : offset + size] = 1.0
+            self.offsets[key] = (offset, size, shape)
+            offset += size
+
+    def intact(self) -> bool:
+        """Whether every layer still holds the views (code that rebinds a parameter or a
+        gradient, as hand-written updates may, makes the optimizer fall back to per-parameter)."""
+        return all(params[name] is p and grads.get(name) is g for params, grads, name, p, g in self._links)
+
+    def views(self, flat) -> dict:
+        """Per-parameter views of a flat array laid out like the parameters (optimizer slots)."""
+        xp = array_namespace(flat)
+        return {key: xp.reshape(flat[o : o + n], shape) for key, (o, n, shape) in self.offsets.items()}
 
 
 ACTIVATIONS = {"relu": "ReLU", "leaky_relu": "LeakyReLU", "tanh": "Tanh", "sigmoid": "Sigmoid"}

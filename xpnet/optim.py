@@ -104,6 +104,10 @@ class Warmup(Schedule):
 
 
 # ----------------------------------------------------------------- optimizers
+#: The key of the update that covers every parameter at once (flat storage).
+FLAT = "*"
+
+
 def _subtract(p, update):
     """p − update, in place when the array library allows it (rebind the result either way)."""
     if is_writeable_array(p):
@@ -133,6 +137,9 @@ class Optimizer:
         self.clip_norm = None if clip_norm is None else float(clip_norm)
         self.steps = 0
         self.state: dict[str, dict] = {}
+        self._flat_slots = None  # flat slot arrays when the model keeps flat parameters
+        self._decay_mask = self._fast = None
+        self._buffers: dict = {}  # scratch space of fused updates
         self._device = None  # the model's, from the first step or load: CuPy copies need its context
 
     @property
@@ -141,25 +148,58 @@ class Optimizer:
         return self.schedule(self.steps)
 
     def step(self, model) -> None:
+        slots = model.parameter_slots()
+        flat = model.flat if model.flat is not None and model.flat.intact() else None
+        missing = [key for key, layer, name in slots if name not in layer.grads]
+        if missing or (flat is not None and not model.has_gradients):
+            missing = missing or [key for key, _, _ in slots]
+            raise RuntimeError(f"no gradient for {', '.join(missing)}: call model.backward before optimizer.step")
         lr = self.lr
         self.steps += 1
-        slots = model.parameter_slots()
-        missing = [key for key, layer, name in slots if name not in layer.grads]
-        if missing:
-            raise RuntimeError(f"no gradient for {', '.join(missing)}: call model.backward before optimizer.step")
-        grads = [layer.grads[name] for _, layer, name in slots]
         self._device = model.device
         with model.device:
+            if flat is not None:  # every parameter at once, in the flat storage the model keeps
+                self._flat_step(flat, lr)
+                return
+            grads = [layer.grads[name] for _, layer, name in slots]
             if self.clip_norm is not None:
                 grads = clip_by_global_norm(grads, self.clip_norm)
             for (key, layer, name), g in zip(slots, grads):
                 layer.params[name] = self.update(key, layer.params[name], g, lr)
 
-    def _decayed(self, p, g):
+    def _flat_step(self, flat, lr) -> None:
+        """The same update on the flat parameter and gradient arrays (slots flat too, with
+        per-parameter views in ``state`` for state_dict)."""
+        if self.slot_names and self._flat_slots is None:
+            self._flat_slots = {
+                name: flat.fast.flat(flat.params.shape[0], flat.params.dtype) for name in self.slot_names
+            }
+            views = {name: flat.views(array) for name, array in self._flat_slots.items()}
+            for key in flat.offsets:
+                for name in self.slot_names:
+                    if key in self.state:  # slots from earlier per-parameter steps or a load
+                        views[name][key][...] = self.state[key][name]
+                self.state[key] = {name: views[name][key] for name in self.slot_names}
+        g = flat.grads
+        if self.clip_norm is not None:
+            g = clip_by_global_norm([g], self.clip_norm)[0]
+        self._decay_mask, self._fast = flat.decay, flat.fast
+        try:
+            self.update(FLAT, flat.params, g, lr)
+        finally:
+            self._decay_mask = self._fast = None
+
+    def _decayed(self, p, g, key=None):
         """g + λθ for weights (L2 weight decay); biases and other vectors are not decayed."""
-        return g + self.weight_decay * p if self.weight_decay and p.ndim >= 2 else g
+        if not self.weight_decay:
+            return g
+        if key == FLAT:
+            return g + self.weight_decay * (self._decay_mask * p)
+        return g + self.weight_decay * p if p.ndim >= 2 else g
 
     def _slots(self, key, p) -> dict:
+        if key == FLAT:
+            return self._flat_slots
         state = self.state.get(key)
         if state is None:
             xp = array_namespace(p)
@@ -224,6 +264,7 @@ class Optimizer:
                     )
                 staged[key][name] = moved
         self.state = staged
+        self._flat_slots = None  # rebuilt around the loaded values at the next flat step
         self.steps = int(state["steps"])
         self._device = model.device
 
@@ -254,7 +295,7 @@ class SGD(Optimizer):
         self.slot_names = ("velocity",) if momentum else ()
 
     def update(self, key, p, g, lr):
-        g = self._decayed(p, g)
+        g = self._decayed(p, g, key)
         if not self.momentum:
             return _subtract(p, lr * g)
         slots = self._slots(key, p)
@@ -297,9 +338,14 @@ class Adam(Optimizer):
                 raise ValueError(f"{label} must be in [0, 1), got {beta!r}")
         self.beta1, self.beta2, self.eps = float(beta1), float(beta2), float(eps)
 
+    def _corrected(self, lr) -> tuple[float, float]:
+        """η_t and ε_t for this step: host floats."""
+        correction = math.sqrt(1.0 - self.beta2**self.steps)
+        return lr * correction / (1.0 - self.beta1**self.steps), self.eps * correction
+
     def _adam_direction(self, key, p, g, lr):
         """Update the moments of ``key`` and return η_t m / (√v + ε_t)."""
-        b1, b2, t = self.beta1, self.beta2, self.steps
+        b1, b2 = self.beta1, self.beta2
         slots = self._slots(key, p)
         m, v = slots["m"], slots["v"]
         xp = array_namespace(p)
@@ -312,13 +358,22 @@ class Adam(Optimizer):
             m = b1 * m + (1.0 - b1) * g
             v = b2 * v + (1.0 - b2) * (g * g)
         slots["m"], slots["v"] = m, v
-        correction = math.sqrt(1.0 - b2**t)
-        lr_t = lr * correction / (1.0 - b1**t)
-        eps_t = self.eps * correction
+        lr_t, eps_t = self._corrected(lr)
         return lr_t * m / (xp.sqrt(v) + eps_t)
 
+    def _fused(self, p, g, lr):
+        """The backend's one-pass-per-operation Adam on the flat arrays (same numbers)."""
+        slots = self._flat_slots
+        scratch = self._fast.buffer(self._buffers, "scratch", p.shape, p.dtype)
+        lr_t, eps_t = self._corrected(lr)
+        self._fast.adam_(p, g, slots["m"], slots["v"], scratch, lr_t, self.beta1, self.beta2, eps_t)
+        return p
+
     def update(self, key, p, g, lr):
-        return _subtract(p, self._adam_direction(key, p, self._decayed(p, g), lr))
+        g = self._decayed(p, g, key)
+        if key == FLAT and self._fast is not None:
+            return self._fused(p, g, lr)
+        return _subtract(p, self._adam_direction(key, p, g, lr))
 
     def hyperparameters(self):
         return {**super().hyperparameters(), "beta1": self.beta1, "beta2": self.beta2, "eps": self.eps}
@@ -334,6 +389,12 @@ class AdamW(Adam):
         super().__init__(lr, weight_decay=weight_decay, **kwargs)
 
     def update(self, key, p, g, lr):
+        if key == FLAT:  # decay first (θ ← θ − ηλθ on weights), then the Adam step, which ignores θ
+            if self.weight_decay:
+                p = _subtract(p, (lr * self.weight_decay) * (self._decay_mask * p))
+            return (
+                self._fused(p, g, lr) if self._fast is not None else _subtract(p, self._adam_direction(key, p, g, lr))
+            )
         direction = self._adam_direction(key, p, g, lr)
         if self.weight_decay and p.ndim >= 2:
             direction = direction + (lr * self.weight_decay) * p

@@ -330,9 +330,14 @@ def _train_epoch(model, loss, optimizer, X, Y, state, epoch, batch_size, shuffle
         cb.on_epoch_begin(state)
     order = device.permutation(n) if shuffle else None
     counts, totals = [0] * len(metrics), [0] * len(metrics)
+    fast, buffers = device.fast, {}
     for step, (start, stop) in enumerate(_batches(n, batch_size)):
         if order is None:
             xb, yb = X[start:stop, ...], Y[start:stop, ...]
+        elif fast is not None:  # gathered into buffers reused every step
+            idx = order[start:stop]
+            xb = fast.take_rows(X, idx, fast.buffer(buffers, "x", (stop - start, *X.shape[1:]), X.dtype))
+            yb = fast.take_rows(Y, idx, fast.buffer(buffers, "y", (stop - start, *Y.shape[1:]), Y.dtype))
         else:
             idx = order[start:stop]
             xb, yb = xp.take(X, idx, axis=0), xp.take(Y, idx, axis=0)
@@ -340,7 +345,10 @@ def _train_epoch(model, loss, optimizer, X, Y, state, epoch, batch_size, shuffle
         if step == 0 and epoch == state.first_epoch:  # the targets, training and validation, checked once
             for targets in all_targets:
                 loss.check_targets(targets, out.shape[-1])
-        value, delta = loss.value_and_grad(out, yb)
+        if fast is not None and loss.class_labels:
+            value, delta = loss.value_and_grad(out, yb, fast=fast, buffers=buffers)
+        else:
+            value, delta = loss.value_and_grad(out, yb)
         model.backward(delta)
         optimizer.step(model)
         state._loss_sum = state._loss_sum + value * (stop - start)

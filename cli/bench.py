@@ -1,0 +1,320 @@
+"""Side-by-side training benchmark on MNIST: xpnet, PyTorch eager, scikit-learn and the matmul floor.
+
+One process trains the 784-128-64-10 ReLU MLP (softmax cross-entropy, He init, Adam lr 1e-3)
+with every implementation, interleaved epoch by epoch so that machine noise hits all alike:
+
+* xpnet on the chosen device (NumPy on the CPU);
+* PyTorch eager with the same initial weights and optimizer (data in tensors, batches indexed by
+  a permutation, ``torch.set_num_threads`` = the cores);
+* scikit-learn's ``MLPClassifier(hidden_layer_sizes=(128, 64), solver='adam', batch_size=B)``,
+  one ``partial_fit`` per epoch;
+* the floor: only the matrix products one training step needs (three forward, two backward per
+  layer but no input gradient for the first), on preallocated outputs.
+
+Seconds per epoch are the median of epochs 2..N. Peak RSS comes from a separate short process per
+implementation (RSS is per process). PyTorch and scikit-learn are optional.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+import xpnet as xn
+from xpnet.data import load_dataset
+
+IMPLEMENTATIONS = ("xpnet", "pytorch", "sklearn", "floor")
+
+
+def cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+class XpnetRun:
+    name = "xpnet"
+
+    def __init__(self, data, batch_size, seed, device="cpu"):
+        self.model = xn.mlp(784, [128, 64], 10, device=device, seed=seed)
+        self.initial = {k: self.model.device.to_host(v).copy() for k, v in self.model.named_parameters().items()}
+        self.optimizer = xn.Adam(1e-3)
+        self.X = self.model.device.to_device(data.train.x, "float32")
+        self.y = self.model.device.to_device(data.train.y)
+        self.data, self.batch_size, self.history = data, batch_size, xn.History()
+
+    def epoch(self) -> float:
+        done = len(self.history)
+        xn.fit(
+            self.model,
+            "cross_entropy",
+            self.optimizer,
+            self.X,
+            self.y,
+            epochs=done + 1,
+            batch_size=self.batch_size,
+            metrics=[],
+            initial_epoch=done,
+            history=self.history,
+        )
+        return self.history["seconds"][-1]
+
+    def accuracy(self) -> float:
+        return xn.evaluate(self.model, "cross_entropy", self.data.test.x, self.data.test.y)["accuracy"]
+
+
+class TorchRun:
+    name = "pytorch"
+
+    def __init__(self, data, batch_size, seed, initial):
+        import torch
+
+        torch.set_num_threads(cores())
+        torch.manual_seed(seed)
+        self.torch = torch
+        self.model = torch.nn.Sequential(
+            torch.nn.Linear(784, 128),
+            torch.nn.ReLU(),
+            torch.nn.Linear(128, 64),
+            torch.nn.ReLU(),
+            torch.nn.Linear(64, 10),
+        )
+        with torch.no_grad():  # the very weights xpnet starts from: W (out, in) in both
+            for index, layer in ((0, 0), (2, 2), (4, 4)):
+                self.model[layer].weight.copy_(torch.from_numpy(initial[f"{index}.W"]))
+                self.model[layer].bias.copy_(torch.from_numpy(initial[f"{index}.b"]))
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=1e-3)
+        self.X, self.y = torch.from_numpy(data.train.x), torch.from_numpy(data.train.y)
+        self.data, self.batch_size = data, batch_size
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def epoch(self) -> float:
+        torch, model, optimizer = self.torch, self.model, self.optimizer
+        started = time.perf_counter()
+        order = torch.randperm(self.X.shape[0], generator=self.generator)
+        for start in range(0, self.X.shape[0], self.batch_size):
+            index = order[start : start + self.batch_size]
+            loss = torch.nn.functional.cross_entropy(model(self.X[index]), self.y[index])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        return time.perf_counter() - started
+
+    def accuracy(self) -> float:
+        with self.torch.no_grad():
+            predicted = self.model(self.torch.from_numpy(self.data.test.x)).argmax(dim=1).numpy()
+        return float((predicted == self.data.test.y).mean())
+
+
+class SklearnRun:
+    name = "sklearn"
+
+    def __init__(self, data, batch_size, seed):
+        from sklearn.neural_network import MLPClassifier
+
+        self.model = MLPClassifier(
+            hidden_layer_sizes=(128, 64),
+            solver="adam",
+            batch_size=batch_size,
+            learning_rate_init=1e-3,
+            random_state=seed,
+        )
+        self.data = data
+
+    def epoch(self) -> float:
+        import warnings
+
+        started = time.perf_counter()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            self.model.partial_fit(self.data.train.x, self.data.train.y, classes=np.arange(10))
+        return time.perf_counter() - started
+
+    def accuracy(self) -> float:
+        return float((self.model.predict(self.data.test.x) == self.data.test.y).mean())
+
+
+class FloorRun:
+    """The matrix products of one epoch of training, and nothing else."""
+
+    name = "floor"
+
+    def __init__(self, data, batch_size, seed):
+        rng = np.random.default_rng(seed)
+        self.X = data.train.x
+        self.batch_size = batch_size
+        sizes = [(128, 784), (64, 128), (10, 64)]
+        self.W = [rng.standard_normal(s, dtype=np.float32) * 0.05 for s in sizes]
+
+    def epoch(self) -> float:
+        W1, W2, W3 = self.W
+        n, B = self.X.shape[0], self.batch_size
+        buffers = {}
+
+        def buffer(name, shape):
+            if buffers.get(name) is None or buffers[name].shape != shape:
+                buffers[name] = np.empty(shape, dtype=np.float32)
+            return buffers[name]
+
+        started = time.perf_counter()
+        for start in range(0, n, B):
+            x = self.X[start : start + B]
+            b = x.shape[0]
+            h1 = np.matmul(x, W1.T, out=buffer("h1", (b, 128)))
+            h2 = np.matmul(h1, W2.T, out=buffer("h2", (b, 64)))
+            d3 = np.matmul(h2, W3.T, out=buffer("z3", (b, 10)))
+            np.matmul(d3.T, h2, out=buffer("dW3", (10, 64)))
+            d2 = np.matmul(d3, W3, out=buffer("d2", (b, 64)))
+            np.matmul(d2.T, h1, out=buffer("dW2", (64, 128)))
+            d1 = np.matmul(d2, W2, out=buffer("d1", (b, 128)))
+            np.matmul(d1.T, x, out=buffer("dW1", (128, 784)))
+        return time.perf_counter() - started
+
+    def accuracy(self):
+        return None
+
+
+def _make(name, data, batch_size, seed, device, initial):
+    if name == "xpnet":
+        return XpnetRun(data, batch_size, seed, device)
+    if name == "pytorch":
+        return TorchRun(data, batch_size, seed, initial)
+    if name == "sklearn":
+        return SklearnRun(data, batch_size, seed)
+    return FloorRun(data, batch_size, seed)
+
+
+def available(name) -> str | None:
+    """None if the implementation can run here, else why not."""
+    module = {"pytorch": "torch", "sklearn": "sklearn"}.get(name)
+    if module is None:
+        return None
+    try:
+        __import__(module)
+    except ImportError:
+        return f"{module} is not installed"
+    return None
+
+
+def peak_rss_mib(name: str, batch_size: int, device: str) -> float | None:
+    """Peak RSS of a fresh process that loads MNIST and trains one epoch of ``name``."""
+    code = f"from cli.bench import _probe, vm_hwm_mib; _probe({name!r}, {batch_size}, {device!r}); print(vm_hwm_mib())"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root, timeout=900)
+    return float(result.stdout.strip().splitlines()[-1]) if result.returncode == 0 else None
+
+
+def vm_hwm_mib() -> float:
+    """This process's peak resident set (VmHWM). Not ru_maxrss: on Linux that survives exec, so a
+    child started by a large parent would report the parent's peak."""
+    with open("/proc/self/status") as handle:
+        for line in handle:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _probe(name, batch_size, device):
+    data = load_dataset("mnist")
+    initial = XpnetRun(data, batch_size, 0, device).initial if name == "pytorch" else None
+    run = _make(name, data, batch_size, 0, device, initial)
+    run.epoch()
+
+
+def run_benchmark(
+    batch_sizes=(32, 128, 512),
+    epochs=5,
+    *,
+    device="cpu",
+    seed=0,
+    measure_rss=True,
+    implementations=IMPLEMENTATIONS,
+    log=print,
+) -> list[dict]:
+    data = load_dataset("mnist")
+    names = [name for name in implementations if available(name) is None]
+    for name in implementations:
+        if available(name) is not None:
+            log(f"{name}: skipped, {available(name)}")
+    log(
+        f"MNIST 784-128-64-10 ReLU, Adam 1e-3, {epochs} epochs, device {device}, {cores()} cores; "
+        f"implementations interleaved epoch by epoch: {', '.join(names)}"
+    )
+    rows = []
+    for batch_size in batch_sizes:
+        runs = {}
+        for name in names:
+            initial = runs["xpnet"].initial if "xpnet" in runs else XpnetRun(data, batch_size, seed, device).initial
+            runs[name] = _make(name, data, batch_size, seed, device, initial)
+        times = {name: [] for name in names}
+        for epoch in range(epochs):
+            for name, run in runs.items():
+                times[name].append(run.epoch())
+            log(
+                f"batch {batch_size}, epoch {epoch + 1}: "
+                + ", ".join(f"{name} {times[name][-1]:.3f}s" for name in names)
+            )
+        for name, run in runs.items():
+            seconds = statistics.median(times[name][1:] if epochs > 1 else times[name])
+            rows.append(
+                {
+                    "batch_size": batch_size,
+                    "implementation": name,
+                    "seconds_per_epoch": seconds,
+                    "epoch_seconds": times[name],
+                    "samples_per_second": data.train.x.shape[0] / seconds,
+                    "test_accuracy": run.accuracy(),
+                    "peak_rss_mib": peak_rss_mib(name, batch_size, device) if measure_rss else None,
+                }
+            )
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    lines = [
+        f"{'batch':>5}  {'implementation':<14} {'s/epoch':>8} {'samples/s':>10} {'test acc':>8} "
+        f"{'peak RSS':>9} {'xpnet/this':>10}"
+    ]
+    for batch_size in sorted({row["batch_size"] for row in rows}):
+        group = {row["implementation"]: row for row in rows if row["batch_size"] == batch_size}
+        mine = group.get("xpnet")
+        for name, row in group.items():
+            accuracy = "" if row["test_accuracy"] is None else f"{100 * row['test_accuracy']:.2f}%"
+            rss = "" if row["peak_rss_mib"] is None else f"{row['peak_rss_mib']:.0f} MiB"
+            ratio = (
+                "" if mine is None or name == "xpnet" else f"{mine['seconds_per_epoch'] / row['seconds_per_epoch']:.2f}"
+            )
+            lines.append(
+                f"{batch_size:>5}  {name:<14} {row['seconds_per_epoch']:>8.3f} "
+                f"{row['samples_per_second']:>10,.0f} {accuracy:>8} {rss:>9} {ratio:>10}"
+            )
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--batch-sizes", default="32,128,512")
+    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--no-rss", action="store_true", help="skip the peak-RSS processes")
+    parser.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
+    args = parser.parse_args(argv)
+    rows = run_benchmark(
+        [int(b) for b in args.batch_sizes.split(",")], args.epochs, device=args.device, measure_rss=not args.no_rss
+    )
+    print(table(rows))
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump(rows, handle, indent=2)
+
+
+if __name__ == "__main__":
+    main()
