@@ -140,7 +140,7 @@ class Device:
         if fast and self.kind == "numpy":
             from ._fast_numpy import NumpyFastPaths
 
-            self.fast = NumpyFastPaths(threads=_cores())
+            self.fast = NumpyFastPaths()
 
     def __repr__(self) -> str:
         return f"Device({self.name!r})"
@@ -341,10 +341,6 @@ def available_devices() -> list[str]:
             continue
         names.append(name)
     return names
-
-
-def _cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def dtype_name(dtype) -> str:

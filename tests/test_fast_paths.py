@@ -1,0 +1,154 @@
+"""The NumPy fast paths give the Array API reference code's results."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import xpnet as xn
+from xpnet._fast_numpy import NumpyFastPaths, _native_library
+
+RTOL = 1e-6
+
+
+@pytest.fixture(scope="module")
+def fast():
+    return NumpyFastPaths()
+
+
+def _random(*shape, seed=0, dtype=np.float32):
+    return np.random.default_rng(seed).normal(size=shape).astype(dtype)
+
+
+def test_linear_forward_and_backward_match_the_reference(fast):
+    x, W, b, delta = _random(7, 5), _random(4, 5, seed=1), _random(4, seed=2), _random(7, 4, seed=3)
+    np.testing.assert_allclose(fast.linear(x, W, b, np.empty((7, 4), np.float32)), x @ W.T + b, rtol=RTOL, atol=1e-6)
+    dW, db, dx = np.empty((4, 5), np.float32), np.empty(4, np.float32), np.empty((7, 5), np.float32)
+    fast.linear_backward(delta, x, W, dW, db, dx)
+    np.testing.assert_allclose(dW, delta.T @ x, rtol=RTOL, atol=1e-6)
+    np.testing.assert_allclose(db, delta.sum(axis=0), rtol=RTOL, atol=1e-6)
+    np.testing.assert_allclose(dx, delta @ W, rtol=RTOL, atol=1e-6)
+
+
+def test_relu_and_its_backward_match_the_reference(fast):
+    z, da = _random(6, 9), _random(6, 9, seed=1)
+    a = fast.relu(z, np.empty_like(z))
+    np.testing.assert_array_equal(a, np.maximum(z, 0))
+    back = fast.relu_backward(da, a, np.empty(z.shape, bool), np.empty_like(z))
+    np.testing.assert_array_equal(back, np.where(z > 0, da, 0))
+
+
+def test_softmax_cross_entropy_matches_the_reference(fast):
+    z, labels = _random(11, 10) * 4, np.random.default_rng(1).integers(0, 10, 11)
+    value, delta = fast.softmax_cross_entropy(z, labels, np.empty_like(z))
+    reference_value, reference_delta = xn.SoftmaxCrossEntropy().value_and_grad(z, labels)
+    assert value.dtype == np.float32 and float(value) == pytest.approx(float(reference_value), rel=1e-6)
+    np.testing.assert_allclose(delta, reference_delta, rtol=1e-5, atol=1e-8)
+
+
+def test_take_rows_matches_take(fast):
+    X, index = _random(50, 3), np.random.default_rng(0).permutation(50)[:12]
+    np.testing.assert_array_equal(fast.take_rows(X, index, np.empty((12, 3), np.float32)), X[index])
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_compiled_adam_equals_the_numpy_passes(fast, dtype):
+    if fast.native is None:
+        pytest.skip("no C compiler here: the NumPy passes are the fast path")
+    arrays = [np.random.default_rng(i).random(5000).astype(dtype) for i in range(5)]
+    one, two = [a.copy() for a in arrays], [a.copy() for a in arrays]
+    for step in range(1, 4):
+        fast.adam_(*one, 1e-3 * step, 0.9, 0.999, 1e-8)
+        fast.adam_passes(*two, 1e-3 * step, 0.9, 0.999, 1e-8)
+    for a, b in zip(one[:4], two[:4]):  # p, g, m, v bit for bit (the fifth is the passes' scratch)
+        np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(one[0], arrays[0])
+
+
+def test_compiled_adam_flushes_subnormal_moments_to_zero(fast):
+    if fast.native is None:
+        pytest.skip("no C compiler here")
+    p, g, m, v, t = (np.zeros(4, np.float32) for _ in range(5))
+    m[:] = 1e-39  # subnormal in float32: it would decay through the slow subnormal range
+    fast.adam_(p, g, m, v, t, 1e-3, 0.9, 0.999, 1e-8)
+    np.testing.assert_array_equal(m, 0.0)
+    np.testing.assert_array_equal(p, 0.0)
+
+
+def _train(fast: bool, optimizer, epochs=3, dropout=0.0):
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(300, 6)).astype(np.float32)
+    y = (x[:, 0] + x[:, 1] > 0).astype(int) + (x[:, 2] > 1)
+    model = xn.mlp(6, [16, 8], 3, dropout=dropout, device=xn.Device("cpu", fast=fast), seed=3)
+    history = xn.fit(model, "cross_entropy", optimizer, x, y, epochs=epochs, batch_size=32, validation_split=0.2)
+    return model, history
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: xn.Adam(0.01),
+        lambda: xn.AdamW(0.01, weight_decay=0.1),
+        lambda: xn.Adam(0.01, weight_decay=0.01),
+        lambda: xn.SGD(0.1, momentum=0.9, nesterov=True, weight_decay=0.01),
+        lambda: xn.Adam(0.01, clip_norm=0.5),
+    ],
+    ids=["adam", "adamw", "adam-l2", "nesterov-l2", "adam-clip"],
+)
+def test_training_with_fast_paths_matches_the_reference(make):
+    fast_model, fast_history = _train(True, make(), dropout=0.1)
+    slow_model, slow_history = _train(False, make(), dropout=0.1)
+    assert fast_model.flat is not None and slow_model.flat is None
+    for key, value in slow_model.named_parameters().items():
+        np.testing.assert_allclose(fast_model.named_parameters()[key], value, rtol=1e-4, atol=1e-5)
+    assert fast_history["loss"] == pytest.approx(slow_history["loss"], rel=1e-4)
+
+
+def test_flat_parameters_are_views_and_stay_views():
+    model = xn.mlp(4, [3], 2, seed=0)
+    flat = model.flat
+    assert flat.intact()
+    flat.params[:] = 0.5
+    assert all(np.all(p == 0.5) for p in model.named_parameters().values())
+    model.load_state_dict({k: np.full(v.shape, 2.0) for k, v in model.named_parameters().items()})
+    assert flat.intact() and np.all(flat.params == 2.0)
+    np.testing.assert_array_equal(flat.decay, [1.0] * 12 + [0.0] * 3 + [1.0] * 6 + [0.0] * 2)
+
+
+def test_optimizer_state_moves_between_fast_and_reference_models():
+    fast_model, _ = _train(True, optimizer := xn.Adam(0.01), epochs=1)
+    state, params = optimizer.state_dict(), fast_model.state_dict()
+    assert set(state["slots"]) == {"0.W", "0.b", "2.W", "2.b", "4.W", "4.b"}
+    for target_fast in (True, False):
+        model = xn.mlp(6, [16, 8], 3, device=xn.Device("cpu", fast=target_fast), seed=9)
+        model.load_state_dict(params)
+        restored = xn.Adam(0.01)
+        restored.load_state_dict(state, model)
+        x = np.random.default_rng(5).normal(size=(32, 6)).astype(np.float32)
+        model.backward(model.forward(x, training=True))
+        restored.step(model)
+        if target_fast:
+            fast_next = model.state_dict()
+        else:
+            for key, value in model.state_dict().items():
+                np.testing.assert_allclose(fast_next[key], value, rtol=1e-5, atol=1e-7)
+
+
+def test_fast_paths_switch_off_with_one_flag(monkeypatch):
+    assert xn.Device("cpu").fast is not None
+    assert xn.Device("cpu", fast=False).fast is None
+    assert xn.Device("strict").fast is None
+    monkeypatch.setenv("XPNET_FAST", "0")
+    assert xn.Device("cpu").fast is None
+    monkeypatch.setenv("XPNET_NATIVE", "0")
+    assert _native_library() is None
+
+
+def test_training_without_a_compiler_uses_the_numpy_passes(monkeypatch):
+    monkeypatch.setenv("XPNET_NATIVE", "0")
+    model, _ = _train(True, xn.Adam(0.01))
+    assert model.device.fast.native is None
+    monkeypatch.delenv("XPNET_NATIVE")
+    reference, _ = _train(False, xn.Adam(0.01))
+    for key, value in reference.named_parameters().items():
+        np.testing.assert_allclose(model.named_parameters()[key], value, rtol=1e-4, atol=1e-5)
