@@ -151,12 +151,16 @@ def load_data(config: dict) -> Data:
     """The run's data. The breast-cancer table keeps its fixed 341/114/114 split (seed 0, whatever
     --seed is, so that every run is tested on the same rows); image sets hold out --val-split of
     the training images, stratified and seeded by --seed."""
-    try:
-        dataset = load_dataset(config["dataset"], data_dir=config["data_dir"], seed=0)
+    table = config["dataset"] == "wdbc"
+    try:  # image sets: the validation split is made on the uint8 pixels, before scaling
+        dataset = load_dataset(
+            config["dataset"],
+            data_dir=config["data_dir"],
+            seed=0 if table else config["seed"],
+            validation=0.0 if table else config["val_split"],
+        )
     except xn.data.DataError as exc:
         raise CLIError(str(exc)) from exc
-    if dataset.val is None and config["val_split"] > 0:
-        dataset = dataset.with_validation(config["val_split"], seed=config["seed"], stratify=True)
     extra = {}
     if dataset.task == "binary":  # tables are standardized with the training split's statistics
         dataset = dataset.standardized()

@@ -252,3 +252,14 @@ def test_malformed_tables_are_refused(tmp_path, text, message):
 def test_unknown_dataset_name():
     with pytest.raises(DataError, match="unknown dataset 'cifar'"):
         load_dataset("cifar")
+
+
+def test_validation_at_load_equals_with_validation():
+    at_load = load_dataset("mnist", validation=0.1, seed=4)
+    later = load_dataset("mnist").with_validation(0.1, seed=4, stratify=True)
+    np.testing.assert_array_equal(at_load.val.y, later.val.y)
+    np.testing.assert_array_equal(at_load.val.x, later.val.x)
+    np.testing.assert_array_equal(at_load.train.x[:100], later.train.x[:100])
+    assert (len(at_load.train), len(at_load.val)) == (54_000, 6_000)
+    with pytest.raises(DataError, match="wdbc comes split"):
+        load_dataset("wdbc", validation=0.1)
