@@ -18,6 +18,14 @@ BACKENDS = ["numpy", "strict", "strict:device1", "strict:no_float64", "cuda"]
 DEVICE_OF = {"numpy": "cpu", "cuda": "cuda:0"}
 
 
+def pytest_configure(config):
+    """Compiled fast-path kernels go to a fresh folder for the run, not the user's cache."""
+    import os
+    import tempfile
+
+    os.environ.setdefault("XPNET_CACHE_DIR", tempfile.mkdtemp(prefix="xpnet-kernels-"))
+
+
 def pytest_addoption(parser):
     parser.addoption(
         "--backend",

@@ -11,9 +11,11 @@ Only the backend module hands these out, and only on the numpy backend.
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -25,6 +27,7 @@ import numpy as np
 #: with the system's C compiler and cached; without a compiler the NumPy passes run instead.
 _ADAM_C = r"""
 #include <math.h>
+#include <stddef.h>
 #if defined(__SSE__)
 #include <xmmintrin.h>
 /* Moments of weights whose gradient is always 0 (MNIST's border pixels) decay through the
@@ -36,10 +39,10 @@ _ADAM_C = r"""
 #define FLUSH_END
 #endif
 #define ADAM(NAME, T, SQRT)                                                                  \
-void NAME(T *restrict p, const T *restrict g, T *restrict m, T *restrict v, long n,          \
+void NAME(T *restrict p, const T *restrict g, T *restrict m, T *restrict v, ptrdiff_t n,     \
           T lr_t, T c1, T c2, T eps_t) { /* c1 = 1 - beta1, c2 = 1 - beta2, as NumPy rounds them */\
     FLUSH_BEGIN                                                                              \
-    for (long i = 0; i < n; ++i) {                                                           \
+    for (ptrdiff_t i = 0; i < n; ++i) {                                                      \
         const T gi = g[i];                                                                   \
         const T mi = m[i] + c1 * (gi - m[i]);         /* m += (1 - b1)(g - m)   */           \
         const T vi = v[i] + c2 * (gi * gi - v[i]);    /* v += (1 - b2)(g^2 - v) */           \
@@ -53,62 +56,86 @@ ADAM(xpnet_adam_f32, float, sqrtf)
 ADAM(xpnet_adam_f64, double, sqrt)
 """
 _FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-ffp-contract=off", "-shared", "-fPIC"]
+_SYMBOLS = (("xpnet_adam_f32", ctypes.c_float), ("xpnet_adam_f64", ctypes.c_double))
 
 
 def _native_library():
-    """The compiled fused kernels, or None (no compiler, XPNET_NATIVE=0, or a failed build)."""
+    """The compiled fused kernels, or None: XPNET_NATIVE=0, no compiler, no usable cache folder,
+    a failed build, or anything else that goes wrong. Never raises."""
     if os.environ.get("XPNET_NATIVE", "1") == "0":
         return None
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if compiler is None:
-        return None
     try:
-        cpu = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else platform.processor()
+        configured = os.environ.get("XPNET_CACHE_DIR")
+        home_cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "xpnet"
+        return _load(os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc"), configured or str(home_cache))
+    except Exception:  # a fast path that cannot be had is no error: the NumPy passes run instead
+        return None
+
+
+def _private(path: Path) -> bool:
+    """Owned by this user and writable by no one else (a shared cache must not plant code)."""
+    info = path.stat()
+    return (not hasattr(os, "getuid") or info.st_uid == os.getuid()) and not info.st_mode & 0o022
+
+
+@functools.cache
+def _load(compiler: str | None, cache_dir: str):
+    if not compiler:
+        return None
+    command = shlex.split(compiler)
+    try:
+        cpu = Path("/proc/cpuinfo").read_text()
     except OSError:
         cpu = platform.processor()
     # -march=native code runs only on this kind of CPU: key the cache by its description too
-    key = hashlib.sha256(
-        "\0".join(
-            [
-                _ADAM_C,
-                " ".join(_FLAGS),
-                compiler,
-                platform.machine(),
-                "".join(line for line in cpu.splitlines() if line.startswith(("flags", "model name"))),
-            ]
-        ).encode()
-    ).hexdigest()[:16]
-    cache = Path(
-        os.environ.get("XPNET_CACHE_DIR") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "xpnet"
-    )
-    library = cache / f"fused-{key}.so"
-    try:
-        if not library.exists():
-            cache.mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryDirectory(dir=cache) as work:
-                source = Path(work) / "fused.c"
-                source.write_text(_ADAM_C)
-                built = Path(work) / "fused.so"
-                subprocess.run(
-                    [compiler, *_FLAGS, "-o", str(built), str(source)], check=True, capture_output=True, timeout=120
-                )
-                os.replace(built, library)  # atomic: a concurrent build leaves one good file
-        lib = ctypes.CDLL(str(library))
-    except (OSError, subprocess.SubprocessError):
+    description = "".join(line for line in cpu.splitlines() if line.startswith(("flags", "model name")))
+    key = hashlib.sha256("\0".join([_ADAM_C, " ".join(_FLAGS), compiler, platform.machine(), description]).encode())
+    cache = Path(cache_dir)
+    library, digest = cache / f"fused-{key.hexdigest()[:16]}.so", cache / f"fused-{key.hexdigest()[:16]}.sha256"
+    if library.exists() and not (digest.exists() and digest.read_text() == _sha256(library)):
+        library.unlink()  # truncated or foreign: loading it could crash the process, so rebuild
+    if not library.exists():
+        cache.mkdir(parents=True, exist_ok=True, mode=0o700)
+        with tempfile.TemporaryDirectory(dir=cache) as work:
+            source, built = Path(work) / "fused.c", Path(work) / "fused.so"
+            source.write_text(_ADAM_C)
+            subprocess.run(
+                [*command, *_FLAGS, "-o", str(built), str(source)], check=True, capture_output=True, timeout=120
+            )
+            tmp_digest = Path(work) / "fused.sha256"
+            tmp_digest.write_text(_sha256(built))
+            os.replace(tmp_digest, digest)  # the digest first: a library without one is rebuilt
+            os.replace(built, library)
+    if not (_private(library) and _private(cache)):
         return None
+    lib = ctypes.CDLL(str(library))
     pointer = ctypes.c_void_p
-    for name, scalar in (("xpnet_adam_f32", ctypes.c_float), ("xpnet_adam_f64", ctypes.c_double)):
+    for name, scalar in _SYMBOLS:
         function = getattr(lib, name)
-        function.argtypes = [pointer, pointer, pointer, pointer, ctypes.c_long, scalar, scalar, scalar, scalar]
+        function.argtypes = [pointer, pointer, pointer, pointer, ctypes.c_ssize_t, scalar, scalar, scalar, scalar]
         function.restype = None
     return lib
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 class NumpyFastPaths:
     """Buffered and fused versions of the hot-path operations, on NumPy arrays."""
 
     def __init__(self, native: bool = True):
-        self.native = _native_library() if native else None
+        self._want_native = native
+        self._native = None
+        self._looked = False
+
+    @property
+    def native(self):
+        """The compiled kernels, built or loaded on first use (None without them)."""
+        if not self._looked:
+            self._native = _native_library() if self._want_native else None
+            self._looked = True
+        return self._native
 
     # ------------------------------------------------------------- buffers
     @staticmethod
@@ -154,9 +181,12 @@ class NumpyFastPaths:
 
     @staticmethod
     def relu_backward(da, a, mask, out):
-        """da ⊙ [a > 0] into ``out`` (a > 0 exactly where z > 0)."""
+        """where(a > 0, da, 0) into ``out`` (a > 0 exactly where z > 0; da there, 0 elsewhere,
+        even where da is inf or NaN, as in the reference)."""
         np.greater(a, 0.0, out=mask)
-        return np.multiply(da, mask, out=out)
+        out[...] = 0.0
+        np.copyto(out, da, where=mask)
+        return out
 
     @staticmethod
     def softmax_cross_entropy(z, labels, delta):
@@ -182,7 +212,10 @@ class NumpyFastPaths:
         allocation. (Splitting the passes over two threads was slower in measurement: OpenBLAS's
         worker, still spinning after the backward products, takes the second core.)
         """
-        if self.native is not None and p.dtype in (np.float32, np.float64) and g.flags.c_contiguous:
+        arrays = (p, g, m, v)
+        fits = all(a.ndim == 1 and a.shape == p.shape and a.dtype == p.dtype and a.flags.c_contiguous for a in arrays)
+        fits = fits and all(a.flags.writeable for a in (p, m, v)) and p.dtype in (np.float32, np.float64)
+        if fits and self.native is not None:
             kernel = self.native.xpnet_adam_f32 if p.dtype == np.float32 else self.native.xpnet_adam_f64
             kernel(
                 p.ctypes.data,

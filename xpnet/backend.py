@@ -159,7 +159,11 @@ class Device:
     def describe(self) -> str:
         """One line about the device: library version, and for a GPU its name and memory."""
         if self.kind == "numpy":
-            return f"NumPy {np.__version__} on the CPU"
+            if self.fast is None:
+                paths = "Array API code only (fast paths off)"
+            else:
+                paths = "fast paths on, Adam " + ("compiled" if self.fast.native is not None else "in NumPy passes")
+            return f"NumPy {np.__version__} on the CPU; {paths}"
         if self.kind == "cupy":
             cupy = self._cupy
             props = cupy.cuda.runtime.getDeviceProperties(self.native.id)

@@ -40,7 +40,10 @@ class Layer:
         self.grads: dict = {}
         self.device = None
         self.xp = None
-        self.fast = None  # the device's fast paths, used in training when it has them
+        self.fast = None  # the device's fast paths, when it has them
+        #: Set by fit while it trains: outputs may then live in buffers reused every step (outside
+        #: fit every call returns new arrays, as the reference code does).
+        self.reuse = False
         self._buffers: dict = {}
 
     def build(self, device, dtype, next_layer: Layer | None = None) -> None:
@@ -104,7 +107,7 @@ class Dense(Layer):
             )
         self.x = x
         W, b = self.params["W"], self.params.get("b")
-        if training and self.fast is not None:  # the same z, into a buffer reused every step
+        if training and self.reuse and self.fast is not None:  # the same z, in a buffer reused every step
             out = self.fast.buffer(self._buffers, "z", (x.shape[0], self.out_features), W.dtype)
             return self.fast.linear(x, W, b, out)
         z = x @ W.T
@@ -117,8 +120,13 @@ class Dense(Layer):
         if self.x is None:
             raise RuntimeError("Dense.backward called before forward: run model.forward on the batch first")
         if self.fast is not None and "W" in self.grads:  # into the existing gradient arrays
-            dx = self.fast.buffer(self._buffers, "dx", tuple(self.x.shape), delta.dtype) if need_input_grad else None
-            return self.fast.linear_backward(delta, self.x, self.params["W"], self.grads["W"], self.grads.get("b"), dx)
+            dx = None
+            if need_input_grad and self.reuse:
+                dx = self.fast.buffer(self._buffers, "dx", tuple(self.x.shape), delta.dtype)
+            self.fast.linear_backward(delta, self.x, self.params["W"], self.grads["W"], self.grads.get("b"), dx)
+            if need_input_grad and dx is None:
+                dx = delta @ self.params["W"]
+            return dx
         self.grads["W"] = delta.T @ self.x
         if self.bias:
             self.grads["b"] = xp.sum(delta, axis=0)
@@ -140,13 +148,13 @@ class ReLU(Layer):
 
     def forward(self, z, training=False):
         self.z = z
-        if training and self.fast is not None:
+        if training and self.reuse and self.fast is not None:
             self.z = self.fast.relu(z, self.fast.buffer(self._buffers, "a", tuple(z.shape), z.dtype))
             return self.z  # a > 0 exactly where z > 0: backward can use a
         return self.xp.maximum(z, 0.0)
 
     def backward(self, da, need_input_grad=True):
-        if self.fast is not None:
+        if self.reuse and self.fast is not None:
             mask = self.fast.buffer(self._buffers, "mask", tuple(da.shape), bool)
             out = self.fast.buffer(self._buffers, "da", tuple(da.shape), da.dtype)
             return self.fast.relu_backward(da, self.z, mask, out)

@@ -138,6 +138,7 @@ class Optimizer:
         self.steps = 0
         self.state: dict[str, dict] = {}
         self._flat_slots = None  # flat slot arrays when the model keeps flat parameters
+        self._flat_owner = None  # the FlatParameters they are laid out for
         self._decay_mask = self._fast = None
         self._buffers: dict = {}  # scratch space of fused updates
         self._device = None  # the model's, from the first step or load: CuPy copies need its context
@@ -170,6 +171,15 @@ class Optimizer:
     def _flat_step(self, flat, lr) -> None:
         """The same update on the flat parameter and gradient arrays (slots flat too, with
         per-parameter views in ``state`` for state_dict)."""
+        if self._flat_owner is not flat:  # first flat step, or the optimizer moved to another model
+            self._flat_slots, self._flat_owner = None, flat
+            stale = [
+                key
+                for key, slots in self.state.items()
+                if key not in flat.offsets or any(tuple(a.shape) != flat.offsets[key][2] for a in slots.values())
+            ]
+            if stale:
+                raise ValueError(f"optimizer state for {', '.join(stale)} does not fit this model's parameters")
         if self.slot_names and self._flat_slots is None:
             self._flat_slots = {
                 name: flat.fast.flat(flat.params.shape[0], flat.params.dtype) for name in self.slot_names
@@ -264,7 +274,7 @@ class Optimizer:
                     )
                 staged[key][name] = moved
         self.state = staged
-        self._flat_slots = None  # rebuilt around the loaded values at the next flat step
+        self._flat_slots = self._flat_owner = None  # rebuilt around the loaded values at the next flat step
         self.steps = int(state["steps"])
         self._device = model.device
 
@@ -336,6 +346,8 @@ class Adam(Optimizer):
         for label, beta in (("beta1", beta1), ("beta2", beta2)):
             if not 0.0 <= beta < 1.0:
                 raise ValueError(f"{label} must be in [0, 1), got {beta!r}")
+        if not eps > 0:
+            raise ValueError(f"eps must be positive (it keeps m / (√v + ε) finite), got {eps!r}")
         self.beta1, self.beta2, self.eps = float(beta1), float(beta2), float(eps)
 
     def _corrected(self, lr) -> tuple[float, float]:
@@ -349,14 +361,14 @@ class Adam(Optimizer):
         slots = self._slots(key, p)
         m, v = slots["m"], slots["v"]
         xp = array_namespace(p)
+        # m ← β₁ m + (1 − β₁) g and v ← β₂ v + (1 − β₂) g², written as m + (1 − β₁)(g − m) and
+        # v + (1 − β₂)(g² − v): the same numbers, rounded as the fused kernels round them
         if is_writeable_array(m):
-            m *= b1
-            m += (1.0 - b1) * g
-            v *= b2
-            v += (1.0 - b2) * (g * g)
+            m += (1.0 - b1) * (g - m)
+            v += (1.0 - b2) * (g * g - v)
         else:
-            m = b1 * m + (1.0 - b1) * g
-            v = b2 * v + (1.0 - b2) * (g * g)
+            m = m + (1.0 - b1) * (g - m)
+            v = v + (1.0 - b2) * (g * g - v)
         slots["m"], slots["v"] = m, v
         lr_t, eps_t = self._corrected(lr)
         return lr_t * m / (xp.sqrt(v) + eps_t)

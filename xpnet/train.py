@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 import time
 
-from .losses import get_loss
+from .losses import SoftmaxCrossEntropy, get_loss
 from .metrics import default_metrics, get_metric
 from .optim import Optimizer, get_optimizer
 
@@ -294,20 +294,21 @@ def fit(
         try:
             for epoch in range(initial_epoch, epochs):
                 started = time.perf_counter()
-                logs = _train_epoch(
-                    model,
-                    loss,
-                    optimizer,
-                    X,
-                    Y,
-                    state,
-                    epoch,
-                    batch_size,
-                    shuffle,
-                    metrics,
-                    callbacks,
-                    all_targets=[Y] if val is None else [Y, val[1]],
-                )
+                with model.reusing_buffers():
+                    logs = _train_epoch(
+                        model,
+                        loss,
+                        optimizer,
+                        X,
+                        Y,
+                        state,
+                        epoch,
+                        batch_size,
+                        shuffle,
+                        metrics,
+                        callbacks,
+                        all_targets=[Y] if val is None else [Y, val[1]],
+                    )
                 if val is not None:
                     val_logs = _evaluate_on_device(model, loss, *val, max(batch_size, 256), metrics)
                     logs.update({f"val_{key}": value for key, value in val_logs.items()})
@@ -332,6 +333,8 @@ def _train_epoch(model, loss, optimizer, X, Y, state, epoch, batch_size, shuffle
     order = device.permutation(n) if shuffle else None
     counts, totals = [0] * len(metrics), [0] * len(metrics)
     fast, buffers = device.fast, {}
+    # the fused softmax-CE only stands in for exactly SoftmaxCrossEntropy on integer labels
+    fast_loss = fast is not None and type(loss) is SoftmaxCrossEntropy and xp.isdtype(Y.dtype, "integral")
     for step, (start, stop) in enumerate(_batches(n, batch_size)):
         if order is None:
             xb, yb = X[start:stop, ...], Y[start:stop, ...]
@@ -346,7 +349,7 @@ def _train_epoch(model, loss, optimizer, X, Y, state, epoch, batch_size, shuffle
         if step == 0 and epoch == state.first_epoch:  # the targets, training and validation, checked once
             for targets in all_targets:
                 loss.check_targets(targets, out.shape[-1])
-        if fast is not None and loss.class_labels:
+        if fast_loss:
             value, delta = loss.value_and_grad(out, yb, fast=fast, buffers=buffers)
         else:
             value, delta = loss.value_and_grad(out, yb)
