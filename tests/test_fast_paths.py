@@ -236,3 +236,12 @@ def test_a_broken_toolchain_or_cache_falls_back(tmp_path, setup):
         assert result.stdout.strip() == "None"
     elif setup in ("truncated-library", "foreign-library"):
         assert "CDLL" in result.stdout  # the damaged file was noticed and rebuilt
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["compiled", "numpy"])
+def test_relu_backward_keeps_where_semantics_for_non_finite_gradients(native):
+    fast = NumpyFastPaths(native=native)
+    a = np.array([[0.0, 2.0, 0.0, 1.0]], np.float32)
+    da = np.array([[np.nan, 3.0, np.inf, -1.0]], np.float32)
+    out = fast.relu_backward(da, a, np.empty(a.shape, bool), np.empty_like(a))
+    np.testing.assert_array_equal(out, [[0.0, 3.0, 0.0, -1.0]])
