@@ -38,11 +38,14 @@ def test_relu_and_its_backward_match_the_reference(fast):
     np.testing.assert_array_equal(back, np.where(z > 0, da, 0))
 
 
-def test_softmax_cross_entropy_matches_the_reference(fast):
-    z, labels = _random(11, 10) * 4, np.random.default_rng(1).integers(0, 10, 11)
+@pytest.mark.parametrize("native", [True, False], ids=["compiled", "numpy"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_softmax_cross_entropy_matches_the_reference(native, dtype):
+    fast = NumpyFastPaths(native=native)
+    z, labels = _random(11, 10, dtype=dtype) * 4, np.random.default_rng(1).integers(0, 10, 11)
     value, delta = fast.softmax_cross_entropy(z, labels, np.empty_like(z))
     reference_value, reference_delta = xn.SoftmaxCrossEntropy().value_and_grad(z, labels)
-    assert value.dtype == np.float32 and float(value) == pytest.approx(float(reference_value), rel=1e-6)
+    assert value.dtype == dtype and float(value) == pytest.approx(float(reference_value), rel=1e-6)
     np.testing.assert_allclose(delta, reference_delta, rtol=1e-5, atol=1e-8)
 
 

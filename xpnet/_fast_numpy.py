@@ -61,6 +61,29 @@ void NAME(const T *restrict a, const T *restrict da, T *restrict out, ptrdiff_t 
 }
 RELU_BACKWARD(xpnet_relu_backward_f32, float)
 RELU_BACKWARD(xpnet_relu_backward_f64, double)
+/* Softmax cross-entropy from logits z (B, C) and labels y: returns the mean of
+   log sum exp(z - max) - (z_y - max), and writes delta = (softmax(z) - onehot(y)) / B. */
+#define SOFTMAX_XENT(NAME, T, EXP, LOG)                                                      \
+double NAME(const T *restrict z, const long long *restrict y, T *restrict delta,             \
+            ptrdiff_t B, ptrdiff_t C) {                                                      \
+    double total = 0;                                                                        \
+    const T inv_b = (T)1 / (T)B;                                                             \
+    for (ptrdiff_t b = 0; b < B; ++b) {                                                      \
+        const T *row = z + b * C;                                                            \
+        T *out = delta + b * C;                                                              \
+        T top = row[0];                                                                      \
+        for (ptrdiff_t c = 1; c < C; ++c) top = row[c] > top ? row[c] : top;                 \
+        T sum = 0;                                                                           \
+        for (ptrdiff_t c = 0; c < C; ++c) { out[c] = EXP(row[c] - top); sum += out[c]; }     \
+        total += (double)LOG(sum) - (double)(row[y[b]] - top);                               \
+        for (ptrdiff_t c = 0; c < C; ++c) out[c] = out[c] / sum;                             \
+        out[y[b]] -= 1;                                                                      \
+        for (ptrdiff_t c = 0; c < C; ++c) out[c] *= inv_b;                                   \
+    }                                                                                        \
+    return total / (double)B;                                                                \
+}
+SOFTMAX_XENT(xpnet_softmax_xent_f32, float, expf, logf)
+SOFTMAX_XENT(xpnet_softmax_xent_f64, double, exp, log)
 """
 _FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-ffp-contract=off", "-shared", "-fPIC"]
 _SYMBOLS = (("xpnet_adam_f32", ctypes.c_float), ("xpnet_adam_f64", ctypes.c_double))
@@ -125,6 +148,10 @@ def _load(compiler: str | None, cache_dir: str):
         function = getattr(lib, name)
         function.argtypes = [pointer, pointer, pointer, ctypes.c_ssize_t]
         function.restype = None
+    for name in ("xpnet_softmax_xent_f32", "xpnet_softmax_xent_f64"):
+        function = getattr(lib, name)
+        function.argtypes = [pointer, pointer, pointer, ctypes.c_ssize_t, ctypes.c_ssize_t]
+        function.restype = ctypes.c_double
     return lib
 
 
@@ -209,9 +236,21 @@ class NumpyFastPaths:
         np.copyto(out, da, where=mask)
         return out
 
-    @staticmethod
-    def softmax_cross_entropy(z, labels, delta):
-        """Mean −log softmax(z)[label] and δ = (p − y) / B into ``delta``, without a one-hot matrix."""
+    def softmax_cross_entropy(self, z, labels, delta):
+        """Mean −log softmax(z)[label] and δ = (p − y) / B into ``delta``, without a one-hot matrix.
+        Compiled: one pass per row. (Labels must be in range: fit checks them once.)"""
+        native = self.native
+        if (
+            native is not None
+            and z.dtype in (np.float32, np.float64)
+            and labels.dtype == np.int64
+            and z.flags.c_contiguous
+            and labels.flags.c_contiguous
+            and delta.flags.c_contiguous
+        ):
+            kernel = native.xpnet_softmax_xent_f32 if z.dtype == np.float32 else native.xpnet_softmax_xent_f64
+            loss = kernel(z.ctypes.data, labels.ctypes.data, delta.ctypes.data, z.shape[0], z.shape[1])
+            return z.dtype.type(loss), delta
         batch = z.shape[0]
         rows = np.arange(batch)
         np.subtract(z, z.max(axis=1, keepdims=True), out=delta)
