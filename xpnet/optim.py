@@ -172,7 +172,6 @@ class Optimizer:
         """The same update on the flat parameter and gradient arrays (slots flat too, with
         per-parameter views in ``state`` for state_dict)."""
         if self._flat_owner is not flat:  # first flat step, or the optimizer moved to another model
-            self._flat_slots, self._flat_owner = None, flat
             stale = [
                 key
                 for key, slots in self.state.items()
@@ -180,6 +179,7 @@ class Optimizer:
             ]
             if stale:
                 raise ValueError(f"optimizer state for {', '.join(stale)} does not fit this model's parameters")
+            self._flat_slots, self._flat_owner = None, flat
         if self.slot_names and self._flat_slots is None:
             self._flat_slots = {
                 name: flat.fast.flat(flat.params.shape[0], flat.params.dtype) for name in self.slot_names
