@@ -1,8 +1,9 @@
-"""nox sessions: the test suite per backend, and lint.
+"""nox sessions: the test suite per backend, CPU/device parity, and lint.
 
     nox -s tests-numpy      NumPy on the CPU
     nox -s tests-strict     array-api-strict: its CPU device, device1 and no_float64
     nox -s tests-cuda       CuPy on a CUDA GPU (skips itself when no GPU is present)
+    nox -s parity           CPU against GPU (`nox -s parity -- strict:device1` without a GPU)
     nox -s lint             ruff
 
 Each session installs xpnet with its test dependencies into a fresh virtual environment. On a
@@ -23,7 +24,7 @@ BACKENDS = {
     "strict": ["--backend", "strict", "--backend", "strict:device1", "--backend", "strict:no_float64"],
     "cuda": ["--backend", "cuda"],
 }
-nox.options.sessions = [*(f"tests-{b}" for b in BACKENDS), "lint"]
+nox.options.sessions = [*(f"tests-{b}" for b in BACKENDS), "parity", "lint"]
 
 
 def _installing(session) -> bool:
@@ -53,6 +54,19 @@ def _tests_session(backend):
 
 for _backend in BACKENDS:
     _tests_session(_backend)
+
+
+@nox.session
+def parity(session):
+    """xpnet parity: the same seeded training on the CPU and on a device (default cuda; pass
+    another after --, e.g. `nox -s parity -- strict:device1`, to run it without a GPU)."""
+    device = session.posargs[0] if session.posargs else "cuda"
+    if device.startswith("cuda") and shutil.which("nvidia-smi") is None:
+        session.skip("no CUDA device here (nvidia-smi not found): run `nox -s parity -- strict:device1` instead")
+    if _installing(session):
+        cupy_extra = "cuda13" if os.environ.get("XPNET_CUDA") == "13" else "cuda12"
+        session.install("-e", f".[dev,{cupy_extra}]" if device.startswith("cuda") else ".[dev]")
+    session.run("xpnet", "parity", "--device", device)
 
 
 @nox.session

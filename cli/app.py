@@ -291,6 +291,23 @@ def devices():
 
 @app.command()
 @reports_errors
+def parity(
+    device: str = typer.Option("cuda", help="the device compared with the CPU (strict:device1 stands in for a GPU)"),
+    seed: int = typer.Option(0, help="seed of the networks and data"),
+    mnist: bool = typer.Option(True, help="include the one-epoch MNIST check"),
+):
+    """Train the same seeded network on the CPU and on DEVICE; a table per check; exit 1 on any failure."""
+    from .parity import run_parity, table
+
+    make_device(device)
+    checks = run_parity(device, seed=seed, mnist=mnist)
+    typer.echo(table(checks, device))
+    if not all(check.passed for check in checks):
+        raise typer.Exit(1)
+
+
+@app.command()
+@reports_errors
 def bench(
     device: str = typer.Option("cpu", help="the device xpnet trains on"),
     batch_sizes: str = typer.Option("32,128,512", help="comma-separated batch sizes"),

@@ -536,3 +536,32 @@ def test_the_library_imports_without_typer():
     code = "import sys; sys.modules['typer'] = None; import xpnet, xpnet.data, xpnet.io; print('ok')"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
+
+
+# ------------------------------------------------------------------------------ parity
+def test_parity_against_the_strict_stand_in():
+    result = invoke("parity", "--device", "strict:device1", "--no-mnist")
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert lines[0] == "parity: cpu against strict:device1"
+    assert lines[-1] == "34 of 34 checks passed"  # 8 layers × forward/backward × 2 dtypes, 2 optimizers
+    assert any(line.startswith("parameters after 10 Adam steps") and line.endswith("ok") for line in lines)
+
+
+def test_parity_fails_loudly_when_a_device_computes_differently(monkeypatch):
+    from cli import parity
+
+    class Skewed(xpnet.Layer):
+        """Identity on the CPU, ×1.001 elsewhere: a device bug parity must catch."""
+
+        def forward(self, x, training=False):
+            return x * (1.0 if self.device.kind == "numpy" else 1.001)
+
+        def backward(self, dy, need_input_grad=True):
+            return dy
+
+    monkeypatch.setattr(parity, "LAYERS", {"Skewed": lambda: [xpnet.Dense(6, 5), Skewed()]})
+    result = invoke("parity", "--device", "strict:device1", "--no-mnist")
+    assert result.exit_code == 1
+    assert "Skewed forward (float32)" in result.stdout and "FAILED" in result.stdout
+    assert_one_line_error(invoke("parity", "--device", "tpu"), 2, "unknown device 'tpu'")
