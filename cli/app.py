@@ -297,8 +297,9 @@ def parity(
     mnist: bool = typer.Option(True, help="include the one-epoch MNIST check"),
 ):
     """Train the same seeded network on the CPU and on DEVICE; a table per check; exit 1 on any failure."""
-    from .parity import run_parity, table
+    from .parity import full_float32, run_parity, table
 
+    full_float32()
     make_device(device)
     checks = run_parity(device, seed=seed, mnist=mnist)
     typer.echo(table(checks, device))

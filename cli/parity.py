@@ -112,8 +112,15 @@ def mnist_checks(device: str, seed: int) -> list[Check]:
     ]
 
 
+def full_float32() -> None:
+    """TF32 off, before CuPy or cuBLAS start: CuPy's own switch (off by default) and NVIDIA's
+    override for every CUDA library."""
+    os.environ["CUPY_TF32"] = "0"
+    os.environ["NVIDIA_TF32_OVERRIDE"] = "0"
+
+
 def run_parity(device: str, *, seed: int = 0, mnist: bool = True) -> list[Check]:
-    os.environ["CUPY_TF32"] = "0"  # parity is checked in full float32 (CuPy's default; made sure here)
+    full_float32()
     target = xn.Device(device)
     checks = layer_checks(device, "float32", seed)
     if target.supports_float64:

@@ -565,3 +565,12 @@ def test_parity_fails_loudly_when_a_device_computes_differently(monkeypatch):
     assert result.exit_code == 1
     assert "Skewed forward (float32)" in result.stdout and "FAILED" in result.stdout
     assert_one_line_error(invoke("parity", "--device", "tpu"), 2, "unknown device 'tpu'")
+
+
+def test_a_cuda_index_that_does_not_exist(tmp_path, monkeypatch):
+    import types
+
+    fake = types.SimpleNamespace(cuda=types.SimpleNamespace(runtime=types.SimpleNamespace(getDeviceCount=lambda: 2)))
+    monkeypatch.setitem(sys.modules, "cupy", fake)
+    result = invoke("train", "--device", "cuda:5", "--out", tmp_path / "run")
+    assert_one_line_error(result, 2, r"device 'cuda:5' does not exist: this machine has 2 GPU\(s\), cuda:0 to cuda:1")
