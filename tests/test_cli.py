@@ -574,3 +574,21 @@ def test_a_cuda_index_that_does_not_exist(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "cupy", fake)
     result = invoke("train", "--device", "cuda:5", "--out", tmp_path / "run")
     assert_one_line_error(result, 2, r"device 'cuda:5' does not exist: this machine has 2 GPU\(s\), cuda:0 to cuda:1")
+
+
+def test_bench_command_prints_a_table(monkeypatch):
+    from cli import bench
+
+    monkeypatch.setattr(
+        bench, "available", lambda name: "left out in this test" if name in ("pytorch", "sklearn") else None
+    )
+    result = invoke("bench", "--batch-sizes", "4096", "--epochs", "2", "--no-rss")
+    assert result.exit_code == 0, result.output
+    out = result.stdout
+    assert "pytorch: skipped, left out in this test" in out and "sklearn: skipped" in out
+    rows = [line.split() for line in out.splitlines() if line.strip().startswith("4096 ")]
+    assert [row[1] for row in rows] == ["xpnet", "floor"]
+    xpnet_seconds, floor_seconds = float(rows[0][2]), float(rows[1][2])
+    assert xpnet_seconds > 0 and floor_seconds > 0
+    assert float(rows[1][-1]) == pytest.approx(xpnet_seconds / floor_seconds, rel=0.02)  # the xpnet/floor ratio
+    assert_one_line_error(invoke("bench", "--batch-sizes", "a,b"), 2, "--batch-sizes must be integers")
