@@ -14,7 +14,7 @@ import typer
 import xpnet as xn
 
 from .progress import ProgressBar
-from .run import CLIError, load_run, make_device, train_run
+from .run import CLIError, class_probabilities, confusion_matrix, load_run, make_device, train_run
 
 app = typer.Typer(
     add_completion=False,
@@ -127,20 +127,10 @@ def train(
         )
 
 
-def _predictions(model, data, split):
-    logits = model.device.to_host(xn.predict(model, split.x))
-    if data.dataset.task == "binary":
-        p = 1.0 / (1.0 + np.exp(-np.clip(logits[:, 0], -500, 500)))
-        return (p > 0.5).astype(np.int64), np.where(p > 0.5, p, 1 - p)
-    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
-    probabilities = shifted / shifted.sum(axis=1, keepdims=True)
+def _predictions(model, data, x):
+    """The predicted class of each row and its probability."""
+    probabilities = class_probabilities(model, data, x)
     return probabilities.argmax(axis=1), probabilities.max(axis=1)
-
-
-def confusion_matrix(truth, predicted, num_classes: int) -> np.ndarray:
-    matrix = np.zeros((num_classes, num_classes), dtype=np.int64)
-    np.add.at(matrix, (truth, predicted), 1)
-    return matrix
 
 
 @app.command()
@@ -154,7 +144,7 @@ def evaluate(
     _, data, model, _ = load_run(run_dir, device)
     ds = data.dataset
     result = xn.evaluate(model, data.loss, ds.test.x, ds.test.y)
-    predicted, _ = _predictions(model, data, ds.test)
+    predicted, _ = _predictions(model, data, ds.test.x)
     classes = ds.classes
     matrix = confusion_matrix(ds.test.y, predicted, len(classes))
     precision = np.diag(matrix) / np.maximum(matrix.sum(axis=0), 1)
@@ -225,7 +215,7 @@ def predict(
     classes = data.dataset.classes
     for path in files:
         rows = _load_input(path, data)
-        predicted, probability = _predictions(model, data, xn.data.Split(rows, np.zeros(len(rows), np.int64)))
+        predicted, probability = _predictions(model, data, rows)
         for i, (cls, p) in enumerate(zip(predicted, probability)):
             label = f"{path}" + (f"[{i}]" if len(rows) > 1 else "")
             typer.echo(f"{label}: {classes[int(cls)]} (probability {p:.3f})")
@@ -248,7 +238,7 @@ def gradcheck(
     )
     rng = np.random.default_rng(seed)
     report = xn.gradcheck(model, "cross_entropy", rng.normal(size=(8, 6)), rng.integers(0, 3, size=8))
-    typer.echo(f"gradient check on {dev.name}: 6-5-3 tanh/relu/dropout network, softmax cross-entropy, float64")
+    typer.echo(f"gradient check on {dev.name}: 6-5-4-3 tanh/relu/dropout network, softmax cross-entropy, float64")
     typer.echo(report.table())
     verdict = "passed" if report.passed(tolerance) else "FAILED"
     typer.echo(f"largest relative error {report.max_error:.2e}: {verdict} (tolerance {tolerance:g})")

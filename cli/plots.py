@@ -8,9 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-import xpnet as xn
-
-from .run import METRICS, CLIError, load_run
+from .run import METRICS, CLIError, class_probabilities, confusion_matrix, load_run
 
 
 def _pyplot():
@@ -31,13 +29,7 @@ def plot_run(run_dir, device=None) -> list[Path]:
     out.mkdir(exist_ok=True)
     written = [_curves(plt, Path(run_dir), out)]
     ds = data.dataset
-    logits = model.device.to_host(xn.predict(model, ds.test.x))
-    if ds.task == "binary":
-        p_true = 1 / (1 + np.exp(-np.clip(logits[:, 0], -500, 500)))
-        probabilities = np.stack([1 - p_true, p_true], axis=1)
-    else:
-        e = np.exp(logits - logits.max(axis=1, keepdims=True))
-        probabilities = e / e.sum(axis=1, keepdims=True)
+    probabilities = class_probabilities(model, data, ds.test.x)
     predicted = probabilities.argmax(axis=1)
     written.append(_confusion(plt, ds, predicted, out))
     if ds.image_shape is not None:
@@ -69,8 +61,7 @@ def _curves(plt, run_dir: Path, out: Path) -> Path:
 
 def _confusion(plt, ds, predicted, out: Path) -> Path:
     n = len(ds.classes)
-    matrix = np.zeros((n, n), dtype=np.int64)
-    np.add.at(matrix, (ds.test.y, predicted), 1)
+    matrix = confusion_matrix(ds.test.y, predicted, n)
     fig, ax = plt.subplots(figsize=(1 + 0.6 * n, 1 + 0.5 * n))
     ax.imshow(matrix, cmap="Blues")
     for i in range(n):

@@ -168,6 +168,24 @@ def load_data(config: dict) -> Data:
     return Data(dataset, "bce" if dataset.task == "binary" else "cross_entropy", extra)
 
 
+def class_probabilities(model, data: Data, x) -> np.ndarray:
+    """(N, C) class probabilities on the host: softmax of the logits, or [1 − σ, σ] for a binary
+    model's single logit."""
+    logits = model.device.to_host(xn.predict(model, x))
+    if data.dataset.task == "binary":
+        p = 1.0 / (1.0 + np.exp(-np.clip(logits[:, 0], -500, 500)))
+        return np.stack([1.0 - p, p], axis=1)
+    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return shifted / shifted.sum(axis=1, keepdims=True)
+
+
+def confusion_matrix(truth, predicted, num_classes: int) -> np.ndarray:
+    """Counts of (true class, predicted class) pairs."""
+    matrix = np.zeros((num_classes, num_classes), dtype=np.int64)
+    np.add.at(matrix, (truth, predicted), 1)
+    return matrix
+
+
 def make_device(name: str, seed: int = 0) -> xn.Device:
     try:
         return xn.Device(name, seed=seed)
