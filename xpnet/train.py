@@ -196,20 +196,32 @@ def _batches(n: int, batch_size: int):
         yield start, min(start + batch_size, n)
 
 
+class _MetricTally:
+    """Metric counts summed on the device batch by batch, read to the host once at the end."""
+
+    def __init__(self, metrics):
+        self.metrics = metrics
+        self.correct = [0] * len(metrics)
+        self.judged = [0] * len(metrics)
+
+    def add(self, output, target) -> None:
+        for i, metric in enumerate(self.metrics):
+            correct, judged = metric.count(output, target)
+            self.correct[i], self.judged[i] = self.correct[i] + correct, self.judged[i] + judged
+
+    def logs(self, device) -> dict:
+        return {m.name: device.item(c) / j for m, c, j in zip(self.metrics, self.correct, self.judged)}
+
+
 def _evaluate_on_device(model, loss, X, Y, batch_size, metrics) -> dict:
-    loss_sum, counts, totals = 0.0, [0] * len(metrics), [0] * len(metrics)
+    loss_sum, tally = 0.0, _MetricTally(metrics)
     with model.device:
         for start, stop in _batches(X.shape[0], batch_size):
             out = model.forward(X[start:stop, ...], training=False)
             yb = Y[start:stop, ...]
             loss_sum = loss_sum + loss.value(out, yb) * (stop - start)
-            for i, metric in enumerate(metrics):
-                correct, judged = metric.count(out, yb)
-                counts[i], totals[i] = counts[i] + correct, totals[i] + judged
-    logs = {"loss": model.device.item(loss_sum) / X.shape[0]}
-    for metric, correct, judged in zip(metrics, counts, totals):
-        logs[metric.name] = model.device.item(correct) / judged
-    return logs
+            tally.add(out, yb)
+    return {"loss": model.device.item(loss_sum) / X.shape[0], **tally.logs(model.device)}
 
 
 def _check_batch_size(batch_size) -> int:
@@ -331,7 +343,7 @@ def _train_epoch(model, loss, optimizer, X, Y, state, epoch, batch_size, shuffle
     for cb in callbacks:
         cb.on_epoch_begin(state)
     order = device.permutation(n) if shuffle else None
-    counts, totals = [0] * len(metrics), [0] * len(metrics)
+    tally = _MetricTally(metrics)
     fast, buffers = device.fast, {}
     # the fused softmax-CE only stands in for exactly SoftmaxCrossEntropy on integer labels
     fast_loss = fast is not None and type(loss) is SoftmaxCrossEntropy and xp.isdtype(Y.dtype, "integral")
@@ -356,9 +368,7 @@ def _train_epoch(model, loss, optimizer, X, Y, state, epoch, batch_size, shuffle
         model.backward(delta)
         optimizer.step(model)
         state._loss_sum = state._loss_sum + value * (stop - start)
-        for i, metric in enumerate(metrics):
-            correct, judged = metric.count(out, yb)
-            counts[i], totals[i] = counts[i] + correct, totals[i] + judged
+        tally.add(out, yb)
         state.step, state.samples_seen = step, stop
         for cb in callbacks:
             cb.on_batch_end(state)
@@ -368,8 +378,7 @@ def _train_epoch(model, loss, optimizer, X, Y, state, epoch, batch_size, shuffle
             f"the training loss became {logs['loss']} in epoch {epoch + 1}; "
             "try a lower learning rate or gradient clipping"
         )
-    for metric, correct, judged in zip(metrics, counts, totals):
-        logs[metric.name] = device.item(correct) / judged
+    logs.update(tally.logs(device))
     return logs
 
 
