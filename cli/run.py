@@ -23,7 +23,7 @@ import numpy as np
 
 import xpnet as xn
 from xpnet.data import load_dataset
-from xpnet.io import CheckpointError, load_checkpoint, save_checkpoint, write_json_atomic
+from xpnet.io import CheckpointError, load_checkpoint, save_checkpoint, write_json_atomic, write_text_atomic
 
 
 class CLIError(Exception):
@@ -363,12 +363,6 @@ def _restore(run_dir: Path, config, model, optimizer, early_stopping):
     return checkpoint, history
 
 
-def _write_lines_atomic(path: Path, lines: list[str]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(line + "\n" for line in lines))
-    tmp.replace(path)
-
-
 def train_run(options: dict, *, out: str | None, resume: str | None, callbacks_for) -> dict:
     """Train (or continue) a run; return the summary. ``callbacks_for(config)`` adds display."""
     if resume:
@@ -404,12 +398,12 @@ def train_run(options: dict, *, out: str | None, resume: str | None, callbacks_f
         if config["epochs"] != saved["epochs"]:
             write_json_atomic(run_dir / CONFIG, {**config, "xpnet_version": xn.__version__})
         kept = (run_dir / METRICS).read_text().splitlines()[: len(history)] if (run_dir / METRICS).exists() else []
-        _write_lines_atomic(run_dir / METRICS, kept)
+        write_text_atomic(run_dir / METRICS, "".join(line + "\n" for line in kept))
     else:
         history = xn.History()
         run_dir.mkdir(parents=True, exist_ok=True)
         write_json_atomic(run_dir / CONFIG, {**config, "xpnet_version": xn.__version__})
-        _write_lines_atomic(run_dir / METRICS, [])
+        write_text_atomic(run_dir / METRICS, "")
         save_run_checkpoint(run_dir, model, optimizer, data, history, 0, early_stopping)  # epoch 0: resumable
 
     initial_epoch = len(history)

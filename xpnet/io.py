@@ -22,7 +22,14 @@ import numpy as np
 
 from .model import Sequential
 
-__all__ = ["CheckpointError", "Checkpoint", "save_checkpoint", "load_checkpoint", "write_json_atomic"]
+__all__ = [
+    "CheckpointError",
+    "Checkpoint",
+    "save_checkpoint",
+    "load_checkpoint",
+    "write_json_atomic",
+    "write_text_atomic",
+]
 
 _FORMAT = "xpnet-checkpoint-1"
 
@@ -65,10 +72,14 @@ class Checkpoint:
             raise CheckpointError(f"{self.path}: the optimizer state does not fit: {exc}") from exc
 
 
+def write_text_atomic(path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file, fsync and a rename."""
+    _atomic_write(Path(path), lambda tmp: Path(tmp).write_text(text))
+
+
 def write_json_atomic(path, document) -> None:
     """Write JSON to ``path`` through a temporary file and a rename."""
-    path = Path(path)
-    _atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(document, indent=2) + "\n"))
+    write_text_atomic(path, json.dumps(document, indent=2) + "\n")
 
 
 def _atomic_write(path: Path, write) -> None:
