@@ -30,6 +30,47 @@ def test_linear_forward_and_backward_match_the_reference(fast):
     np.testing.assert_allclose(dx, delta @ W, rtol=RTOL, atol=1e-6)
 
 
+@pytest.mark.parametrize("native", [True, False], ids=["compiled", "numpy"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
+def test_linear_with_relu_is_max_of_the_reference(native, dtype, bias):
+    fast = NumpyFastPaths(native=native)
+    x, W, b = _random(9, 5, dtype=dtype), _random(6, 5, seed=1, dtype=dtype), _random(6, seed=2, dtype=dtype)
+    x[0, 0] = np.nan  # NaN goes through max(z, 0) as it does through NumPy's maximum
+    reference = np.maximum(x @ W.T + b if bias else x @ W.T, 0)
+    out = fast.linear(x, W, b if bias else None, np.empty((9, 6), dtype), relu=True)
+    np.testing.assert_array_equal(out, reference)  # the same additions: equal bit for bit
+    assert np.isnan(out[0]).all() and (out[1:] >= 0).all() and (out[1:] == 0).any()
+    plain = fast.linear(x, W, b if bias else None, np.empty((9, 6), dtype))
+    np.testing.assert_array_equal(plain, x @ W.T + b if bias else x @ W.T)
+
+
+def test_kernel_addresses_follow_new_arrays_and_refuse_strided_ones(fast):
+    if fast.native is None:
+        pytest.skip("no C compiler here")
+    for seed in range(20):  # fresh arrays, some of which reuse a freed one's id: each gets its own address
+        a, da = _random(4, 8, seed=seed), _random(4, 8, seed=seed + 100)
+        out = fast.relu_backward(da, a, np.empty(a.shape, bool), np.empty_like(a))
+        np.testing.assert_array_equal(out, np.where(a > 0, da, 0))
+        del a, da, out
+    a = _random(4, 16)
+    assert fast._kernel("xpnet_relu_backward", a[:, ::2]) is None  # strided: the NumPy code runs
+    assert fast._kernel("xpnet_relu_backward", a.astype(np.float16)) is None
+    assert fast._kernel("xpnet_relu_backward", a, a.astype(np.float64)) is None  # mixed dtypes
+
+
+def test_dense_then_relu_is_fused_only_while_fit_reuses_buffers():
+    model = xn.mlp(5, [7, 6], 3, seed=0)
+    x = _random(4, 5)
+    reference = model.forward(x, training=True)
+    dense, relu = model.layers[0], model.layers[1]
+    with model.reusing_buffers():
+        assert dense.fused_relu and relu.fused and not model.layers[-1].fused_relu
+        np.testing.assert_array_equal(model.forward(x, training=True), reference)
+        np.testing.assert_array_equal(relu.z, np.maximum(x @ dense.params["W"].T + dense.params["b"], 0))
+    assert not any(layer.fused_relu or layer.fused or layer.reuse for layer in model.layers)
+
+
 def test_relu_and_its_backward_match_the_reference(fast):
     z, da = _random(6, 9), _random(6, 9, seed=1)
     a = fast.relu(z, np.empty_like(z))

@@ -19,6 +19,7 @@ import shlex
 import shutil
 import subprocess
 import tempfile
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -61,6 +62,19 @@ void NAME(const T *restrict a, const T *restrict da, T *restrict out, ptrdiff_t 
 }
 RELU_BACKWARD(xpnet_relu_backward_f32, float)
 RELU_BACKWARD(xpnet_relu_backward_f64, double)
+/* z (B, n) += b, then a = max(z, 0) when relu is set, in place in one pass. b may be NULL.
+   v < 0 ? 0 : v keeps NaN and -0.0 as NumPy's maximum(v, 0) does. */
+#define BIAS_ACT(NAME, T)                                                                    \
+void NAME(T *restrict z, const T *restrict b, ptrdiff_t B, ptrdiff_t n, int relu) {          \
+    for (ptrdiff_t r = 0; r < B; ++r) {                                                      \
+        T *row = z + r * n;                                                                  \
+        if (b && relu) for (ptrdiff_t c = 0; c < n; ++c) { T v = row[c] + b[c]; row[c] = v < 0 ? (T)0 : v; } \
+        else if (b) for (ptrdiff_t c = 0; c < n; ++c) row[c] += b[c];                        \
+        else if (relu) for (ptrdiff_t c = 0; c < n; ++c) row[c] = row[c] < 0 ? (T)0 : row[c]; \
+    }                                                                                        \
+}
+BIAS_ACT(xpnet_bias_act_f32, float)
+BIAS_ACT(xpnet_bias_act_f64, double)
 /* Softmax cross-entropy from logits z (B, C) and labels y: returns the mean of
    log sum exp(z - max) - (z_y - max), and writes delta = (softmax(z) - onehot(y)) / B. */
 #define SOFTMAX_XENT(NAME, T, EXP, LOG)                                                      \
@@ -148,6 +162,10 @@ def _load(compiler: str | None, cache_dir: str):
         function = getattr(lib, name)
         function.argtypes = [pointer, pointer, pointer, ctypes.c_ssize_t]
         function.restype = None
+    for name in ("xpnet_bias_act_f32", "xpnet_bias_act_f64"):
+        function = getattr(lib, name)
+        function.argtypes = [pointer, pointer, ctypes.c_ssize_t, ctypes.c_ssize_t, ctypes.c_int]
+        function.restype = None
     for name in ("xpnet_softmax_xent_f32", "xpnet_softmax_xent_f64"):
         function = getattr(lib, name)
         function.argtypes = [pointer, pointer, pointer, ctypes.c_ssize_t, ctypes.c_ssize_t]
@@ -167,6 +185,8 @@ class NumpyFastPaths:
         self._want_native = native
         self._native = None
         self._looked = False
+        self._pointers: dict = {}
+        self._kernels: dict = {}
 
     @property
     def native(self):
@@ -175,6 +195,41 @@ class NumpyFastPaths:
             self._native = _native_library() if self._want_native else None
             self._looked = True
         return self._native
+
+    def _kernel(self, name: str, *arrays):
+        """The compiled ``name`` for the arrays' dtype and their data addresses, or None when there
+        is no compiled code or an array is not C-contiguous float32/float64 of one dtype.
+
+        ``ndarray.ctypes.data`` costs ~3 µs a call, more than a small kernel: the buffers, the
+        parameters and the optimizer state are the same arrays every step, so the address is
+        looked up once per array (a weak reference tells a live array from a new one that reuses
+        its id)."""
+        native = self.native
+        if native is None:
+            return None
+        dtype = arrays[0].dtype
+        kernel = self._kernels.get((name, dtype))
+        if kernel is None:
+            if dtype.char not in "fd" or dtype.byteorder not in "=|":
+                return None
+            kernel = self._kernels[(name, dtype)] = getattr(native, f"{name}_{'f32' if dtype.char == 'f' else 'f64'}")
+        addresses = []
+        for array in arrays:
+            address = self.address(array)
+            if address is None or array.dtype is not dtype:
+                return None
+            addresses.append(address)
+        return kernel, addresses
+
+    def address(self, array):
+        """The data address of a C-contiguous array (None otherwise), looked up once per array."""
+        entry = self._pointers.get(id(array))
+        if entry is None or entry[0]() is not array:
+            if len(self._pointers) > 512:
+                self._pointers.clear()
+            address = array.ctypes.data if array.flags.c_contiguous else None
+            entry = self._pointers[id(array)] = (weakref.ref(array), address)
+        return entry[1]
 
     # ------------------------------------------------------------- buffers
     @staticmethod
@@ -195,12 +250,21 @@ class NumpyFastPaths:
         """out = X[index], rows gathered into a reused buffer (index: a permutation, always in range)."""
         return np.take(X, index, axis=0, out=out, mode="clip")  # "raise" would copy through a temporary
 
-    @staticmethod
-    def linear(x, W, b, out):
-        """z = x Wᵀ + b into ``out``."""
+    def linear(self, x, W, b, out, relu: bool = False):
+        """z = x Wᵀ + b into ``out``; with ``relu``, a = max(z, 0) in its place (Dense then ReLU).
+        Compiled: the bias and the ReLU in one pass after the product."""
         np.matmul(x, W.T, out=out)
+        if b is None and not relu:
+            return out
+        found = self._kernel("xpnet_bias_act", out) if b is None else self._kernel("xpnet_bias_act", out, b)
+        if found is not None and out.ndim == 2:
+            kernel, addresses = found
+            kernel(addresses[0], addresses[1] if b is not None else None, out.shape[0], out.shape[1], relu)
+            return out
         if b is not None:
             out += b
+        if relu:
+            np.maximum(out, 0.0, out=out)
         return out
 
     def linear_backward(self, delta, x, W, dW, db, dx):
@@ -226,16 +290,10 @@ class NumpyFastPaths:
     def relu_backward(self, da, a, mask, out):
         """where(a > 0, da, 0) into ``out`` (a > 0 exactly where z > 0; da there, 0 elsewhere,
         even where da is inf or NaN, as in the reference). Compiled: one pass."""
-        arrays = (da, a, out)
-        if (
-            self.native is not None
-            and a.dtype in (np.float32, np.float64)
-            and all(x.dtype == a.dtype and x.shape == a.shape and x.flags.c_contiguous for x in arrays)
-        ):
-            kernel = (
-                self.native.xpnet_relu_backward_f32 if a.dtype == np.float32 else self.native.xpnet_relu_backward_f64
-            )
-            kernel(a.ctypes.data, da.ctypes.data, out.ctypes.data, a.size)
+        found = self._kernel("xpnet_relu_backward", a, da, out)
+        if found is not None and a.shape == da.shape == out.shape:
+            kernel, (pa, pda, pout) = found
+            kernel(pa, pda, pout, a.size)
             return out
         np.greater(a, 0.0, out=mask)
         out[...] = 0.0
@@ -245,17 +303,11 @@ class NumpyFastPaths:
     def softmax_cross_entropy(self, z, labels, delta):
         """Mean −log softmax(z)[label] and δ = (p − y) / B into ``delta``, without a one-hot matrix.
         Compiled: one pass per row. (Labels must be in range: fit checks them once.)"""
-        native = self.native
-        if (
-            native is not None
-            and z.dtype in (np.float32, np.float64)
-            and labels.dtype == np.int64
-            and z.flags.c_contiguous
-            and labels.flags.c_contiguous
-            and delta.flags.c_contiguous
-        ):
-            kernel = native.xpnet_softmax_xent_f32 if z.dtype == np.float32 else native.xpnet_softmax_xent_f64
-            loss = kernel(z.ctypes.data, labels.ctypes.data, delta.ctypes.data, z.shape[0], z.shape[1])
+        found = self._kernel("xpnet_softmax_xent", z, delta) if labels.dtype == np.int64 else None
+        plabels = self.address(labels) if found is not None else None
+        if plabels is not None and z.ndim == 2 and z.shape == delta.shape and labels.shape == z.shape[:1]:
+            kernel, (pz, pdelta) = found
+            loss = kernel(pz, plabels, pdelta, z.shape[0], z.shape[1])
             return z.dtype.type(loss), delta
         batch = z.shape[0]
         rows = np.arange(batch)
@@ -278,22 +330,12 @@ class NumpyFastPaths:
         allocation. (Splitting the passes over two threads was slower in measurement: OpenBLAS's
         worker, still spinning after the backward products, takes the second core.)
         """
-        arrays = (p, g, m, v)
-        fits = all(a.ndim == 1 and a.shape == p.shape and a.dtype == p.dtype and a.flags.c_contiguous for a in arrays)
-        fits = fits and all(a.flags.writeable for a in (p, m, v)) and p.dtype in (np.float32, np.float64)
-        if fits and self.native is not None:
-            kernel = self.native.xpnet_adam_f32 if p.dtype == np.float32 else self.native.xpnet_adam_f64
-            kernel(
-                p.ctypes.data,
-                g.ctypes.data,
-                m.ctypes.data,
-                v.ctypes.data,
-                p.shape[0],
-                lr_t,
-                1.0 - beta1,
-                1.0 - beta2,
-                eps_t,
-            )
+        same = p.ndim == 1 and p.shape == g.shape == m.shape == v.shape
+        writable = p.flags.writeable and m.flags.writeable and v.flags.writeable
+        found = self._kernel("xpnet_adam", p, g, m, v) if same and writable else None
+        if found is not None:
+            kernel, (pp, pg, pm, pv) = found
+            kernel(pp, pg, pm, pv, p.shape[0], lr_t, 1.0 - beta1, 1.0 - beta2, eps_t)
             return
         self.adam_passes(p, g, m, v, t, lr_t, beta1, beta2, eps_t)
 

@@ -44,6 +44,9 @@ class Layer:
         #: Set by fit while it trains: outputs may then live in buffers reused every step (outside
         #: fit every call returns new arrays, as the reference code does).
         self.reuse = False
+        #: Set by fit too, on a Dense followed by a ReLU: the Dense applies the ReLU in the same
+        #: pass as its bias (``fused_relu``), and the ReLU then passes its input on (``fused``).
+        self.fused_relu = self.fused = False
         self._buffers: dict = {}
 
     def build(self, device, dtype, next_layer: Layer | None = None) -> None:
@@ -109,7 +112,7 @@ class Dense(Layer):
         W, b = self.params["W"], self.params.get("b")
         if training and self.reuse and self.fast is not None:  # the same z, in a buffer reused every step
             out = self.fast.buffer(self._buffers, "z", (x.shape[0], self.out_features), W.dtype)
-            return self.fast.linear(x, W, b, out)
+            return self.fast.linear(x, W, b, out, relu=self.fused_relu)
         z = x @ W.T
         if self.bias:
             z = z + b
@@ -148,6 +151,8 @@ class ReLU(Layer):
 
     def forward(self, z, training=False):
         self.z = z
+        if training and self.reuse and self.fused:  # the Dense before computed max(z, 0) already
+            return z
         if training and self.reuse and self.fast is not None:
             self.z = self.fast.relu(z, self.fast.buffer(self._buffers, "a", tuple(z.shape), z.dtype))
             return self.z  # a > 0 exactly where z > 0: backward can use a

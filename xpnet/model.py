@@ -13,7 +13,7 @@ import math
 from array_api_compat import array_namespace, is_writeable_array
 
 from .backend import Device, dtype_name, get_device
-from .layers import LAYERS, Layer
+from .layers import LAYERS, Dense, Layer, ReLU
 
 __all__ = ["Sequential", "mlp"]
 
@@ -79,11 +79,14 @@ class Sequential:
         which consumes each step's arrays before the next): fewer allocations on fast paths."""
         for layer in self.layers:
             layer.reuse = True
+        for layer, after in zip(self.layers, self.layers[1:]):
+            if type(layer) is Dense and type(after) is ReLU and layer.fast is not None:
+                layer.fused_relu = after.fused = True
         try:
             yield self
         finally:
             for layer in self.layers:
-                layer.reuse = False
+                layer.reuse = layer.fused_relu = layer.fused = False
 
     # ---------------------------------------------------------- parameters
     def parameter_slots(self):
