@@ -24,81 +24,78 @@ from pathlib import Path
 
 import numpy as np
 
-#: A fused Adam step: one pass over p, g, m, v instead of NumPy's twelve. Compiled on first use
-#: with the system's C compiler and cached; without a compiler the NumPy passes run instead.
-_ADAM_C = r"""
+from . import _kernels
+
+#: The compiled kernels: the bodies of ``_kernels`` in C loops, one per element type. Compiled on
+#: first use with the system's C compiler and cached; without a compiler NumPy passes run instead.
+_PRELUDE = r"""
 #include <math.h>
 #include <stddef.h>
 #if defined(__SSE__)
 #include <xmmintrin.h>
 /* Moments of weights whose gradient is always 0 (MNIST's border pixels) decay through the
-   subnormal range, where x86 arithmetic is ~100x slower: flush them to zero in this loop. */
+   subnormal range, where x86 arithmetic is ~100x slower: Adam flushes them to zero. */
 #define FLUSH_BEGIN unsigned int csr_ = _mm_getcsr(); _mm_setcsr(csr_ | 0x8040);
 #define FLUSH_END _mm_setcsr(csr_);
 #else
 #define FLUSH_BEGIN
 #define FLUSH_END
 #endif
-#define ADAM(NAME, T, SQRT)                                                                  \
-void NAME(T *restrict p, const T *restrict g, T *restrict m, T *restrict v, ptrdiff_t n,     \
-          T lr_t, T c1, T c2, T eps_t) { /* c1 = 1 - beta1, c2 = 1 - beta2, as NumPy rounds them */\
-    FLUSH_BEGIN                                                                              \
-    for (ptrdiff_t i = 0; i < n; ++i) {                                                      \
-        const T gi = g[i];                                                                   \
-        const T mi = m[i] + c1 * (gi - m[i]);         /* m += (1 - b1)(g - m)   */           \
-        const T vi = v[i] + c2 * (gi * gi - v[i]);    /* v += (1 - b2)(g^2 - v) */           \
-        m[i] = mi;                                                                           \
-        v[i] = vi;                                                                           \
-        p[i] -= lr_t * (mi / (SQRT(vi) + eps_t));     /* p -= lr_t m / (sqrt(v) + eps_t) */  \
-    }                                                                                        \
-    FLUSH_END                                                                                \
-}
-ADAM(xpnet_adam_f32, float, sqrtf)
-ADAM(xpnet_adam_f64, double, sqrt)
-/* ReLU backward: where(a > 0, da, 0) in one pass. */
-#define RELU_BACKWARD(NAME, T)                                                               \
-void NAME(const T *restrict a, const T *restrict da, T *restrict out, ptrdiff_t n) {         \
-    for (ptrdiff_t i = 0; i < n; ++i) out[i] = a[i] > 0 ? da[i] : (T)0;                      \
-}
-RELU_BACKWARD(xpnet_relu_backward_f32, float)
-RELU_BACKWARD(xpnet_relu_backward_f64, double)
-/* z (B, n) += b, then a = max(z, 0) when relu is set, in place in one pass. b may be NULL.
-   v < 0 ? 0 : v keeps NaN and -0.0 as NumPy's maximum(v, 0) does. */
-#define BIAS_ACT(NAME, T)                                                                    \
-void NAME(T *restrict z, const T *restrict b, ptrdiff_t B, ptrdiff_t n, int relu) {          \
-    for (ptrdiff_t r = 0; r < B; ++r) {                                                      \
-        T *row = z + r * n;                                                                  \
-        if (b && relu) for (ptrdiff_t c = 0; c < n; ++c) { T v = row[c] + b[c]; row[c] = v < 0 ? (T)0 : v; } \
-        else if (b) for (ptrdiff_t c = 0; c < n; ++c) row[c] += b[c];                        \
-        else if (relu) for (ptrdiff_t c = 0; c < n; ++c) row[c] = row[c] < 0 ? (T)0 : row[c]; \
-    }                                                                                        \
-}
-BIAS_ACT(xpnet_bias_act_f32, float)
-BIAS_ACT(xpnet_bias_act_f64, double)
-/* Softmax cross-entropy from logits z (B, C) and labels y: returns the mean of
-   log sum exp(z - max) - (z_y - max), and writes delta = (softmax(z) - onehot(y)) / B. */
-#define SOFTMAX_XENT(NAME, T, EXP, LOG)                                                      \
-double NAME(const T *restrict z, const long long *restrict y, T *restrict delta,             \
-            ptrdiff_t B, ptrdiff_t C) {                                                      \
-    double total = 0;                                                                        \
-    const T inv_b = (T)1 / (T)B;                                                             \
-    for (ptrdiff_t b = 0; b < B; ++b) {                                                      \
-        const T *row = z + b * C;                                                            \
-        T *out = delta + b * C;                                                              \
-        T top = row[0];                                                                      \
-        for (ptrdiff_t c = 1; c < C; ++c) top = row[c] > top ? row[c] : top;                 \
-        T sum = 0;                                                                           \
-        for (ptrdiff_t c = 0; c < C; ++c) { out[c] = EXP(row[c] - top); sum += out[c]; }     \
-        total += (double)LOG(sum) - (double)(row[y[b]] - top);                               \
-        for (ptrdiff_t c = 0; c < C; ++c) out[c] = out[c] / sum;                             \
-        out[y[b]] -= 1;                                                                      \
-        for (ptrdiff_t c = 0; c < C; ++c) out[c] *= inv_b;                                   \
-    }                                                                                        \
-    return total / (double)B;                                                                \
-}
-SOFTMAX_XENT(xpnet_softmax_xent_f32, float, expf, logf)
-SOFTMAX_XENT(xpnet_softmax_xent_f64, double, exp, log)
 """
+
+
+def _c_elementwise(name: str, spec: dict, flush: bool = False) -> str:
+    """void name(outputs..., inputs..., n, scalars...): the body once per element."""
+    outputs, inputs, scalars = spec["outputs"], spec["inputs"], spec["scalars"]
+    params = [f"T *restrict {o}_" for o in outputs] + [f"const T *restrict {i}_" for i in inputs]
+    params += ["ptrdiff_t n"] + [f"T {k}" for k in scalars]
+    loads = " ".join([f"T {o} = {o}_[i];" for o in outputs] + [f"const T {i} = {i}_[i];" for i in inputs])
+    stores = " ".join(f"{o}_[i] = {o};" for o in outputs)
+    return (
+        f"void {name}({', '.join(params)}) {{\n"
+        + ("    FLUSH_BEGIN\n" if flush else "")
+        + f"    for (ptrdiff_t i = 0; i < n; ++i) {{\n        {loads}\n        {{ {spec['body']} }}\n"
+        + f"        {stores}\n    }}\n"
+        + ("    FLUSH_END\n" if flush else "")
+        + "}\n"
+    )
+
+
+def _c_source() -> str:
+    parts = [_PRELUDE]
+    for type_name, suffix in (("float", "f32"), ("double", "f64")):
+        parts.append(_kernels.math_defines(type_name))
+        parts.append(_c_elementwise(f"xpnet_adam_{suffix}", _kernels.ADAM, flush=True))
+        parts.append(_c_elementwise(f"xpnet_relu_backward_{suffix}", _kernels.RELU_BACKWARD))
+        # z (B, n) += b, then max(z, 0) when relu is set, in place in one pass; b may be NULL
+        parts.append(
+            f"void xpnet_bias_act_{suffix}(T *restrict z_, const T *restrict b_, ptrdiff_t B, ptrdiff_t n, "
+            "int relu) {\n"
+            "    for (ptrdiff_t r = 0; r < B; ++r) {\n"
+            "        T *restrict row = z_ + r * n;\n"
+            "        if (b_ && relu) for (ptrdiff_t c = 0; c < n; ++c) {\n"
+            f"            T z = row[c]; const T b = b_[c]; {{ {_kernels.BIAS_RELU['body']} }} row[c] = z;\n"
+            "        }\n"
+            "        else if (b_) for (ptrdiff_t c = 0; c < n; ++c) row[c] += b_[c];\n"
+            "        else if (relu) for (ptrdiff_t c = 0; c < n; ++c) row[c] = row[c] < (T)0 ? (T)0 : row[c];\n"
+            "    }\n}\n"
+        )
+        # mean softmax cross-entropy of z (B, C) with labels y; δ = (softmax(z) − onehot(y)) / B
+        parts.append(
+            f"static double xent_row_{suffix}(const T *restrict row, long long label, T *restrict out, "
+            f"long long C, T inv_b) {{{_kernels.SOFTMAX_XENT_ROW}}}\n"
+            f"double xpnet_softmax_xent_{suffix}(const T *restrict z, const long long *restrict y, "
+            "T *restrict delta, ptrdiff_t B, ptrdiff_t C) {\n"
+            "    double total = 0;\n    const T inv_b = (T)1 / (T)B;\n"
+            "    for (ptrdiff_t b = 0; b < B; ++b)\n"
+            f"        total += xent_row_{suffix}(z + b * C, y[b], delta + b * C, C, inv_b);\n"
+            "    return total / (double)B;\n}\n"
+        )
+        parts.append(_kernels.math_undefines())
+    return "\n".join(parts)
+
+
+_C_SOURCE = _c_source()
 _FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-ffp-contract=off", "-shared", "-fPIC"]
 _SYMBOLS = (("xpnet_adam_f32", ctypes.c_float), ("xpnet_adam_f64", ctypes.c_double))
 
@@ -133,7 +130,7 @@ def _load(compiler: str | None, cache_dir: str):
         cpu = platform.processor()
     # -march=native code runs only on this kind of CPU: key the cache by its description too
     description = "".join(line for line in cpu.splitlines() if line.startswith(("flags", "model name")))
-    key = hashlib.sha256("\0".join([_ADAM_C, " ".join(_FLAGS), compiler, platform.machine(), description]).encode())
+    key = hashlib.sha256("\0".join([_C_SOURCE, " ".join(_FLAGS), compiler, platform.machine(), description]).encode())
     cache = Path(cache_dir)
     library, digest = cache / f"fused-{key.hexdigest()[:16]}.so", cache / f"fused-{key.hexdigest()[:16]}.sha256"
     if library.exists() and not (digest.exists() and digest.read_text() == _sha256(library)):
@@ -142,7 +139,7 @@ def _load(compiler: str | None, cache_dir: str):
         cache.mkdir(parents=True, exist_ok=True, mode=0o700)
         with tempfile.TemporaryDirectory(dir=cache) as work:
             source, built = Path(work) / "fused.c", Path(work) / "fused.so"
-            source.write_text(_ADAM_C)
+            source.write_text(_C_SOURCE)
             subprocess.run(
                 [*command, *_FLAGS, "-o", str(built), str(source)], check=True, capture_output=True, timeout=120
             )
@@ -293,7 +290,7 @@ class NumpyFastPaths:
         found = self._kernel("xpnet_relu_backward", a, da, out)
         if found is not None and a.shape == da.shape == out.shape:
             kernel, (pa, pda, pout) = found
-            kernel(pa, pda, pout, a.size)
+            kernel(pout, pa, pda, a.size)
             return out
         np.greater(a, 0.0, out=mask)
         out[...] = 0.0
@@ -335,7 +332,7 @@ class NumpyFastPaths:
         found = self._kernel("xpnet_adam", p, g, m, v) if same and writable else None
         if found is not None:
             kernel, (pp, pg, pm, pv) = found
-            kernel(pp, pg, pm, pv, p.shape[0], lr_t, 1.0 - beta1, 1.0 - beta2, eps_t)
+            kernel(pp, pm, pv, pg, p.shape[0], lr_t, 1.0 - beta1, 1.0 - beta2, eps_t)
             return
         self.adam_passes(p, g, m, v, t, lr_t, beta1, beta2, eps_t)
 
