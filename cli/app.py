@@ -300,23 +300,34 @@ def parity(
 @app.command()
 @reports_errors
 def bench(
-    device: str = typer.Option("cpu", help="the device xpnet trains on"),
-    batch_sizes: str = typer.Option("32,128,512", help="comma-separated batch sizes"),
+    device: str = typer.Option("cpu", help="the device xpnet trains on (cuda: the GPU benchmark)"),
+    batch_sizes: str | None = typer.Option(
+        None, help="comma-separated batch sizes [default: 32,128,512; 128,512,4096 on cuda]"
+    ),
     epochs: int = typer.Option(5, help="epochs per implementation (the median of epochs 2..N is reported)"),
-    rss: bool = typer.Option(True, help="measure each implementation's peak RSS in a short separate process"),
+    rss: bool = typer.Option(True, help="CPU: measure each implementation's peak RSS in a short separate process"),
     json_file: str | None = typer.Option(None, "--json", metavar="FILE", help="also write the rows as JSON"),
 ):
-    """Train MNIST with xpnet, PyTorch, scikit-learn and the bare matmuls, interleaved; print a table."""
-    from .bench import run_benchmark, table
+    """Train MNIST with xpnet and the references, interleaved; print a table.
 
+    On the CPU: PyTorch eager, scikit-learn and the bare matmuls. On a GPU: PyTorch eager and
+    PyTorch with CUDA graphs on the same card, and xpnet without its fused kernels."""
+    gpu = make_device(device).kind == "cupy"
+    batch_sizes = batch_sizes or ("128,512,4096" if gpu else "32,128,512")
     try:
         sizes = [int(b) for b in batch_sizes.split(",")]
     except ValueError:
         raise CLIError(f"--batch-sizes must be integers separated by commas, got {batch_sizes!r}") from None
     if epochs < 1 or any(b < 1 for b in sizes):
         raise CLIError("--epochs and every batch size must be positive")
-    make_device(device)
-    rows = run_benchmark(sizes, epochs, device=device, measure_rss=rss, log=typer.echo)
+    if gpu:
+        from .bench_gpu import run_gpu_benchmark, table
+
+        rows = run_gpu_benchmark(sizes, epochs, device=device, log=typer.echo)
+    else:
+        from .bench import run_benchmark, table
+
+        rows = run_benchmark(sizes, epochs, device=device, measure_rss=rss, log=typer.echo)
     typer.echo(table(rows))
     if json_file:
         Path(json_file).write_text(json.dumps(rows, indent=2))

@@ -36,6 +36,24 @@ def cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
+class TorchClock:
+    """Seconds from creation to ``stop()``: CUDA events on a GPU, the host clock on the CPU."""
+
+    def __init__(self, torch, device):
+        self.torch, self.cuda = torch, device.type == "cuda"
+        if self.cuda:
+            self.start, self.end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            self.start.record()
+        self.started = time.perf_counter()
+
+    def stop(self) -> float:
+        if not self.cuda:
+            return time.perf_counter() - self.started
+        self.end.record()
+        self.end.synchronize()
+        return self.start.elapsed_time(self.end) / 1000
+
+
 class XpnetRun:
     name = "xpnet"
 
@@ -49,6 +67,7 @@ class XpnetRun:
 
     def epoch(self) -> float:
         done = len(self.history)
+        clock = self.model.device.stopwatch()
         xn.fit(
             self.model,
             "cross_entropy",
@@ -61,7 +80,7 @@ class XpnetRun:
             initial_epoch=done,
             history=self.history,
         )
-        return self.history["seconds"][-1]
+        return clock.stop()
 
     def accuracy(self) -> float:
         return xn.evaluate(self.model, "cross_entropy", self.data.test.x, self.data.test.y)["accuracy"]
@@ -70,12 +89,12 @@ class XpnetRun:
 class TorchRun:
     name = "pytorch"
 
-    def __init__(self, data, batch_size, seed, initial):
+    def __init__(self, data, batch_size, seed, initial, device="cpu"):
         import torch
 
         torch.set_num_threads(cores())
         torch.manual_seed(seed)
-        self.torch = torch
+        self.torch, self.device = torch, torch.device(device)
         self.model = torch.nn.Sequential(
             torch.nn.Linear(784, 128),
             torch.nn.ReLU(),
@@ -87,26 +106,33 @@ class TorchRun:
             for index, layer in ((0, 0), (2, 2), (4, 4)):
                 self.model[layer].weight.copy_(torch.from_numpy(initial[f"{index}.W"]))
                 self.model[layer].bias.copy_(torch.from_numpy(initial[f"{index}.b"]))
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=1e-3)
-        self.X, self.y = torch.from_numpy(data.train.x), torch.from_numpy(data.train.y)
+        self.model.to(self.device)
+        self.optimizer = self.make_optimizer()
+        self.X = torch.from_numpy(data.train.x).to(self.device)
+        self.y = torch.from_numpy(data.train.y).to(self.device)
         self.data, self.batch_size = data, batch_size
-        self.generator = torch.Generator().manual_seed(seed)
+        self.generator = torch.Generator(device=self.device).manual_seed(seed)
+
+    def make_optimizer(self):
+        return self.torch.optim.Adam(self.model.parameters(), lr=1e-3)
+
+    def step(self, index) -> None:
+        loss = self.torch.nn.functional.cross_entropy(self.model(self.X[index]), self.y[index])
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
 
     def epoch(self) -> float:
-        torch, model, optimizer = self.torch, self.model, self.optimizer
-        started = time.perf_counter()
-        order = torch.randperm(self.X.shape[0], generator=self.generator)
+        clock = TorchClock(self.torch, self.device)
+        order = self.torch.randperm(self.X.shape[0], generator=self.generator, device=self.device)
         for start in range(0, self.X.shape[0], self.batch_size):
-            index = order[start : start + self.batch_size]
-            loss = torch.nn.functional.cross_entropy(model(self.X[index]), self.y[index])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-        return time.perf_counter() - started
+            self.step(order[start : start + self.batch_size])
+        return clock.stop()
 
     def accuracy(self) -> float:
         with self.torch.no_grad():
-            predicted = self.model(self.torch.from_numpy(self.data.test.x)).argmax(dim=1).numpy()
+            test = self.torch.from_numpy(self.data.test.x).to(self.device)
+            predicted = self.model(test).argmax(dim=1).cpu().numpy()
         return float((predicted == self.data.test.y).mean())
 
 
@@ -252,28 +278,38 @@ def run_benchmark(
         for name in names:
             initial = runs["xpnet"].initial if "xpnet" in runs else XpnetRun(data, batch_size, seed, device).initial
             runs[name] = _make(name, data, batch_size, seed, device, initial)
-        times = {name: [] for name in names}
-        for epoch in range(epochs):
-            for name, run in runs.items():
-                times[name].append(run.epoch())
-            log(
-                f"batch {batch_size}, epoch {epoch + 1}: "
-                + ", ".join(f"{name} {times[name][-1]:.3f}s" for name in names)
-            )
-        for name, run in runs.items():
-            seconds = statistics.median(times[name][1:] if epochs > 1 else times[name])
+        for name, run, seconds, times in interleave(runs, epochs, batch_size, log):
             rows.append(
                 {
                     "batch_size": batch_size,
                     "implementation": name,
                     "seconds_per_epoch": seconds,
-                    "epoch_seconds": times[name],
+                    "epoch_seconds": times,
                     "samples_per_second": data.train.x.shape[0] / seconds,
                     "test_accuracy": run.accuracy(),
                     "peak_rss_mib": peak_rss_mib(name, batch_size, device) if measure_rss else None,
                 }
             )
     return rows
+
+
+def interleave(runs: dict, epochs: int, batch_size: int, log):
+    """Train every run one epoch at a time, in turn; yield (name, run, median seconds of epochs
+    2..N, every epoch's seconds) per run."""
+    times = {name: [] for name in runs}
+    for epoch in range(epochs):
+        for name, run in runs.items():
+            times[name].append(run.epoch())
+        log(f"batch {batch_size}, epoch {epoch + 1}: " + ", ".join(f"{k} {v[-1]:.3f}s" for k, v in times.items()))
+    for name, run in runs.items():
+        yield name, run, statistics.median(times[name][1:] if epochs > 1 else times[name]), times[name]
+
+
+def ratio_cell(mine: dict | None, name: str, row: dict) -> str:
+    """xpnet's epoch time over this row's, for the table's last column."""
+    if mine is None or name == "xpnet":
+        return ""
+    return f"{mine['seconds_per_epoch'] / row['seconds_per_epoch']:.2f}"
 
 
 def table(rows: list[dict]) -> str:
@@ -287,9 +323,7 @@ def table(rows: list[dict]) -> str:
         for name, row in group.items():
             accuracy = "" if row["test_accuracy"] is None else f"{100 * row['test_accuracy']:.2f}%"
             rss = "" if row["peak_rss_mib"] is None else f"{row['peak_rss_mib']:.0f} MiB"
-            ratio = (
-                "" if mine is None or name == "xpnet" else f"{mine['seconds_per_epoch'] / row['seconds_per_epoch']:.2f}"
-            )
+            ratio = ratio_cell(mine, name, row)
             lines.append(
                 f"{batch_size:>5}  {name:<14} {row['seconds_per_epoch']:>8.3f} "
                 f"{row['samples_per_second']:>10,.0f} {accuracy:>8} {rss:>9} {ratio:>10}"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import subprocess
@@ -592,3 +593,28 @@ def test_bench_command_prints_a_table(monkeypatch):
     assert xpnet_seconds > 0 and floor_seconds > 0
     assert float(rows[1][-1]) == pytest.approx(xpnet_seconds / floor_seconds, rel=0.02)  # the xpnet/floor ratio
     assert_one_line_error(invoke("bench", "--batch-sizes", "a,b"), 2, "--batch-sizes must be integers")
+
+
+def test_gpu_benchmark_runs_its_implementations_on_the_cpu_stand_in():
+    """The GPU benchmark's code, run where there is no GPU: xpnet with and without its fast
+    paths and PyTorch (when installed) on the CPU; CUDA graphs are skipped with the reason."""
+    from cli.bench_gpu import run_gpu_benchmark, table
+    from xpnet.data import load_dataset
+
+    full = load_dataset("mnist")
+    small = dataclasses.replace(full, train=full.train.take(slice(0, 3000)), test=full.test.take(slice(0, 1000)))
+    logged = []
+    rows = run_gpu_benchmark((500,), 2, device="cpu", data=small, log=logged.append)
+    assert "pytorch-graph: skipped, CUDA graphs need a GPU" in logged
+    by_name = {row["implementation"]: row for row in rows}
+    assert {"xpnet", "xpnet-reference"} <= set(by_name)
+    fast, reference = by_name["xpnet"], by_name["xpnet-reference"]
+    assert fast["ms_per_step"] == pytest.approx(1000 * fast["seconds_per_epoch"] / 6)
+    assert fast["seconds_per_epoch"] == fast["epoch_seconds"][1]  # the median of epochs 2..N (one here)
+    # the same math with and without the fused kernels: the same predictions, up to a rare tie
+    assert abs(fast["test_accuracy"] - reference["test_accuracy"]) <= 0.002 and fast["test_accuracy"] > 0.6
+    printed = table(rows).splitlines()
+    ratio_line = next(line for line in printed if "xpnet-reference" in line)
+    assert float(ratio_line.split()[-1]) == pytest.approx(
+        fast["seconds_per_epoch"] / reference["seconds_per_epoch"], abs=0.01
+    )

@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import time
 from typing import Any
 
 import numpy as np
@@ -141,6 +142,11 @@ class Device:
             from ._fast_numpy import NumpyFastPaths
 
             self.fast = NumpyFastPaths()
+        elif fast and self.kind == "cupy":
+            from ._fast_cupy import CupyFastPaths
+
+            with self.native:
+                self.fast = CupyFastPaths(self._cupy)
 
     def __repr__(self) -> str:
         return f"Device({self.name!r})"
@@ -173,9 +179,14 @@ class Device:
             return (
                 f"{name}, {total / 2**30:.1f} GiB ({free / 2**30:.1f} GiB free); CuPy {cupy.__version__}, "
                 f"CUDA runtime {cupy.cuda.runtime.runtimeGetVersion()}; "
-                f"memory pool {pool.used_bytes() / 2**20:.1f} MiB used of {pool.total_bytes() / 2**20:.1f} MiB held"
+                f"memory pool {pool.used_bytes() / 2**20:.1f} MiB used of {pool.total_bytes() / 2**20:.1f} MiB held; "
+                + ("fused CUDA kernels on" if self.fast is not None else "Array API code only (fast paths off)")
             )
         return f"array-api-strict {self.xp.__version__}, device {self.native} (a test stand-in)"
+
+    def stopwatch(self) -> Stopwatch:
+        """A started stopwatch on this device's clock: ``.stop()`` returns the seconds since."""
+        return Stopwatch(self)
 
     # ----------------------------------------------------------------- dtypes
     @property
@@ -317,6 +328,30 @@ class Device:
         self._shuffle_rng.bit_generator.state = state["shuffle"]
         self._dropout_key = [int(k) for k in state["dropout_key"]]
         self._dropout_counter = int(state["dropout_counter"])
+
+
+class Stopwatch:
+    """Device time between its creation and ``stop()``: CUDA events recorded on the current
+    stream on a GPU (no sync until ``stop``), the host clock after a sync elsewhere."""
+
+    def __init__(self, device: Device):
+        self.device = device
+        self._events = None
+        if device.kind == "cupy":
+            with device:
+                self._events = (device._cupy.cuda.Event(), device._cupy.cuda.Event())
+                self._events[0].record()
+        self._started = time.perf_counter()
+
+    def stop(self) -> float:
+        if self._events is None:
+            self.device.sync()
+            return time.perf_counter() - self._started
+        start, end = self._events
+        with self.device:
+            end.record()
+            end.synchronize()
+        return self.device._cupy.cuda.get_elapsed_time(start, end) / 1000
 
 
 def get_device(device: Device | str, *, seed: int | None = None) -> Device:
