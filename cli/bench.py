@@ -54,12 +54,22 @@ class TorchClock:
         return self.start.elapsed_time(self.end) / 1000
 
 
+def benchmark_model(seed, device="cpu"):
+    """The benchmarked 784-128-64-10 ReLU MLP: its weights depend on the seed alone."""
+    return xn.mlp(784, [128, 64], 10, device=device, seed=seed)
+
+
+def initial_weights(seed, device="cpu") -> dict:
+    """Host copies of ``benchmark_model``'s initial parameters, for the other implementations."""
+    model = benchmark_model(seed, device)
+    return {k: model.device.to_host(v).copy() for k, v in model.named_parameters().items()}
+
+
 class XpnetRun:
     name = "xpnet"
 
     def __init__(self, data, batch_size, seed, device="cpu"):
-        self.model = xn.mlp(784, [128, 64], 10, device=device, seed=seed)
-        self.initial = {k: self.model.device.to_host(v).copy() for k, v in self.model.named_parameters().items()}
+        self.model = benchmark_model(seed, device)
         self.optimizer = xn.Adam(1e-3)
         self.X = self.model.device.to_device(data.train.x, "float32")
         self.y = self.model.device.to_device(data.train.y)
@@ -248,7 +258,7 @@ def vm_hwm_mib() -> float:
 
 def _probe(name, batch_size, device):
     data = load_dataset("mnist")
-    initial = XpnetRun(data, batch_size, 0, device).initial if name == "pytorch" else None
+    initial = initial_weights(0, device) if name == "pytorch" else None
     run = _make(name, data, batch_size, 0, device, initial)
     run.epoch()
 
@@ -274,10 +284,8 @@ def run_benchmark(
     )
     rows = []
     for batch_size in batch_sizes:
-        runs = {}
-        for name in names:
-            initial = runs["xpnet"].initial if "xpnet" in runs else XpnetRun(data, batch_size, seed, device).initial
-            runs[name] = _make(name, data, batch_size, seed, device, initial)
+        initial = initial_weights(seed, device)
+        runs = {name: _make(name, data, batch_size, seed, device, initial) for name in names}
         for name, run, seconds, times in interleave(runs, epochs, batch_size, log):
             rows.append(
                 {

@@ -22,7 +22,7 @@ import math
 import xpnet as xn
 from xpnet.data import load_dataset
 
-from .bench import TorchClock, TorchRun, XpnetRun, available, interleave, ratio_cell
+from .bench import TorchClock, TorchRun, XpnetRun, available, initial_weights, interleave, ratio_cell
 
 IMPLEMENTATIONS = ("xpnet", "xpnet-reference", "pytorch", "pytorch-graph")
 
@@ -93,14 +93,13 @@ def torch_device(device: xn.Device) -> tuple[str | None, str | None]:
     return "cpu", None
 
 
-def _make(name, data, batch_size, seed, device_name, initial):
+def _make(name, data, batch_size, seed, device_name, torch_target, initial):
     if name == "xpnet":
         return XpnetRun(data, batch_size, seed, xn.Device(device_name))
     if name == "xpnet-reference":
         return XpnetRun(data, batch_size, seed, xn.Device(device_name, fast=False))
-    target, _ = torch_device(xn.Device(device_name))
     cls = TorchGraphRun if name == "pytorch-graph" else TorchRun
-    return cls(data, batch_size, seed, initial, device=target)
+    return cls(data, batch_size, seed, initial, device=torch_target)
 
 
 def run_gpu_benchmark(
@@ -132,8 +131,8 @@ def run_gpu_benchmark(
     n = data.train.x.shape[0]
     rows = []
     for batch_size in batch_sizes:
-        initial = XpnetRun(data, batch_size, seed, target).initial
-        runs = {name: _make(name, data, batch_size, seed, device, initial) for name in names}
+        initial = initial_weights(seed, target)
+        runs = {name: _make(name, data, batch_size, seed, device, torch_target, initial) for name in names}
         for name, run, seconds, times in interleave(runs, epochs, batch_size, log):
             rows.append(
                 {

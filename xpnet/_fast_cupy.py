@@ -51,7 +51,6 @@ class CupyFastPaths:
 
     def __init__(self, cupy):
         self.cp = cupy
-        self._ones: dict = {}
         self._elementwise = {
             name: cupy.ElementwiseKernel(
                 *elementwise_arguments(spec),
