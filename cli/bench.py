@@ -76,8 +76,10 @@ class XpnetRun:
         self.data, self.batch_size, self.history = data, batch_size, xn.History()
 
     def epoch(self) -> float:
+        """The epoch's seconds as ``fit`` logs them (``device.stopwatch()``). One ``fit`` call per
+        epoch keeps the implementations interleaved; its once-per-call setup (moving and checking
+        the data, ~0.02 s for MNIST on this CPU) would otherwise be charged to every epoch."""
         done = len(self.history)
-        clock = self.model.device.stopwatch()
         xn.fit(
             self.model,
             "cross_entropy",
@@ -90,7 +92,7 @@ class XpnetRun:
             initial_epoch=done,
             history=self.history,
         )
-        return clock.stop()
+        return self.history["seconds"][-1]
 
     def accuracy(self) -> float:
         return xn.evaluate(self.model, "cross_entropy", self.data.test.x, self.data.test.y)["accuracy"]

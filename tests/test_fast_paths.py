@@ -290,3 +290,39 @@ def test_relu_backward_keeps_where_semantics_for_non_finite_gradients(native):
     da = np.array([[np.nan, 3.0, np.inf, -1.0]], np.float32)
     out = fast.relu_backward(da, a, np.empty(a.shape, bool), np.empty_like(a))
     np.testing.assert_array_equal(out, [[0.0, 3.0, 0.0, -1.0]])
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_compiled_accuracy_count_is_numpys_argmax(fast, dtype):
+    if fast.native is None:
+        pytest.skip("no C compiler here")
+    z = _random(300, 10, dtype=dtype)
+    z[:20] = np.round(z[:20])  # ties: the first maximum wins, as in np.argmax
+    z[20, 3], z[21, 0], z[22, [2, 7]] = np.nan, np.nan, np.nan  # NaN: the first NaN wins
+    z[23, 5] = np.inf
+    labels = np.random.default_rng(1).integers(0, 10, 300)
+    labels[:30] = np.argmax(z[:30], axis=1)  # the tie and NaN rows counted only if handled like NumPy
+    expected = int(np.count_nonzero(np.argmax(z, axis=1) == labels))
+    assert fast.count_correct(z, labels) == expected
+    assert 30 <= expected < 300
+    assert fast.count_correct(z[:, :1], labels) is None  # strided rows: the metric's own code
+    assert fast.count_correct(z, labels.astype(np.int32)) is None
+    accuracy = xn.Accuracy()
+    assert accuracy.count_fast(z, labels, fast) == (expected, 300)
+    assert int(accuracy.count_fast(z, labels.astype(np.int32), fast)[0]) == expected
+    one_hot = np.eye(10, dtype=dtype)[labels]
+    assert int(accuracy.count_fast(z, one_hot, fast)[0]) == expected
+
+
+def test_a_metric_without_a_fused_count_is_counted_as_written():
+    class Recorded(xn.Metric):  # a user's metric that defines count only
+        name = "recorded"
+
+        def count(self, output, target):
+            return np.count_nonzero(output[:, 0] > 0), output.shape[0]
+
+    x = _random(64, 4)
+    model = xn.mlp(4, [5], 2, seed=0)
+    before = np.count_nonzero(model.forward(x, training=False)[:, 0] > 0)  # one batch: counted before its step
+    logs = xn.fit(model, "cross_entropy", "sgd", x, (x[:, 0] > 0).astype(int), batch_size=64, metrics=[Recorded()])
+    assert logs["recorded"][0] == before / 64 and 0 < before < 64

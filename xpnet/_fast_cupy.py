@@ -131,6 +131,13 @@ class CupyFastPaths:
         kernel((blocks,), (THREADS,), (z, labels, delta, losses, cp.int64(batch), cp.int64(classes)))
         return cp.mean(losses).astype(z.dtype), delta
 
+    # ------------------------------------------------------------- metrics
+    @staticmethod
+    def count_correct(z, labels):
+        """None: the metric's own argmax and count_nonzero already run on the device with no host
+        read, so there is nothing worth fusing here (the CPU fuses them to save Python calls)."""
+        return None
+
     # ---------------------------------------------------------- optimizers
     def adam_(self, p, g, m, v, t, lr_t, beta1, beta2, eps_t):
         """One Adam step in one kernel: m, v and p read and written once each."""

@@ -91,6 +91,16 @@ def _c_source() -> str:
             f"        total += xent_row_{suffix}(z + b * C, y[b], delta + b * C, C, inv_b);\n"
             "    return total / (double)B;\n}\n"
         )
+        # how many rows of z (B, C) have their argmax at the label y
+        parts.append(
+            f"static int argmax_is_{suffix}(const T *restrict row, long long label, long long C) "
+            f"{{{_kernels.ARGMAX_ROW_IS}}}\n"
+            f"long long xpnet_count_correct_{suffix}(const T *restrict z, const long long *restrict y, "
+            "ptrdiff_t B, ptrdiff_t C) {\n"
+            "    long long correct = 0;\n"
+            f"    for (ptrdiff_t b = 0; b < B; ++b) correct += argmax_is_{suffix}(z + b * C, y[b], C);\n"
+            "    return correct;\n}\n"
+        )
         parts.append(_kernels.math_undefines())
     return "\n".join(parts)
 
@@ -167,6 +177,10 @@ def _load(compiler: str | None, cache_dir: str):
         function = getattr(lib, name)
         function.argtypes = [pointer, pointer, pointer, ctypes.c_ssize_t, ctypes.c_ssize_t]
         function.restype = ctypes.c_double
+    for name in ("xpnet_count_correct_f32", "xpnet_count_correct_f64"):
+        function = getattr(lib, name)
+        function.argtypes = [pointer, pointer, ctypes.c_ssize_t, ctypes.c_ssize_t]
+        function.restype = ctypes.c_longlong
     return lib
 
 
@@ -317,6 +331,18 @@ class NumpyFastPaths:
         delta[rows, labels] -= 1.0
         delta *= 1.0 / batch
         return (loss / batch).astype(z.dtype), delta
+
+    # ------------------------------------------------------------- metrics
+    def count_correct(self, z, labels):
+        """How many rows of logits z (B, C) have their argmax at the integer label, as an int;
+        None where there is no compiled kernel for these arrays (then the metric's own code runs).
+        Compiled: one pass, instead of argmax, ==, and count_nonzero (~110 µs at 512 × 10)."""
+        found = self._kernel("xpnet_count_correct", z) if labels.dtype == np.int64 else None
+        plabels = self.address(labels) if found is not None else None
+        if plabels is None or z.ndim != 2 or z.shape[1] < 1 or labels.shape != z.shape[:1]:
+            return None
+        kernel, (pz,) = found
+        return kernel(pz, plabels, z.shape[0], z.shape[1])
 
     # ---------------------------------------------------------- optimizers
     def adam_(self, p, g, m, v, t, lr_t, beta1, beta2, eps_t):

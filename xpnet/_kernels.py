@@ -59,6 +59,21 @@ SOFTMAX_XENT_ROW = """
     return loss;
 """
 
+#: Is the largest of one row of logits ``row`` (C values) at ``label``? The largest is NumPy's
+#: argmax: the first maximum, or the first NaN where there is one. (CPU only: on the GPU argmax and
+#: count_nonzero are already two device kernels with no host read between them.)
+ARGMAX_ROW_IS = """
+    long long best = 0;
+    T top = row[0];
+    if (top == top) {
+        for (long long c = 1; c < C; ++c) {
+            if (row[c] != row[c]) { best = c; break; }
+            if (row[c] > top) { top = row[c]; best = c; }
+        }
+    }
+    return best == label;
+"""
+
 #: The C names of the math functions, per element type.
 MATH = {
     "float": {"SQRT": "sqrtf", "EXP": "expf", "LOG": "logf"},

@@ -1,6 +1,8 @@
 """Metrics counted on the device, batch by batch, and read to the host once per epoch.
 
-``count(output, target)`` returns (number correct as a 0-d device array, number judged).
+``count(output, target)`` returns (number correct as a 0-d device array, number judged);
+``count_fast(output, target, fast)`` is the same count, fused where a device's fast paths have a
+kernel for it (what ``fit`` calls).
 """
 
 from __future__ import annotations
@@ -18,6 +20,10 @@ class Metric:
     def count(self, output, target):
         raise NotImplementedError
 
+    def count_fast(self, output, target, fast):
+        """``count``, through ``fast`` (a device's fast paths, or None) where it has a fused pass."""
+        return self.count(output, target)
+
 
 class Accuracy(Metric):
     """Fraction of examples whose largest output is the true class (labels or one-hot rows)."""
@@ -29,6 +35,10 @@ class Accuracy(Metric):
         predicted = xp.argmax(output, axis=1)
         truth = target if target.ndim == 1 else xp.argmax(target, axis=1)
         return xp.count_nonzero(predicted == truth), output.shape[0]
+
+    def count_fast(self, output, target, fast):
+        correct = None if fast is None or target.ndim != 1 else fast.count_correct(output, target)
+        return self.count(output, target) if correct is None else (correct, output.shape[0])
 
 
 class BinaryAccuracy(Metric):

@@ -15,7 +15,6 @@ a callback asks for the running loss, as a throttled progress bar does), never p
 from __future__ import annotations
 
 import math
-import time
 
 from .losses import SoftmaxCrossEntropy, get_loss
 from .metrics import default_metrics, get_metric
@@ -199,14 +198,14 @@ def _batches(n: int, batch_size: int):
 class _MetricTally:
     """Metric counts summed on the device batch by batch, read to the host once at the end."""
 
-    def __init__(self, metrics):
-        self.metrics = metrics
+    def __init__(self, metrics, fast=None):
+        self.metrics, self.fast = metrics, fast
         self.correct = [0] * len(metrics)
         self.judged = [0] * len(metrics)
 
     def add(self, output, target) -> None:
         for i, metric in enumerate(self.metrics):
-            correct, judged = metric.count(output, target)
+            correct, judged = metric.count_fast(output, target, self.fast)
             self.correct[i], self.judged[i] = self.correct[i] + correct, self.judged[i] + judged
 
     def logs(self, device) -> dict:
@@ -214,7 +213,7 @@ class _MetricTally:
 
 
 def _evaluate_on_device(model, loss, X, Y, batch_size, metrics) -> dict:
-    loss_sum, tally = 0.0, _MetricTally(metrics)
+    loss_sum, tally = 0.0, _MetricTally(metrics, model.device.fast)
     with model.device:
         for start, stop in _batches(X.shape[0], batch_size):
             out = model.forward(X[start:stop, ...], training=False)
@@ -265,7 +264,8 @@ def fit(
     labels. ``validation_data=(x_val, y_val)``, or ``validation_split`` = the fraction of examples
     held out, chosen by a seeded permutation (never the tail: sorted data would bias it).
     ``optimizer`` is an Optimizer or a name ('sgd', 'momentum', 'adam', 'adamw').
-    Logs per epoch: loss, each metric, val_ versions of both, and seconds.
+    Logs per epoch: loss, each metric, val_ versions of both, and seconds (the epoch and its
+    validation, by ``device.stopwatch()``).
     To continue a run, pass ``initial_epoch`` (epochs already done) and its ``history``; with the
     model, optimizer, callbacks and device random state restored, the result is that of an
     unbroken run. Resume with ``validation_data``: a ``validation_split`` is drawn anew each call.
@@ -305,7 +305,7 @@ def fit(
             cb.on_train_begin(state)
         try:
             for epoch in range(initial_epoch, epochs):
-                started = time.perf_counter()
+                clock = device.stopwatch()  # CUDA events on a GPU, the host clock elsewhere
                 with model.reusing_buffers():
                     logs = _train_epoch(
                         model,
@@ -324,7 +324,7 @@ def fit(
                 if val is not None:
                     val_logs = _evaluate_on_device(model, loss, *val, max(batch_size, 256), metrics)
                     logs.update({f"val_{key}": value for key, value in val_logs.items()})
-                logs["seconds"] = time.perf_counter() - started
+                logs["seconds"] = clock.stop()
                 history.append(epoch, logs)
                 for cb in callbacks:
                     cb.on_epoch_end(state, logs)
@@ -343,8 +343,8 @@ def _train_epoch(model, loss, optimizer, X, Y, state, epoch, batch_size, shuffle
     for cb in callbacks:
         cb.on_epoch_begin(state)
     order = device.permutation(n) if shuffle else None
-    tally = _MetricTally(metrics)
     fast, buffers = device.fast, {}
+    tally = _MetricTally(metrics, fast)
     # the fused softmax-CE only stands in for exactly SoftmaxCrossEntropy on integer labels
     fast_loss = fast is not None and type(loss) is SoftmaxCrossEntropy and xp.isdtype(Y.dtype, "integral")
     for step, (start, stop) in enumerate(_batches(n, batch_size)):
