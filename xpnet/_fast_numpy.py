@@ -13,6 +13,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
+import math
 import os
 import platform
 import shlex
@@ -24,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import _kernels
+from . import _cpu_threads, _kernels
 
 #: The compiled kernels: the bodies of ``_kernels`` in C loops, one per element type. Compiled on
 #: first use with the system's C compiler and cached; without a compiler NumPy passes run instead.
@@ -61,12 +62,36 @@ def _c_elementwise(name: str, spec: dict, flush: bool = False) -> str:
     )
 
 
+def _c_split(name: str, spec: dict) -> str:
+    """void name_split(<name's arguments>, int parts): ``name`` over ``parts`` threads of the pool,
+    each on its own range of whole cache lines (the elements are independent: same results)."""
+    arrays = [f"{o}_" for o in spec["outputs"]] + [f"{i}_" for i in spec["inputs"]]
+    fields = [f"T *{a};" for a in arrays] + ["ptrdiff_t n;"] + [f"T {k};" for k in spec["scalars"]]
+    params = [f"T *{a}" for a in arrays] + ["ptrdiff_t n"] + [f"T {k}" for k in spec["scalars"]]
+    names = arrays + ["n"] + list(spec["scalars"])
+    shifted = [f"t->{a} + lo" for a in arrays] + ["hi - lo"] + [f"t->{k}" for k in spec["scalars"]]
+    return (
+        f"struct {name}_task {{ {' '.join(fields)} }};\n"
+        f"static void {name}_part(void *ctx, int part, int parts) {{\n"
+        f"    const struct {name}_task *t = ctx;\n"
+        "    const ptrdiff_t lines = (t->n + 15) / 16;\n"
+        "    const ptrdiff_t lo = lines * part / parts * 16, end = lines * (part + 1) / parts * 16;\n"
+        "    const ptrdiff_t hi = end < t->n ? end : t->n;\n"
+        f"    if (lo < hi) {name}({', '.join(shifted)});\n}}\n"
+        f"void {name}_split({', '.join(params)}, int parts) {{\n"
+        f"    struct {name}_task task = {{{', '.join(names)}}};\n"
+        f"    xpnet_pool_run({name}_part, &task, parts);\n}}\n"
+    )
+
+
 def _c_source() -> str:
-    parts = [_PRELUDE]
+    parts = [_PRELUDE, _cpu_threads.SOURCE]
     for type_name, suffix in (("float", "f32"), ("double", "f64")):
         parts.append(_kernels.math_defines(type_name))
         parts.append(_c_elementwise(f"xpnet_adam_{suffix}", _kernels.ADAM, flush=True))
+        parts.append(_c_split(f"xpnet_adam_{suffix}", _kernels.ADAM))
         parts.append(_c_elementwise(f"xpnet_relu_backward_{suffix}", _kernels.RELU_BACKWARD))
+        parts.append(_c_split(f"xpnet_relu_backward_{suffix}", _kernels.RELU_BACKWARD))
         # z (B, n) += b, then max(z, 0) when relu is set, in place in one pass; b may be NULL
         parts.append(
             f"void xpnet_bias_act_{suffix}(T *restrict z_, const T *restrict b_, ptrdiff_t B, ptrdiff_t n, "
@@ -79,16 +104,43 @@ def _c_source() -> str:
             "        else if (b_) for (ptrdiff_t c = 0; c < n; ++c) row[c] += b_[c];\n"
             "        else if (relu) for (ptrdiff_t c = 0; c < n; ++c) row[c] = row[c] < (T)0 ? (T)0 : row[c];\n"
             "    }\n}\n"
+            f"struct bias_act_task_{suffix} {{ T *z; const T *b; ptrdiff_t B, n; int relu; }};\n"
+            f"static void bias_act_part_{suffix}(void *ctx, int part, int parts) {{\n"
+            f"    const struct bias_act_task_{suffix} *t = ctx;\n"
+            "    const ptrdiff_t lo = t->B * part / parts, hi = t->B * (part + 1) / parts;\n"
+            f"    xpnet_bias_act_{suffix}(t->z + lo * t->n, t->b, hi - lo, t->n, t->relu);\n}}\n"
+            f"void xpnet_bias_act_{suffix}_split(T *z, const T *b, ptrdiff_t B, ptrdiff_t n, int relu, int parts) {{\n"
+            f"    struct bias_act_task_{suffix} task = {{z, b, B, n, relu}};\n"
+            f"    xpnet_pool_run(bias_act_part_{suffix}, &task, parts);\n}}\n"
         )
         # mean softmax cross-entropy of z (B, C) with labels y; δ = (softmax(z) − onehot(y)) / B
         parts.append(
             f"static double xent_row_{suffix}(const T *restrict row, long long label, T *restrict out, "
             f"long long C, T inv_b) {{{_kernels.SOFTMAX_XENT_ROW}}}\n"
+            f"static double xent_rows_{suffix}(const T *restrict z, const long long *restrict y, "
+            "T *restrict delta, ptrdiff_t rows, ptrdiff_t C, T inv_b) {\n"
+            "    double total = 0;\n"
+            "    for (ptrdiff_t b = 0; b < rows; ++b)\n"
+            f"        total += xent_row_{suffix}(z + b * C, y[b], delta + b * C, C, inv_b);\n"
+            "    return total;\n}\n"
             f"double xpnet_softmax_xent_{suffix}(const T *restrict z, const long long *restrict y, "
             "T *restrict delta, ptrdiff_t B, ptrdiff_t C) {\n"
-            "    double total = 0;\n    const T inv_b = (T)1 / (T)B;\n"
-            "    for (ptrdiff_t b = 0; b < B; ++b)\n"
-            f"        total += xent_row_{suffix}(z + b * C, y[b], delta + b * C, C, inv_b);\n"
+            f"    return xent_rows_{suffix}(z, y, delta, B, C, (T)1 / (T)B) / (double)B;\n}}\n"
+            # the rows over the pool: each part sums its rows' losses, added up in part order
+            f"struct xent_task_{suffix} {{ const T *z; const long long *y; T *delta; ptrdiff_t B, C; "
+            "double sums[POOL_MAX_WORKERS + 1]; };\n"
+            f"static void xent_part_{suffix}(void *ctx, int part, int parts) {{\n"
+            f"    struct xent_task_{suffix} *t = ctx;\n"
+            "    const ptrdiff_t lo = t->B * part / parts, hi = t->B * (part + 1) / parts;\n"
+            f"    t->sums[part] = xent_rows_{suffix}(t->z + lo * t->C, t->y + lo, t->delta + lo * t->C, hi - lo, "
+            "t->C, (T)1 / (T)t->B);\n}\n"
+            f"double xpnet_softmax_xent_{suffix}_split(const T *z, const long long *y, T *delta, ptrdiff_t B, "
+            "ptrdiff_t C, int parts) {\n"
+            f"    struct xent_task_{suffix} task = {{z, y, delta, B, C, {{0}}}};\n"
+            "    if (parts > POOL_MAX_WORKERS + 1) parts = POOL_MAX_WORKERS + 1;\n"
+            f"    xpnet_pool_run(xent_part_{suffix}, &task, parts);\n"
+            "    double total = 0;\n"
+            "    for (int part = 0; part < parts; ++part) total += task.sums[part];\n"
             "    return total / (double)B;\n}\n"
         )
         # how many rows of z (B, C) have their argmax at the label y
@@ -106,8 +158,11 @@ def _c_source() -> str:
 
 
 _C_SOURCE = _c_source()
-_FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-ffp-contract=off", "-shared", "-fPIC"]
+_FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-ffp-contract=off", "-shared", "-fPIC", "-pthread"]
 _SYMBOLS = (("xpnet_adam_f32", ctypes.c_float), ("xpnet_adam_f64", ctypes.c_double))
+#: Below this size a split kernel costs more in handing over than it gains (a 128 × 784 float32
+#: batch is 401 KB; Adam's 109,386 float32 parameters are 437 KB).
+_SPLIT_BYTES = 1 << 17
 
 
 def _native_library():
@@ -177,6 +232,23 @@ def _load(compiler: str | None, cache_dir: str):
         function = getattr(lib, name)
         function.argtypes = [pointer, pointer, pointer, ctypes.c_ssize_t, ctypes.c_ssize_t]
         function.restype = ctypes.c_double
+    for name, scalar in _SYMBOLS:
+        function = getattr(lib, f"{name}_split")
+        function.argtypes = [pointer, pointer, pointer, pointer, ctypes.c_ssize_t, scalar, scalar, scalar, scalar]
+        function.argtypes += [ctypes.c_int]
+        function.restype = None
+    for suffix in ("f32", "f64"):
+        relu_split = getattr(lib, f"xpnet_relu_backward_{suffix}_split")
+        relu_split.argtypes, relu_split.restype = [pointer, pointer, pointer, ctypes.c_ssize_t, ctypes.c_int], None
+        bias_split = getattr(lib, f"xpnet_bias_act_{suffix}_split")
+        bias_split.argtypes = [pointer, pointer, ctypes.c_ssize_t, ctypes.c_ssize_t, ctypes.c_int, ctypes.c_int]
+        bias_split.restype = None
+        xent_split = getattr(lib, f"xpnet_softmax_xent_{suffix}_split")
+        xent_split.argtypes = [pointer, pointer, pointer, ctypes.c_ssize_t, ctypes.c_ssize_t, ctypes.c_int]
+        xent_split.restype = ctypes.c_double
+    lib.xpnet_take_rows.argtypes = [pointer, pointer, pointer, ctypes.c_ssize_t, ctypes.c_ssize_t, ctypes.c_ssize_t]
+    lib.xpnet_take_rows.argtypes += [ctypes.c_int]
+    lib.xpnet_take_rows.restype = None
     for name in ("xpnet_count_correct_f32", "xpnet_count_correct_f64"):
         function = getattr(lib, name)
         function.argtypes = [pointer, pointer, ctypes.c_ssize_t, ctypes.c_ssize_t]
@@ -198,6 +270,7 @@ class NumpyFastPaths:
         self._looked = False
         self._pointers: dict = {}
         self._kernels: dict = {}
+        self._threads: int | None = None
 
     @property
     def native(self):
@@ -232,6 +305,17 @@ class NumpyFastPaths:
             addresses.append(address)
         return kernel, addresses
 
+    def _parts(self, nbytes: int) -> int:
+        """Threads to split a kernel over that touches ``nbytes``: 1 below ``_SPLIT_BYTES``."""
+        return self.threads if nbytes >= _SPLIT_BYTES else 1
+
+    def _kernel_split(self, kernel):
+        """The ``_split`` version of a compiled elementwise kernel (same arguments, then parts)."""
+        split = self._kernels.get(kernel.__name__)
+        if split is None:
+            split = self._kernels[kernel.__name__] = getattr(self.native, f"{kernel.__name__}_split")
+        return split
+
     def address(self, array):
         """The data address of a C-contiguous array (None otherwise), looked up once per array."""
         entry = self._pointers.get(id(array))
@@ -256,9 +340,30 @@ class NumpyFastPaths:
         return np.zeros(size, dtype=dtype)
 
     # -------------------------------------------------------------- layers
-    @staticmethod
-    def take_rows(X, index, out):
-        """out = X[index], rows gathered into a reused buffer (index: a permutation, always in range)."""
+    @property
+    def threads(self) -> int:
+        """How many threads the split kernels use: OpenBLAS's, once its products run on the pool
+        of the compiled library (``_cpu_threads``); 1 without compiled kernels or the hook."""
+        if self._threads is None:
+            native = self.native
+            numpy_dir = str(Path(np.__file__).resolve().parent.parent)
+            self._threads = 1 if native is None else _cpu_threads.start(native, numpy_dir)
+        return self._threads
+
+    def take_rows(self, X, index, out):
+        """out = X[index], rows gathered into a reused buffer (index: a permutation, always in range).
+        Large gathers are split over the pool's threads; the copy runs at memory speed, and one
+        core does not reach it."""
+        parts = self._parts(out.nbytes)
+        if parts > 1 and index.dtype == np.int64 and index.ndim == 1:
+            px, pout = self.address(X), self.address(out)
+            if px is not None and pout is not None and X.dtype == out.dtype and index.flags.c_contiguous:
+                if X.ndim >= 1 and out.shape == (index.shape[0], *X.shape[1:]) and X.shape[0] > 0:
+                    row_bytes = X.itemsize * math.prod(X.shape[1:])
+                    self.native.xpnet_take_rows(
+                        pout, px, index.ctypes.data, index.shape[0], X.shape[0], row_bytes, parts
+                    )
+                    return out
         return np.take(X, index, axis=0, out=out, mode="clip")  # "raise" would copy through a temporary
 
     def linear(self, x, W, b, out, relu: bool = False):
@@ -270,7 +375,9 @@ class NumpyFastPaths:
         found = self._kernel("xpnet_bias_act", out) if b is None else self._kernel("xpnet_bias_act", out, b)
         if found is not None and out.ndim == 2:
             kernel, addresses = found
-            kernel(addresses[0], addresses[1] if b is not None else None, out.shape[0], out.shape[1], relu)
+            arguments = (addresses[0], addresses[1] if b is not None else None, out.shape[0], out.shape[1], relu)
+            parts = self._parts(out.nbytes)
+            self._kernel_split(kernel)(*arguments, parts) if parts > 1 else kernel(*arguments)
             return out
         if b is not None:
             out += b
@@ -304,7 +411,8 @@ class NumpyFastPaths:
         found = self._kernel("xpnet_relu_backward", a, da, out)
         if found is not None and a.shape == da.shape == out.shape:
             kernel, (pa, pda, pout) = found
-            kernel(pout, pa, pda, a.size)
+            parts = self._parts(out.nbytes)
+            self._kernel_split(kernel)(pout, pa, pda, a.size, parts) if parts > 1 else kernel(pout, pa, pda, a.size)
             return out
         np.greater(a, 0.0, out=mask)
         out[...] = 0.0
@@ -318,7 +426,12 @@ class NumpyFastPaths:
         plabels = self.address(labels) if found is not None else None
         if plabels is not None and z.ndim == 2 and z.shape == delta.shape and labels.shape == z.shape[:1]:
             kernel, (pz, pdelta) = found
-            loss = kernel(pz, plabels, pdelta, z.shape[0], z.shape[1])
+            # exp per element makes even a 256 × 10 batch worth splitting
+            parts = self._parts(z.shape[0] * _SPLIT_BYTES // 256)
+            if parts > 1:
+                loss = self._kernel_split(kernel)(pz, plabels, pdelta, z.shape[0], z.shape[1], parts)
+            else:
+                loss = kernel(pz, plabels, pdelta, z.shape[0], z.shape[1])
             return z.dtype.type(loss), delta
         batch = z.shape[0]
         rows = np.arange(batch)
@@ -358,6 +471,10 @@ class NumpyFastPaths:
         found = self._kernel("xpnet_adam", p, g, m, v) if same and writable else None
         if found is not None:
             kernel, (pp, pg, pm, pv) = found
+            parts = self._parts(p.nbytes)
+            if parts > 1:  # over the pool's threads
+                self._kernel_split(kernel)(pp, pm, pv, pg, p.shape[0], lr_t, 1.0 - beta1, 1.0 - beta2, eps_t, parts)
+                return
             kernel(pp, pm, pv, pg, p.shape[0], lr_t, 1.0 - beta1, 1.0 - beta2, eps_t)
             return
         self.adam_passes(p, g, m, v, t, lr_t, beta1, beta2, eps_t)

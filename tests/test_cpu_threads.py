@@ -1,0 +1,189 @@
+"""The CPU thread pool: split kernels give the one-thread results bit for bit, and OpenBLAS's
+products on the pool equal its own threads' (tests/test_fast_paths.py holds the kernels to the
+Array API reference)."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from xpnet._fast_numpy import NumpyFastPaths
+
+SCALAR = {np.float32: ctypes.c_float, np.float64: ctypes.c_double}
+
+
+@pytest.fixture(scope="module")
+def native():
+    lib = NumpyFastPaths().native
+    if lib is None:
+        pytest.skip("no C compiler here")
+    return lib
+
+
+def _random(*shape, seed=0, dtype=np.float32):
+    return np.random.default_rng(seed).normal(size=shape).astype(dtype)
+
+
+def _p(array):
+    return array.ctypes.data
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("parts", [2, 3, 7])
+def test_split_kernels_equal_one_thread_bit_for_bit(native, dtype, parts):
+    suffix = "f32" if dtype == np.float32 else "f64"
+    n = 10_007  # not a multiple of the 16-element lines the parts are cut on
+    p, g, m, v = (_random(n, seed=s, dtype=dtype) for s in range(4))
+    v = np.abs(v)
+    runs = []
+    for split in (False, True):
+        state = [p.copy(), m.copy(), v.copy()]
+        arguments = [_p(state[0]), _p(state[1]), _p(state[2]), _p(g), n] + [dtype(1e-3), dtype(0.1), dtype(1e-3)]
+        arguments.append(dtype(1e-8))
+        kernel = getattr(native, f"xpnet_adam_{suffix}" + ("_split" if split else ""))
+        kernel(*arguments, *([parts] if split else []))
+        runs.append(state)
+    for one, many in zip(*runs):
+        np.testing.assert_array_equal(one, many)
+    assert not np.array_equal(runs[0][0], p)
+
+    a, da = _random(301, 33, seed=5, dtype=dtype), _random(301, 33, seed=6, dtype=dtype)
+    outs = [np.full_like(a, np.nan), np.full_like(a, np.nan)]
+    getattr(native, f"xpnet_relu_backward_{suffix}")(_p(outs[0]), _p(a), _p(da), a.size)
+    getattr(native, f"xpnet_relu_backward_{suffix}_split")(_p(outs[1]), _p(a), _p(da), a.size, parts)
+    np.testing.assert_array_equal(outs[0], outs[1])
+    np.testing.assert_array_equal(outs[1], np.where(a > 0, da, 0))
+
+    b = _random(33, seed=7, dtype=dtype)
+    zs = [a.copy(), a.copy()]
+    getattr(native, f"xpnet_bias_act_{suffix}")(_p(zs[0]), _p(b), 301, 33, 1)
+    getattr(native, f"xpnet_bias_act_{suffix}_split")(_p(zs[1]), _p(b), 301, 33, 1, parts)
+    np.testing.assert_array_equal(zs[0], zs[1])
+    np.testing.assert_array_equal(zs[1], np.maximum(a + b, 0))
+
+    labels = np.random.default_rng(8).integers(0, 33, 301)
+    deltas = [np.empty_like(a), np.empty_like(a)]
+    one = getattr(native, f"xpnet_softmax_xent_{suffix}")(_p(a), _p(labels), _p(deltas[0]), 301, 33)
+    many = getattr(native, f"xpnet_softmax_xent_{suffix}_split")(_p(a), _p(labels), _p(deltas[1]), 301, 33, parts)
+    np.testing.assert_array_equal(deltas[0], deltas[1])
+    assert many == pytest.approx(one, rel=1e-13)  # only the order of adding the rows' losses differs
+    shifted = a - a.max(axis=1, keepdims=True)
+    expected = np.mean(np.log(np.exp(shifted).sum(axis=1)) - shifted[np.arange(301), labels])
+    assert one == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.parametrize("parts", [1, 2, 5])
+def test_split_gather_is_numpy_take(native, parts):
+    X = _random(1000, 7, 3)
+    index = np.random.default_rng(1).permutation(1000)[:333]
+    index[:2] = [-5, 4000]  # out of range: clipped, as np.take(mode="clip") does
+    out = np.full((333, 7, 3), np.nan, np.float32)
+    native.xpnet_take_rows(_p(out), _p(X), _p(index), 333, 1000, 7 * 3 * 4, parts)
+    np.testing.assert_array_equal(out, np.take(X, index, axis=0, mode="clip"))
+
+
+def test_take_rows_through_the_fast_paths_matches_take():
+    fast = NumpyFastPaths()
+    X = _random(5000, 784)
+    index = np.random.default_rng(2).permutation(5000)[:512]
+    out = np.empty((512, 784), np.float32)  # 1.6 MB: split where the pool is there
+    np.testing.assert_array_equal(fast.take_rows(X, index, out), X[index])
+    labels = np.arange(5000)
+    np.testing.assert_array_equal(fast.take_rows(labels, index, np.empty(512, labels.dtype)), index)
+
+
+_PRODUCTS = r"""
+import os, sys, threading
+import numpy as np
+import xpnet
+threads = xpnet.Device("cpu").fast.threads  # hooks OpenBLAS where it can
+rng = np.random.default_rng(0)
+shapes = [(512, 784, 128), (128, 512, 784), (512, 128, 64), (64, 512, 128), (7, 5, 3), (1000, 1000, 1000)]
+pairs = [(rng.standard_normal((m, k), dtype=np.float32), rng.standard_normal((k, n), dtype=np.float32))
+         for m, k, n in shapes]
+pairs += [(a.astype(np.float64), b.astype(np.float64)) for a, b in pairs[:3]]
+before = [np.load(sys.argv[1] + f"/{i}.npy") for i in range(len(pairs))] if len(sys.argv) > 2 else None
+now = [a @ b for a, b in pairs]
+if before is None:
+    for i, c in enumerate(now):
+        np.save(sys.argv[1] + f"/{i}.npy", c)
+    print("saved", threads)
+    raise SystemExit
+assert all(np.array_equal(x, y) for x, y in zip(before, now)), "products differ"
+results = {}
+def work(k):
+    results[k] = [a @ b for a, b in pairs for _ in range(3)]
+workers = [threading.Thread(target=work, args=(k,)) for k in range(4)]
+for w in workers: w.start()
+for w in workers: w.join()
+assert all(np.array_equal(r, x) for k in results for r, x in zip(results[k], [c for c in now for _ in range(3)]))
+pid = os.fork()
+if pid == 0:  # the child has no pool threads: they are started again there
+    ok = all(np.array_equal(a @ b, c) for (a, b), c in zip(pairs, now))
+    os._exit(0 if ok else 3)
+_, status = os.waitpid(pid, 0)
+assert os.WEXITSTATUS(status) == 0, "the forked child's products differ"
+print("same", threads)
+"""
+
+
+def test_openblas_products_on_the_pool_equal_its_own_threads(tmp_path):
+    script = tmp_path / "products.py"
+    script.write_text(_PRODUCTS)
+    env = {**os.environ, "OPENBLAS_NUM_THREADS": "2"}
+    own = subprocess.run(
+        [sys.executable, str(script), str(tmp_path)],
+        env={**env, "XPNET_THREADS": "0"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert own.returncode == 0, own.stderr
+    assert own.stdout.split() == ["saved", "1"]  # XPNET_THREADS=0: OpenBLAS left alone
+    pooled = subprocess.run(
+        [sys.executable, str(script), str(tmp_path), "compare"], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert pooled.returncode == 0, pooled.stderr
+    word, threads = pooled.stdout.split()
+    assert word == "same"
+    if threads == "1":
+        pytest.skip("NumPy's BLAS here takes no thread callback (not OpenBLAS 0.3.28+): nothing was hooked")
+    assert threads == "2"
+
+
+_TRAIN = r"""
+import sys
+import numpy as np
+import xpnet as xn
+x = np.random.default_rng(0).normal(size=(3000, 300)).astype(np.float32)
+y = (x[:, :10].sum(axis=1) > 0).astype(int) + 2 * (x[:, 10] > 0)
+model = xn.mlp(300, [200, 100], 4, seed=1)
+history = xn.fit(model, "cross_entropy", xn.Adam(1e-3), x, y, epochs=2, batch_size=512)
+np.save(sys.argv[1], np.concatenate([np.ravel(p) for layer in model.layers for p in layer.params.values()]))
+print(model.device.fast.threads, history["loss"][-1])
+"""
+
+
+def test_training_on_the_pool_equals_training_on_one_thread(tmp_path):
+    script = tmp_path / "train.py"
+    script.write_text(_TRAIN)
+    outputs = []
+    for flag in ("0", "1"):
+        done = subprocess.run(
+            [sys.executable, str(script), str(tmp_path / f"w{flag}.npy")],
+            env={**os.environ, "XPNET_THREADS": flag, "OPENBLAS_NUM_THREADS": "2"},
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert done.returncode == 0, done.stderr
+        outputs.append(done.stdout.split())
+    if outputs[1][0] == "1":
+        pytest.skip("NumPy's BLAS here takes no thread callback: nothing to compare")
+    np.testing.assert_array_equal(np.load(tmp_path / "w0.npy"), np.load(tmp_path / "w1.npy"))
+    assert float(outputs[0][1]) == pytest.approx(float(outputs[1][1]), rel=1e-6)
