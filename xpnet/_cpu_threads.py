@@ -26,7 +26,10 @@ from pathlib import Path
 #: SPIN_NS after a task (a training step posts tasks every few µs to ms), then sleeps.
 SOURCE = r"""
 #include <pthread.h>
+#include <sched.h>
 #include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
 #include <stdint.h>
 #include <string.h>
 #include <time.h>
@@ -89,7 +92,11 @@ static void *pool_worker(void *arg) {
     return NULL;
 }
 
-/* A forked child has none of the parent's threads: start afresh (workers are made on demand). */
+/* Fork: the prepare step waits for a task in progress to end (OpenBLAS's own fork handler,
+   registered earlier and so run after this one, frees the buffers a product uses); the forked
+   child has none of the parent's threads and starts afresh, making workers on demand. */
+static void pool_before_fork(void) { pthread_mutex_lock(&pool_caller); }
+static void pool_after_fork_in_parent(void) { pthread_mutex_unlock(&pool_caller); }
 static void pool_after_fork_in_child(void) {
     pthread_mutex_init(&pool_caller, NULL);
     pthread_mutex_init(&pool_sleep, NULL);
@@ -100,20 +107,13 @@ static void pool_after_fork_in_child(void) {
     pool_inside = 0;
 }
 
-static void pool_serial(xpnet_part_fn fn, void *ctx, int parts) {
-    for (int part = 0; part < parts; ++part) fn(ctx, part, parts);
-}
-
-/* fn(ctx, part, parts) for every part, at the same time: part 0 here, the others on workers. */
-void xpnet_pool_run(xpnet_part_fn fn, void *ctx, int parts) {
-    if (parts <= 1 || pool_inside || parts - 1 > POOL_MAX_WORKERS) {
-        pool_serial(fn, ctx, parts); /* a task inside a task would wait for itself */
-        return;
-    }
-    pthread_mutex_lock(&pool_caller);
-    if (!pool_forks_handled) pool_forks_handled = pthread_atfork(NULL, NULL, pool_after_fork_in_child) == 0;
+/* Start workers until there are ``wanted`` (caller holds pool_caller); returns how many there are. */
+static int pool_grow(int wanted) {
+    if (!pool_forks_handled)
+        pool_forks_handled =
+            pthread_atfork(pool_before_fork, pool_after_fork_in_parent, pool_after_fork_in_child) == 0;
     pool_start_ticket = atomic_load(&pool_posted);
-    while (pool_workers < parts - 1) {
+    while (pool_workers < wanted && pool_workers < POOL_MAX_WORKERS) {
         pthread_t thread;
         pthread_attr_t attr;
         pthread_attr_init(&attr);
@@ -123,10 +123,28 @@ void xpnet_pool_run(xpnet_part_fn fn, void *ctx, int parts) {
         if (failed) break;
         ++pool_workers;
     }
-    if (pool_workers < parts - 1) {
+    return pool_workers;
+}
+
+/* The workers one product of ``threads`` threads needs, made before OpenBLAS is handed the pool:
+   returns 0 when they all exist (and the fork handlers are in place). */
+int xpnet_pool_reserve(int threads) {
+    if (pool_inside) return -1;
+    pthread_mutex_lock(&pool_caller);
+    const int ready = pool_grow(threads - 1) >= threads - 1 && pool_forks_handled;
+    pthread_mutex_unlock(&pool_caller);
+    return ready ? 0 : -1;
+}
+
+/* fn(ctx, part, parts) for every part at the same time: part 0 here, the others on workers.
+   Returns -1, having run nothing, where that cannot be had (a task inside a task would wait for
+   itself; or no more threads could be made). */
+static int pool_try_run(xpnet_part_fn fn, void *ctx, int parts) {
+    if (pool_inside || parts - 1 > POOL_MAX_WORKERS) return -1;
+    pthread_mutex_lock(&pool_caller);
+    if (pool_grow(parts - 1) < parts - 1) {
         pthread_mutex_unlock(&pool_caller);
-        pool_serial(fn, ctx, parts);
-        return;
+        return -1;
     }
     pool_fn = fn;
     pool_ctx = ctx;
@@ -141,13 +159,29 @@ void xpnet_pool_run(xpnet_part_fn fn, void *ctx, int parts) {
     pool_inside = 1;
     fn(ctx, 0, parts);
     pool_inside = 0;
-    while (atomic_load(&pool_remaining) > 0) POOL_PAUSE();
+    struct timespec start;
+    clock_gettime(CLOCK_MONOTONIC, &start);
+    unsigned spins = 0;
+    while (atomic_load(&pool_remaining) > 0) {
+        /* a worker whose core was taken away: stop spinning on ours after a while */
+        if ((++spins & 255u) == 0 && pool_elapsed_ns(&start) > POOL_SPIN_NS) sched_yield();
+        else POOL_PAUSE();
+    }
     pthread_mutex_unlock(&pool_caller);
+    return 0;
 }
 
-/* OpenBLAS's threads callback: run its numjobs jobs of one product at the same time. */
+/* xpnet's own kernels: their parts are independent, so one after another is a correct fallback. */
+void xpnet_pool_run(xpnet_part_fn fn, void *ctx, int parts) {
+    if (parts <= 1 || pool_try_run(fn, ctx, parts) != 0)
+        for (int part = 0; part < parts; ++part) fn(ctx, part, parts);
+}
+
+/* OpenBLAS's threads callback: the numjobs jobs of one product. They wait on each other's
+   flags, so they must run at the same time: on the pool, or else on threads made for this call. */
 typedef void (*xpnet_blas_job)(int thread_num, void *jobdata, int dojob_data);
 struct xpnet_blas_task { xpnet_blas_job job; char *data; size_t size; int job_data; };
+struct xpnet_blas_one { const struct xpnet_blas_task *task; int part; };
 
 static void xpnet_blas_part(void *ctx, int part, int parts) {
     const struct xpnet_blas_task *task = ctx;
@@ -155,10 +189,34 @@ static void xpnet_blas_part(void *ctx, int part, int parts) {
     task->job(part, task->data + (size_t)part * task->size, task->job_data);
 }
 
+static void *xpnet_blas_thread(void *arg) {
+    const struct xpnet_blas_one *one = arg;
+    xpnet_blas_part((void *)one->task, one->part, 0);
+    return NULL;
+}
+
 void xpnet_blas_callback(int sync, xpnet_blas_job job, int numjobs, size_t size, void *data, int job_data) {
     (void)sync; /* always finished before returning */
     struct xpnet_blas_task task = {job, (char *)data, size, job_data};
-    xpnet_pool_run(xpnet_blas_part, &task, numjobs);
+    if (numjobs <= 1) {
+        if (numjobs == 1) xpnet_blas_part(&task, 0, 1);
+        return;
+    }
+    if (pool_try_run(xpnet_blas_part, &task, numjobs) == 0) return;
+    pthread_t threads[POOL_MAX_WORKERS];
+    struct xpnet_blas_one ones[POOL_MAX_WORKERS];
+    int made = 0;
+    for (int part = 1; part < numjobs && made < POOL_MAX_WORKERS; ++part, ++made) {
+        ones[made] = (struct xpnet_blas_one){&task, part};
+        if (pthread_create(&threads[made], NULL, xpnet_blas_thread, &ones[made])) break;
+    }
+    if (made < numjobs - 1) {
+        fprintf(stderr, "xpnet: could not start threads for an OpenBLAS product (%d of %d); "
+                        "set XPNET_THREADS=0 to leave OpenBLAS its own threads\n", made, numjobs - 1);
+        abort();
+    }
+    xpnet_blas_part(&task, 0, numjobs);
+    for (int i = 0; i < made; ++i) pthread_join(threads[i], NULL);
 }
 
 /* Rows of X gathered into out: out[r] = X[clip(index[r])], split by rows over ``parts`` threads. */
@@ -203,31 +261,40 @@ _THREAD_COUNTS = (
 )
 
 
-def numpy_openblas(numpy_dir: str) -> ctypes.CDLL | None:
-    """NumPy's OpenBLAS, as loaded in this process, or None (another BLAS, or not found).
-    ``numpy_dir``: the folder NumPy is installed in (its wheels keep OpenBLAS beside it)."""
+def numpy_openblas(numpy_dir: str, blas_name: str) -> ctypes.CDLL | None:
+    """NumPy's OpenBLAS as already loaded in this process, or None (another BLAS, or not found).
+
+    ``numpy_dir``: the folder NumPy is installed in; ``blas_name``: the BLAS NumPy was built
+    with. Wheels keep their OpenBLAS in ``numpy.libs`` beside NumPy; SciPy's wheels carry their
+    own, in ``scipy.libs``, which must not be taken for NumPy's.
+    """
+    if "openblas" not in blas_name.lower():
+        return None
     try:
         maps = Path("/proc/self/maps").read_text()
     except OSError:
         return None
-    loaded = sorted({m for m in re.findall(r"(/\S*openblas\S*\.so[\w.]*)", maps)})
-    mine = [path for path in loaded if path.startswith(numpy_dir)] or (loaded if len(loaded) == 1 else [])
+    loaded = sorted(set(re.findall(r"(/\S*openblas\S*\.so[\w.]*)", maps)))
+    wheel = os.path.join(os.path.dirname(numpy_dir), "numpy.libs") + os.sep
+    mine = [path for path in loaded if path.startswith(wheel)]
+    if not mine:  # a NumPy built against the system's OpenBLAS
+        mine = [path for path in loaded if ".libs" + os.sep not in path]
     if len(mine) != 1:
         return None
-    try:
-        return ctypes.CDLL(mine[0])
-    except OSError:
+    try:  # the copy already loaded, never a second one from disk
+        return ctypes.CDLL(mine[0], mode=os.RTLD_NOLOAD)
+    except (OSError, AttributeError):
         return None
 
 
 @functools.cache
-def start(native, numpy_dir: str) -> int:
+def start(native, numpy_dir: str, blas_name: str) -> int:
     """Hand NumPy's OpenBLAS the pool of the compiled library ``native`` (once per process) and
     return how many threads the kernels may be split over: OpenBLAS's thread count when hooked,
     else 1 (XPNET_THREADS=0, another BLAS, an OpenBLAS without the callback, or one core)."""
     if os.environ.get("XPNET_THREADS", "1") == "0":
         return 1
-    blas = numpy_openblas(numpy_dir)
+    blas = numpy_openblas(numpy_dir, blas_name)
     if blas is None:
         return 1
     setter, parallel, count = (
@@ -242,6 +309,9 @@ def start(native, numpy_dir: str) -> int:
     count.restype = ctypes.c_int
     threads = int(count())
     if threads < 2:
+        return 1
+    native.xpnet_pool_reserve.argtypes, native.xpnet_pool_reserve.restype = [ctypes.c_int], ctypes.c_int
+    if native.xpnet_pool_reserve(threads) != 0:  # the workers a product needs, before the hook
         return 1
     setter.argtypes = [ctypes.c_void_p]
     setter.restype = None

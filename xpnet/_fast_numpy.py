@@ -126,21 +126,26 @@ def _c_source() -> str:
             f"double xpnet_softmax_xent_{suffix}(const T *restrict z, const long long *restrict y, "
             "T *restrict delta, ptrdiff_t B, ptrdiff_t C) {\n"
             f"    return xent_rows_{suffix}(z, y, delta, B, C, (T)1 / (T)B) / (double)B;\n}}\n"
-            # the rows over the pool: each part sums its rows' losses, added up in part order
-            f"struct xent_task_{suffix} {{ const T *z; const long long *y; T *delta; ptrdiff_t B, C; "
-            "double sums[POOL_MAX_WORKERS + 1]; };\n"
+            # the rows over the pool: each part writes its rows' losses, added up here in row
+            # order, as the one-thread kernel adds them (the same loss, bit for bit)
+            f"struct xent_task_{suffix} {{ const T *z; const long long *y; T *delta; double *losses; "
+            "ptrdiff_t B, C; };\n"
             f"static void xent_part_{suffix}(void *ctx, int part, int parts) {{\n"
-            f"    struct xent_task_{suffix} *t = ctx;\n"
+            f"    const struct xent_task_{suffix} *t = ctx;\n"
             "    const ptrdiff_t lo = t->B * part / parts, hi = t->B * (part + 1) / parts;\n"
-            f"    t->sums[part] = xent_rows_{suffix}(t->z + lo * t->C, t->y + lo, t->delta + lo * t->C, hi - lo, "
-            "t->C, (T)1 / (T)t->B);\n}\n"
+            "    const T inv_b = (T)1 / (T)t->B;\n"
+            "    for (ptrdiff_t b = lo; b < hi; ++b)\n"
+            f"        t->losses[b] = xent_row_{suffix}(t->z + b * t->C, t->y[b], t->delta + b * t->C, t->C, inv_b);\n"
+            "}\n"
             f"double xpnet_softmax_xent_{suffix}_split(const T *z, const long long *y, T *delta, ptrdiff_t B, "
             "ptrdiff_t C, int parts) {\n"
-            f"    struct xent_task_{suffix} task = {{z, y, delta, B, C, {{0}}}};\n"
-            "    if (parts > POOL_MAX_WORKERS + 1) parts = POOL_MAX_WORKERS + 1;\n"
+            "    double *losses = malloc((size_t)B * sizeof(double));\n"
+            f"    if (!losses) return xpnet_softmax_xent_{suffix}(z, y, delta, B, C);\n"
+            f"    struct xent_task_{suffix} task = {{z, y, delta, losses, B, C}};\n"
             f"    xpnet_pool_run(xent_part_{suffix}, &task, parts);\n"
             "    double total = 0;\n"
-            "    for (int part = 0; part < parts; ++part) total += task.sums[part];\n"
+            "    for (ptrdiff_t b = 0; b < B; ++b) total += losses[b];\n"
+            "    free(losses);\n"
             "    return total / (double)B;\n}\n"
         )
         # how many rows of z (B, C) have their argmax at the label y
@@ -346,8 +351,12 @@ class NumpyFastPaths:
         of the compiled library (``_cpu_threads``); 1 without compiled kernels or the hook."""
         if self._threads is None:
             native = self.native
-            numpy_dir = str(Path(np.__file__).resolve().parent.parent)
-            self._threads = 1 if native is None else _cpu_threads.start(native, numpy_dir)
+            try:
+                blas = np.__config__.CONFIG["Build Dependencies"]["blas"]["name"]
+            except (AttributeError, KeyError, TypeError):
+                blas = "unknown"
+            numpy_dir = str(Path(np.__file__).resolve().parent)
+            self._threads = 1 if native is None else _cpu_threads.start(native, numpy_dir, str(blas))
         return self._threads
 
     def take_rows(self, X, index, out):
