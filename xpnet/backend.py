@@ -169,6 +169,8 @@ class Device:
                 paths = "Array API code only (fast paths off)"
             else:
                 paths = "fast paths on, Adam " + ("compiled" if self.fast.native is not None else "in NumPy passes")
+                if self.fast.threads > 1:
+                    paths += f"; OpenBLAS and the kernels on one pool of {self.fast.threads} threads"
             return f"NumPy {np.__version__} on the CPU; {paths}"
         if self.kind == "cupy":
             cupy = self._cupy
