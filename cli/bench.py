@@ -78,7 +78,7 @@ class XpnetRun:
     def epoch(self) -> float:
         """The epoch's seconds as ``fit`` logs them (``device.stopwatch()``). One ``fit`` call per
         epoch keeps the implementations interleaved; its once-per-call setup (moving and checking
-        the data, ~0.02 s for MNIST on this CPU) would otherwise be charged to every epoch."""
+        the data, 0.027 s for MNIST on this CPU) would otherwise be charged to every epoch."""
         done = len(self.history)
         xn.fit(
             self.model,

@@ -60,11 +60,13 @@ def test_split_kernels_equal_one_thread_bit_for_bit(native, dtype, parts):
     np.testing.assert_array_equal(outs[1], np.where(a > 0, da, 0))
 
     b = _random(33, seed=7, dtype=dtype)
-    zs = [a.copy(), a.copy()]
-    getattr(native, f"xpnet_bias_act_{suffix}")(_p(zs[0]), _p(b), 301, 33, 1)
-    getattr(native, f"xpnet_bias_act_{suffix}_split")(_p(zs[1]), _p(b), 301, 33, 1, parts)
-    np.testing.assert_array_equal(zs[0], zs[1])
-    np.testing.assert_array_equal(zs[1], np.maximum(a + b, 0))
+    for bias, relu, expected in ((b, 1, np.maximum(a + b, 0)), (b, 0, a + b), (None, 1, np.maximum(a, 0))):
+        zs = [a.copy(), a.copy()]
+        pb = None if bias is None else _p(bias)
+        getattr(native, f"xpnet_bias_act_{suffix}")(_p(zs[0]), pb, 301, 33, relu)
+        getattr(native, f"xpnet_bias_act_{suffix}_split")(_p(zs[1]), pb, 301, 33, relu, parts)
+        np.testing.assert_array_equal(zs[0], zs[1])
+        np.testing.assert_array_equal(zs[1], expected)
 
     labels = np.random.default_rng(8).integers(0, 33, 301)
     deltas = [np.empty_like(a), np.empty_like(a)]
@@ -89,6 +91,8 @@ def test_split_gather_is_numpy_take(native, parts):
 
 def test_take_rows_through_the_fast_paths_matches_take():
     fast = NumpyFastPaths()
+    if fast.threads < 2:
+        pytest.skip("no pool here (one core, no compiler, or a BLAS without the thread callback)")
     X = _random(5000, 784)
     index = np.random.default_rng(2).permutation(5000)[:512]
     out = np.empty((512, 784), np.float32)  # 1.6 MB: split where the pool is there

@@ -326,3 +326,24 @@ def test_a_metric_without_a_fused_count_is_counted_as_written():
     before = np.count_nonzero(model.forward(x, training=False)[:, 0] > 0)  # one batch: counted before its step
     logs = xn.fit(model, "cross_entropy", "sgd", x, (x[:, 0] > 0).astype(int), batch_size=64, metrics=[Recorded()])
     assert logs["recorded"][0] == before / 64 and 0 < before < 64
+
+
+def test_an_accuracy_subclass_with_its_own_count_is_not_replaced_by_the_kernel():
+    class TopTwo(xn.Accuracy):
+        name = "top2"
+
+        def count(self, output, target):
+            top = np.argsort(output, axis=1)[:, -2:]
+            return np.count_nonzero((top == target[:, None]).any(axis=1)), output.shape[0]
+
+    x = _random(200, 6)
+    y = np.random.default_rng(3).integers(0, 5, 200)
+    model = xn.mlp(6, [8], 5, seed=0)
+    out = model.forward(x, training=False)
+    expected = np.count_nonzero((np.argsort(out, axis=1)[:, -2:] == y[:, None]).any(axis=1)) / 200
+    top1 = np.count_nonzero(out.argmax(axis=1) == y) / 200
+    assert expected > top1  # the two counts differ on these data, so a swap would show
+    assert xn.evaluate(model, "cross_entropy", x, y, metrics=[TopTwo()])["top2"] == expected
+    before = expected
+    logs = xn.fit(model, "cross_entropy", "sgd", x, y, batch_size=200, metrics=[TopTwo()])
+    assert logs["top2"][0] == before  # one batch: counted before its step

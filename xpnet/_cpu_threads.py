@@ -8,8 +8,8 @@ OpenBLAS 0.3.28 and later can hand the jobs of a product to the caller's threads
 a batch and the Adam step over the same threads. The products are computed as before: OpenBLAS
 divides the work into the same jobs; only the threads that run them change.
 
-The hook is process-wide: once the first ``fit`` on NumPy sets it, every OpenBLAS product in the
-process runs on this pool (callers take turns). ``XPNET_THREADS=0`` leaves OpenBLAS alone, and
+The hook is process-wide: once the first ``fit`` on NumPy (or ``Device.describe``) sets it, every
+OpenBLAS product in the process runs on this pool (callers take turns). ``XPNET_THREADS=0`` leaves OpenBLAS alone, and
 the kernels then run on one thread. Without NumPy's OpenBLAS (another BLAS, an OpenBLAS older
 than 0.3.28, or one built on OpenMP rather than its own pthreads) nothing is hooked either.
 """
