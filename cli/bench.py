@@ -9,7 +9,12 @@ with every implementation, interleaved epoch by epoch so that machine noise hits
 * scikit-learn's ``MLPClassifier(hidden_layer_sizes=(128, 64), solver='adam', batch_size=B)``,
   one ``partial_fit`` per epoch;
 * the floor: only the matrix products one training step needs (three forward, two backward per
-  layer but no input gradient for the first), on preallocated outputs.
+  layer but no input gradient for the first), on preallocated outputs. It runs in a process of
+  its own, driven epoch by epoch, because xpnet hands this process's OpenBLAS to its own thread
+  pool; the floor is OpenBLAS on OpenBLAS's threads.
+
+Each epoch starts after 0.2 s of rest, so that no implementation's threads are still spinning
+from the one before.
 
 Seconds per epoch are the median of epochs 2..N. Peak RSS comes from a separate short process per
 implementation (RSS is per process). PyTorch and scikit-learn are optional.
@@ -30,6 +35,8 @@ import xpnet as xn
 from xpnet.data import load_dataset
 
 IMPLEMENTATIONS = ("xpnet", "pytorch", "sklearn", "floor")
+#: Rest before each epoch of the interleaved runs (see ``interleave``).
+SETTLE_SECONDS = 0.2
 
 
 def cores() -> int:
@@ -216,6 +223,54 @@ class FloorRun:
         return None
 
 
+#: The floor's own process: reads "epoch" lines and answers each with one epoch's seconds.
+_FLOOR_CHILD = """
+import sys
+from cli.bench import FloorRun
+from xpnet.data import load_dataset
+run = FloorRun(load_dataset("mnist"), int(sys.argv[1]), int(sys.argv[2]))
+for line in sys.stdin:
+    if line.strip() != "epoch":
+        break
+    print(run.epoch(), flush=True)
+"""
+
+
+class FloorProcess:
+    """The floor, timed in a process of its own and driven epoch by epoch, so that it stays
+    interleaved. In this process xpnet's first ``fit`` hands NumPy's OpenBLAS to xpnet's thread
+    pool (xpnet/_cpu_threads.py); the floor must be OpenBLAS on its own threads."""
+
+    name = "floor"
+
+    def __init__(self, batch_size, seed):
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        env = {**os.environ, "XPNET_THREADS": "0"}
+        self.process = subprocess.Popen(
+            [sys.executable, "-c", _FLOOR_CHILD, str(batch_size), str(seed)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            cwd=root,
+            env=env,
+        )
+
+    def epoch(self) -> float:
+        self.process.stdin.write("epoch\n")
+        self.process.stdin.flush()
+        line = self.process.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the floor's process ended (exit code {self.process.wait()})")
+        return float(line)
+
+    def accuracy(self):
+        return None
+
+    def close(self) -> None:
+        self.process.stdin.close()
+        self.process.wait(timeout=60)
+
+
 def _make(name, data, batch_size, seed, device, initial):
     if name == "xpnet":
         return XpnetRun(data, batch_size, seed, device)
@@ -223,7 +278,7 @@ def _make(name, data, batch_size, seed, device, initial):
         return TorchRun(data, batch_size, seed, initial)
     if name == "sklearn":
         return SklearnRun(data, batch_size, seed)
-    return FloorRun(data, batch_size, seed)
+    return FloorProcess(batch_size, seed)
 
 
 def available(name) -> str | None:
@@ -261,7 +316,7 @@ def vm_hwm_mib() -> float:
 def _probe(name, batch_size, device):
     data = load_dataset("mnist")
     initial = initial_weights(0, device) if name == "pytorch" else None
-    run = _make(name, data, batch_size, 0, device, initial)
+    run = FloorRun(data, batch_size, 0) if name == "floor" else _make(name, data, batch_size, 0, device, initial)
     run.epoch()
 
 
@@ -288,27 +343,34 @@ def run_benchmark(
     for batch_size in batch_sizes:
         initial = initial_weights(seed, device)
         runs = {name: _make(name, data, batch_size, seed, device, initial) for name in names}
-        for name, run, seconds, times in interleave(runs, epochs, batch_size, log):
-            rows.append(
-                {
-                    "batch_size": batch_size,
-                    "implementation": name,
-                    "seconds_per_epoch": seconds,
-                    "epoch_seconds": times,
-                    "samples_per_second": data.train.x.shape[0] / seconds,
-                    "test_accuracy": run.accuracy(),
-                    "peak_rss_mib": peak_rss_mib(name, batch_size, device) if measure_rss else None,
-                }
-            )
+        try:
+            for name, run, seconds, times in interleave(runs, epochs, batch_size, log, settle=SETTLE_SECONDS):
+                rows.append(
+                    {
+                        "batch_size": batch_size,
+                        "implementation": name,
+                        "seconds_per_epoch": seconds,
+                        "epoch_seconds": times,
+                        "samples_per_second": data.train.x.shape[0] / seconds,
+                        "test_accuracy": run.accuracy(),
+                        "peak_rss_mib": peak_rss_mib(name, batch_size, device) if measure_rss else None,
+                    }
+                )
+        finally:
+            for run in runs.values():
+                if hasattr(run, "close"):
+                    run.close()
     return rows
 
 
-def interleave(runs: dict, epochs: int, batch_size: int, log):
+def interleave(runs: dict, epochs: int, batch_size: int, log, settle: float = 0.0):
     """Train every run one epoch at a time, in turn; yield (name, run, median seconds of epochs
-    2..N, every epoch's seconds) per run."""
+    2..N, every epoch's seconds) per run. ``settle``: seconds of rest before each epoch, so that
+    the threads of the run before have stopped spinning (OpenBLAS's spin for about 0.1 s)."""
     times = {name: [] for name in runs}
     for epoch in range(epochs):
         for name, run in runs.items():
+            time.sleep(settle)
             times[name].append(run.epoch())
         log(f"batch {batch_size}, epoch {epoch + 1}: " + ", ".join(f"{k} {v[-1]:.3f}s" for k, v in times.items()))
     for name, run in runs.items():
