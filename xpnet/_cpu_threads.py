@@ -4,14 +4,16 @@ Why: OpenBLAS keeps its own worker threads, and after each product they spin for
 waiting for the next one. On a machine with few cores they hold every core but the caller's,
 so a kernel of ours split over two threads ran slower than on one (bench/NOTES.md, change 16).
 OpenBLAS 0.3.28 and later can hand the jobs of a product to the caller's threads instead
-(``openblas_set_threads_callback_function``). xpnet gives it this pool, and splits the gather of
-a batch and the Adam step over the same threads. The products are computed as before: OpenBLAS
-divides the work into the same jobs; only the threads that run them change.
+(``openblas_set_threads_callback_function``). xpnet gives it this pool, and splits its own
+kernels over the same threads: the gather of a batch, Adam, ReLU backward, bias plus ReLU and
+softmax cross-entropy. The products are computed as before: OpenBLAS divides the work into the
+same jobs; only the threads that run them change.
 
-The hook is process-wide: once the first ``fit`` on NumPy (or ``Device.describe``) sets it, every
-OpenBLAS product in the process runs on this pool (callers take turns). ``XPNET_THREADS=0`` leaves OpenBLAS alone, and
-the kernels then run on one thread. Without NumPy's OpenBLAS (another BLAS, an OpenBLAS older
-than 0.3.28, or one built on OpenMP rather than its own pthreads) nothing is hooked either.
+The hook is process-wide: once the first ``fit`` on NumPy (or ``Device.describe``) sets it,
+every OpenBLAS product in the process runs on this pool (callers take turns). ``XPNET_THREADS=0``
+leaves OpenBLAS alone, and the kernels then run on one thread. Without NumPy's OpenBLAS (another
+BLAS, an OpenBLAS older than 0.3.28, or one built on OpenMP rather than its own pthreads)
+nothing is hooked either.
 """
 
 from __future__ import annotations
