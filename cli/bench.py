@@ -35,6 +35,8 @@ import xpnet as xn
 from xpnet.data import load_dataset
 
 IMPLEMENTATIONS = ("xpnet", "pytorch", "sklearn", "floor")
+#: The repository root: child processes run there, so that ``cli`` imports.
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 #: Rest before each epoch of the interleaved runs (see ``interleave``).
 SETTLE_SECONDS = 0.2
 
@@ -244,14 +246,13 @@ class FloorProcess:
     name = "floor"
 
     def __init__(self, batch_size, seed):
-        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         env = {**os.environ, "XPNET_THREADS": "0"}
         self.process = subprocess.Popen(
             [sys.executable, "-c", _FLOOR_CHILD, str(batch_size), str(seed)],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
-            cwd=root,
+            cwd=_ROOT,
             env=env,
         )
 
@@ -296,8 +297,7 @@ def available(name) -> str | None:
 def peak_rss_mib(name: str, batch_size: int, device: str) -> float | None:
     """Peak RSS of a fresh process that loads MNIST and trains one epoch of ``name``."""
     code = f"from cli.bench import _probe, vm_hwm_mib; _probe({name!r}, {batch_size}, {device!r}); print(vm_hwm_mib())"
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root, timeout=900)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=_ROOT, timeout=900)
     return float(result.stdout.strip().splitlines()[-1]) if result.returncode == 0 else None
 
 

@@ -237,20 +237,11 @@ def _load(compiler: str | None, cache_dir: str):
         function = getattr(lib, name)
         function.argtypes = [pointer, pointer, pointer, ctypes.c_ssize_t, ctypes.c_ssize_t]
         function.restype = ctypes.c_double
-    for name, scalar in _SYMBOLS:
-        function = getattr(lib, f"{name}_split")
-        function.argtypes = [pointer, pointer, pointer, pointer, ctypes.c_ssize_t, scalar, scalar, scalar, scalar]
-        function.argtypes += [ctypes.c_int]
-        function.restype = None
-    for suffix in ("f32", "f64"):
-        relu_split = getattr(lib, f"xpnet_relu_backward_{suffix}_split")
-        relu_split.argtypes, relu_split.restype = [pointer, pointer, pointer, ctypes.c_ssize_t, ctypes.c_int], None
-        bias_split = getattr(lib, f"xpnet_bias_act_{suffix}_split")
-        bias_split.argtypes = [pointer, pointer, ctypes.c_ssize_t, ctypes.c_ssize_t, ctypes.c_int, ctypes.c_int]
-        bias_split.restype = None
-        xent_split = getattr(lib, f"xpnet_softmax_xent_{suffix}_split")
-        xent_split.argtypes = [pointer, pointer, pointer, ctypes.c_ssize_t, ctypes.c_ssize_t, ctypes.c_int]
-        xent_split.restype = ctypes.c_double
+    # each name_split takes name's arguments and then the number of parts
+    for base in ("xpnet_adam", "xpnet_relu_backward", "xpnet_bias_act", "xpnet_softmax_xent"):
+        for suffix in ("f32", "f64"):
+            one, split = getattr(lib, f"{base}_{suffix}"), getattr(lib, f"{base}_{suffix}_split")
+            split.argtypes, split.restype = [*one.argtypes, ctypes.c_int], one.restype
     lib.xpnet_take_rows.argtypes = [pointer, pointer, pointer, ctypes.c_ssize_t, ctypes.c_ssize_t, ctypes.c_ssize_t]
     lib.xpnet_take_rows.argtypes += [ctypes.c_int]
     lib.xpnet_take_rows.restype = None
@@ -314,12 +305,16 @@ class NumpyFastPaths:
         """Threads to split a kernel over that touches ``nbytes``: 1 below ``_SPLIT_BYTES``."""
         return self.threads if nbytes >= _SPLIT_BYTES else 1
 
-    def _kernel_split(self, kernel):
-        """The ``_split`` version of a compiled elementwise kernel (same arguments, then parts)."""
+    def _run(self, kernel, nbytes: int, *arguments):
+        """kernel(*arguments), or from ``_SPLIT_BYTES`` up its ``_split`` version over the pool's
+        threads (the same arguments, then the number of parts)."""
+        parts = self._parts(nbytes)
+        if parts == 1:
+            return kernel(*arguments)
         split = self._kernels.get(kernel.__name__)
         if split is None:
             split = self._kernels[kernel.__name__] = getattr(self.native, f"{kernel.__name__}_split")
-        return split
+        return split(*arguments, parts)
 
     def address(self, array):
         """The data address of a C-contiguous array (None otherwise), looked up once per array."""
@@ -364,15 +359,21 @@ class NumpyFastPaths:
         Large gathers are split over the pool's threads; the copy runs at memory speed, and one
         core does not reach it."""
         parts = self._parts(out.nbytes)
-        if parts > 1 and index.dtype == np.int64 and index.ndim == 1:
-            px, pout = self.address(X), self.address(out)
-            if px is not None and pout is not None and X.dtype == out.dtype and index.flags.c_contiguous:
-                if X.ndim >= 1 and out.shape == (index.shape[0], *X.shape[1:]) and X.shape[0] > 0:
-                    row_bytes = X.itemsize * math.prod(X.shape[1:])
-                    self.native.xpnet_take_rows(
-                        pout, px, index.ctypes.data, index.shape[0], X.shape[0], row_bytes, parts
-                    )
-                    return out
+        usable = (
+            parts > 1
+            and index.dtype == np.int64
+            and index.ndim == 1
+            and index.flags.c_contiguous
+            and X.dtype == out.dtype
+            and X.ndim >= 1
+            and X.shape[0] > 0
+            and out.shape == (index.shape[0], *X.shape[1:])
+        )
+        px, pout = (self.address(X), self.address(out)) if usable else (None, None)
+        if px is not None and pout is not None:
+            row_bytes = X.itemsize * math.prod(X.shape[1:])
+            self.native.xpnet_take_rows(pout, px, index.ctypes.data, index.shape[0], X.shape[0], row_bytes, parts)
+            return out
         return np.take(X, index, axis=0, out=out, mode="clip")  # "raise" would copy through a temporary
 
     def linear(self, x, W, b, out, relu: bool = False):
@@ -384,9 +385,8 @@ class NumpyFastPaths:
         found = self._kernel("xpnet_bias_act", out) if b is None else self._kernel("xpnet_bias_act", out, b)
         if found is not None and out.ndim == 2:
             kernel, addresses = found
-            arguments = (addresses[0], addresses[1] if b is not None else None, out.shape[0], out.shape[1], relu)
-            parts = self._parts(out.nbytes)
-            self._kernel_split(kernel)(*arguments, parts) if parts > 1 else kernel(*arguments)
+            bias = addresses[1] if b is not None else None
+            self._run(kernel, out.nbytes, addresses[0], bias, out.shape[0], out.shape[1], relu)
             return out
         if b is not None:
             out += b
@@ -420,8 +420,7 @@ class NumpyFastPaths:
         found = self._kernel("xpnet_relu_backward", a, da, out)
         if found is not None and a.shape == da.shape == out.shape:
             kernel, (pa, pda, pout) = found
-            parts = self._parts(out.nbytes)
-            self._kernel_split(kernel)(pout, pa, pda, a.size, parts) if parts > 1 else kernel(pout, pa, pda, a.size)
+            self._run(kernel, out.nbytes, pout, pa, pda, a.size)
             return out
         np.greater(a, 0.0, out=mask)
         out[...] = 0.0
@@ -435,12 +434,9 @@ class NumpyFastPaths:
         plabels = self.address(labels) if found is not None else None
         if plabels is not None and z.ndim == 2 and z.shape == delta.shape and labels.shape == z.shape[:1]:
             kernel, (pz, pdelta) = found
-            # exp per element makes even a 256 × 10 batch worth splitting
-            parts = self._parts(z.shape[0] * _SPLIT_BYTES // 256)
-            if parts > 1:
-                loss = self._kernel_split(kernel)(pz, plabels, pdelta, z.shape[0], z.shape[1], parts)
-            else:
-                loss = kernel(pz, plabels, pdelta, z.shape[0], z.shape[1])
+            # exp per element makes even a 256 × 10 batch worth splitting: weigh rows, not bytes
+            weight = z.shape[0] * _SPLIT_BYTES // 256
+            loss = self._run(kernel, weight, pz, plabels, pdelta, z.shape[0], z.shape[1])
             return z.dtype.type(loss), delta
         batch = z.shape[0]
         rows = np.arange(batch)
@@ -480,11 +476,7 @@ class NumpyFastPaths:
         found = self._kernel("xpnet_adam", p, g, m, v) if same and writable else None
         if found is not None:
             kernel, (pp, pg, pm, pv) = found
-            parts = self._parts(p.nbytes)
-            if parts > 1:  # over the pool's threads
-                self._kernel_split(kernel)(pp, pm, pv, pg, p.shape[0], lr_t, 1.0 - beta1, 1.0 - beta2, eps_t, parts)
-                return
-            kernel(pp, pm, pv, pg, p.shape[0], lr_t, 1.0 - beta1, 1.0 - beta2, eps_t)
+            self._run(kernel, p.nbytes, pp, pm, pv, pg, p.shape[0], lr_t, 1.0 - beta1, 1.0 - beta2, eps_t)
             return
         self.adam_passes(p, g, m, v, t, lr_t, beta1, beta2, eps_t)
 
