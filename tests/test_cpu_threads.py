@@ -94,11 +94,13 @@ def test_take_rows_through_the_fast_paths_matches_take():
     if fast.threads < 2:
         pytest.skip("no pool here (one core, no compiler, or a BLAS without the thread callback)")
     X = _random(5000, 784)
-    index = np.random.default_rng(2).permutation(5000)[:512]
+    order = np.random.default_rng(2).permutation(5000)
     out = np.empty((512, 784), np.float32)  # 1.6 MB: split where the pool is there
-    np.testing.assert_array_equal(fast.take_rows(X, index, out), X[index])
+    np.testing.assert_array_equal(fast.take_rows(X, order, 1000, 1512, out), X[order[1000:1512]])
     labels = np.arange(5000)
-    np.testing.assert_array_equal(fast.take_rows(labels, index, np.empty(512, labels.dtype)), index)
+    np.testing.assert_array_equal(
+        fast.take_rows(labels, order, 1000, 1512, np.empty(512, labels.dtype)), order[1000:1512]
+    )
 
 
 _PRODUCTS = r"""

@@ -54,9 +54,10 @@ def test_kernel_addresses_follow_new_arrays_and_refuse_strided_ones(fast):
         np.testing.assert_array_equal(out, np.where(a > 0, da, 0))
         del a, da, out
     a = _random(4, 16)
-    assert fast._kernel("xpnet_relu_backward", a[:, ::2]) is None  # strided: the NumPy code runs
-    assert fast._kernel("xpnet_relu_backward", a.astype(np.float16)) is None
-    assert fast._kernel("xpnet_relu_backward", a, a.astype(np.float64)) is None  # mixed dtypes
+    assert fast._kernel("xpnet_relu_backward", 0, (a[:, ::2],)) is None  # strided: the NumPy code runs
+    assert fast._kernel("xpnet_relu_backward", 0, (a, a), (a[:, ::2],)) is None
+    assert fast._kernel("xpnet_relu_backward", 0, (a.astype(np.float16),)) is None
+    assert fast._kernel("xpnet_relu_backward", 0, (a, a.astype(np.float64))) is None  # mixed dtypes
 
 
 def test_dense_then_relu_is_fused_only_while_fit_reuses_buffers():
@@ -91,8 +92,12 @@ def test_softmax_cross_entropy_matches_the_reference(native, dtype):
 
 
 def test_take_rows_matches_take(fast):
-    X, index = _random(50, 3), np.random.default_rng(0).permutation(50)[:12]
-    np.testing.assert_array_equal(fast.take_rows(X, index, np.empty((12, 3), np.float32)), X[index])
+    X, order = _random(50, 3), np.random.default_rng(0).permutation(50)
+    np.testing.assert_array_equal(fast.take_rows(X, order, 7, 19, np.empty((12, 3), np.float32)), X[order[7:19]])
+    labels = np.arange(50) * 3
+    np.testing.assert_array_equal(fast.take_rows(labels, order, 40, 50, np.empty(10, labels.dtype)), labels[order[40:]])
+    strided = order[::2]  # not contiguous: NumPy's take does it
+    np.testing.assert_array_equal(fast.take_rows(X, strided, 0, 5, np.empty((5, 3), np.float32)), X[strided[:5]])
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])

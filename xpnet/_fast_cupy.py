@@ -80,8 +80,8 @@ class CupyFastPaths:
         return self.cp.zeros(size, dtype=dtype)
 
     # -------------------------------------------------------------- layers
-    def take_rows(self, X, index, out):
-        return self.cp.take(X, index, axis=0, out=out)
+    def take_rows(self, X, order, start: int, stop: int, out):
+        return self.cp.take(X, order[start:stop], axis=0, out=out)
 
     def linear(self, x, W, b, out, relu: bool = False):
         """z = x Wᵀ + b into ``out`` (cuBLAS); with ``relu``, max(z, 0) in the same pass as the bias."""

@@ -265,7 +265,7 @@ class NumpyFastPaths:
         self._native = None
         self._looked = False
         self._pointers: dict = {}
-        self._kernels: dict = {}
+        self._found: dict = {}
         self._threads: int | None = None
 
     @property
@@ -276,45 +276,44 @@ class NumpyFastPaths:
             self._looked = True
         return self._native
 
-    def _kernel(self, name: str, *arrays):
-        """The compiled ``name`` for the arrays' dtype and their data addresses, or None when there
-        is no compiled code or an array is not C-contiguous float32/float64 of one dtype.
+    def _kernel(self, name: str, nbytes: int, arrays, others=()):
+        """(kernel, addresses, tail), or None where no compiled code fits: the compiled ``name`` for
+        the element type of ``arrays`` (float32 or float64, one dtype), the data addresses of
+        ``arrays`` and then ``others`` (labels: any dtype), all C-contiguous, and what ends the
+        kernel's arguments: ``(parts,)`` from ``_SPLIT_BYTES`` up, where the ``_split`` version runs
+        over the pool's threads, else ().
 
-        ``ndarray.ctypes.data`` costs ~3 µs a call, more than a small kernel: the buffers, the
-        parameters and the optimizer state are the same arrays every step, so the address is
-        looked up once per array (a weak reference tells a live array from a new one that reuses
-        its id)."""
-        native = self.native
-        if native is None:
+        ``ndarray.ctypes.data`` costs ~3 µs a call, more than a small kernel: fit hands over the
+        same buffers, parameters and optimizer state every step, so all this is found once per set
+        of arrays (weak references tell live arrays from new ones that reuse an id)."""
+        parts = self.threads if nbytes >= _SPLIT_BYTES else 1
+        everything = (*arrays, *others)
+        key = (name, parts, *map(id, everything))
+        entry = self._found.get(key)
+        if entry is not None:
+            for ref, array in zip(entry[0], everything):
+                if ref() is not array:
+                    break
+            else:
+                return entry[1]
+        found = self._find(name, parts, arrays, everything)
+        if len(self._found) > 512:
+            self._found.clear()
+        self._found[key] = (tuple(map(weakref.ref, everything)), found)
+        return found
+
+    def _find(self, name, parts, arrays, everything):
+        native, dtype = self.native, arrays[0].dtype
+        if native is None or dtype.char not in "fd" or dtype.byteorder not in "=|":
             return None
-        dtype = arrays[0].dtype
-        kernel = self._kernels.get((name, dtype))
-        if kernel is None:
-            if dtype.char not in "fd" or dtype.byteorder not in "=|":
-                return None
-            kernel = self._kernels[(name, dtype)] = getattr(native, f"{name}_{'f32' if dtype.char == 'f' else 'f64'}")
-        addresses = []
-        for array in arrays:
-            address = self.address(array)
-            if address is None or array.dtype is not dtype:
-                return None
-            addresses.append(address)
-        return kernel, addresses
-
-    def _parts(self, nbytes: int) -> int:
-        """Threads to split a kernel over that touches ``nbytes``: 1 below ``_SPLIT_BYTES``."""
-        return self.threads if nbytes >= _SPLIT_BYTES else 1
-
-    def _run(self, kernel, nbytes: int, *arguments):
-        """kernel(*arguments), or from ``_SPLIT_BYTES`` up its ``_split`` version over the pool's
-        threads (the same arguments, then the number of parts)."""
-        parts = self._parts(nbytes)
-        if parts == 1:
-            return kernel(*arguments)
-        split = self._kernels.get(kernel.__name__)
-        if split is None:
-            split = self._kernels[kernel.__name__] = getattr(self.native, f"{kernel.__name__}_split")
-        return split(*arguments, parts)
+        if any(array.dtype != dtype for array in arrays) or not all(a.flags.c_contiguous for a in everything):
+            return None
+        suffix = ("_f32" if dtype.char == "f" else "_f64") + ("_split" if parts > 1 else "")
+        return (
+            getattr(native, name + suffix),
+            [array.ctypes.data for array in everything],
+            (parts,) if parts > 1 else (),
+        )
 
     def address(self, array):
         """The data address of a C-contiguous array (None otherwise), looked up once per array."""
@@ -354,27 +353,27 @@ class NumpyFastPaths:
             self._threads = 1 if native is None else _cpu_threads.start(native, numpy_dir, str(blas))
         return self._threads
 
-    def take_rows(self, X, index, out):
-        """out = X[index], rows gathered into a reused buffer (index: a permutation, always in range).
-        Large gathers are split over the pool's threads; the copy runs at memory speed, and one
-        core does not reach it."""
-        parts = self._parts(out.nbytes)
+    def take_rows(self, X, order, start: int, stop: int, out):
+        """out = X[order[start:stop]], rows gathered into a reused buffer (order: a permutation,
+        always in range). Compiled: one copy per row, the batch split over the pool's threads
+        when large (the copy runs at memory speed, and one core does not reach it)."""
         usable = (
-            parts > 1
-            and index.dtype == np.int64
-            and index.ndim == 1
-            and index.flags.c_contiguous
+            order.dtype == np.int64
+            and order.ndim == 1
+            and 0 <= start <= stop <= order.shape[0]
             and X.dtype == out.dtype
             and X.ndim >= 1
             and X.shape[0] > 0
-            and out.shape == (index.shape[0], *X.shape[1:])
+            and out.shape == (stop - start, *X.shape[1:])
         )
-        px, pout = (self.address(X), self.address(out)) if usable else (None, None)
-        if px is not None and pout is not None:
+        addresses = (self.address(X), self.address(out), self.address(order)) if usable else (None,)
+        if self.native is not None and None not in addresses:
+            px, pout, porder = addresses
             row_bytes = X.itemsize * math.prod(X.shape[1:])
-            self.native.xpnet_take_rows(pout, px, index.ctypes.data, index.shape[0], X.shape[0], row_bytes, parts)
+            parts = self.threads if out.nbytes >= _SPLIT_BYTES else 1
+            self.native.xpnet_take_rows(pout, px, porder + 8 * start, stop - start, X.shape[0], row_bytes, parts)
             return out
-        return np.take(X, index, axis=0, out=out, mode="clip")  # "raise" would copy through a temporary
+        return np.take(X, order[start:stop], axis=0, out=out, mode="clip")  # "raise" would copy through a temporary
 
     def linear(self, x, W, b, out, relu: bool = False):
         """z = x Wᵀ + b into ``out``; with ``relu``, a = max(z, 0) in its place (Dense then ReLU).
@@ -382,11 +381,11 @@ class NumpyFastPaths:
         np.matmul(x, W.T, out=out)
         if b is None and not relu:
             return out
-        found = self._kernel("xpnet_bias_act", out) if b is None else self._kernel("xpnet_bias_act", out, b)
+        found = self._kernel("xpnet_bias_act", out.nbytes, (out,) if b is None else (out, b))
         if found is not None and out.ndim == 2:
-            kernel, addresses = found
+            kernel, addresses, tail = found
             bias = addresses[1] if b is not None else None
-            self._run(kernel, out.nbytes, addresses[0], bias, out.shape[0], out.shape[1], relu)
+            kernel(addresses[0], bias, out.shape[0], out.shape[1], relu, *tail)
             return out
         if b is not None:
             out += b
@@ -416,13 +415,14 @@ class NumpyFastPaths:
 
     def relu_backward(self, da, a, mask, out):
         """where(a > 0, da, 0) into ``out`` (a > 0 exactly where z > 0; da there, 0 elsewhere,
-        even where da is inf or NaN, as in the reference). Compiled: one pass."""
-        found = self._kernel("xpnet_relu_backward", a, da, out)
+        even where da is inf or NaN, as in the reference). Compiled: one pass; else through the
+        bool array ``mask`` (made here when None)."""
+        found = self._kernel("xpnet_relu_backward", out.nbytes, (a, da, out))
         if found is not None and a.shape == da.shape == out.shape:
-            kernel, (pa, pda, pout) = found
-            self._run(kernel, out.nbytes, pout, pa, pda, a.size)
+            kernel, (pa, pda, pout), tail = found
+            kernel(pout, pa, pda, a.size, *tail)
             return out
-        np.greater(a, 0.0, out=mask)
+        mask = np.greater(a, 0.0, out=mask)
         out[...] = 0.0
         np.copyto(out, da, where=mask)
         return out
@@ -430,13 +430,12 @@ class NumpyFastPaths:
     def softmax_cross_entropy(self, z, labels, delta):
         """Mean −log softmax(z)[label] and δ = (p − y) / B into ``delta``, without a one-hot matrix.
         Compiled: one pass per row. (Labels must be in range: fit checks them once.)"""
-        found = self._kernel("xpnet_softmax_xent", z, delta) if labels.dtype == np.int64 else None
-        plabels = self.address(labels) if found is not None else None
-        if plabels is not None and z.ndim == 2 and z.shape == delta.shape and labels.shape == z.shape[:1]:
-            kernel, (pz, pdelta) = found
-            # exp per element makes even a 256 × 10 batch worth splitting: weigh rows, not bytes
-            weight = z.shape[0] * _SPLIT_BYTES // 256
-            loss = self._run(kernel, weight, pz, plabels, pdelta, z.shape[0], z.shape[1])
+        # exp per element makes even a 256 × 10 batch worth splitting: weigh rows, not bytes
+        weight = z.shape[0] * _SPLIT_BYTES // 256
+        found = self._kernel("xpnet_softmax_xent", weight, (z, delta), (labels,)) if labels.dtype == np.int64 else None
+        if found is not None and z.ndim == 2 and z.shape == delta.shape and labels.shape == z.shape[:1]:
+            kernel, (pz, pdelta, plabels), tail = found
+            loss = kernel(pz, plabels, pdelta, z.shape[0], z.shape[1], *tail)
             return z.dtype.type(loss), delta
         batch = z.shape[0]
         rows = np.arange(batch)
@@ -455,11 +454,10 @@ class NumpyFastPaths:
         """How many rows of logits z (B, C) have their argmax at the integer label, as an int;
         None where there is no compiled kernel for these arrays (then the metric's own code runs).
         Compiled: one pass, instead of argmax, ==, and count_nonzero (~110 µs at 512 × 10)."""
-        found = self._kernel("xpnet_count_correct", z) if labels.dtype == np.int64 else None
-        plabels = self.address(labels) if found is not None else None
-        if plabels is None or z.ndim != 2 or z.shape[1] < 1 or labels.shape != z.shape[:1]:
+        found = self._kernel("xpnet_count_correct", 0, (z,), (labels,)) if labels.dtype == np.int64 else None
+        if found is None or z.ndim != 2 or z.shape[1] < 1 or labels.shape != z.shape[:1]:
             return None
-        kernel, (pz,) = found
+        kernel, (pz, plabels), _ = found
         return kernel(pz, plabels, z.shape[0], z.shape[1])
 
     # ---------------------------------------------------------- optimizers
@@ -473,10 +471,10 @@ class NumpyFastPaths:
         """
         same = p.ndim == 1 and p.shape == g.shape == m.shape == v.shape
         writable = p.flags.writeable and m.flags.writeable and v.flags.writeable
-        found = self._kernel("xpnet_adam", p, g, m, v) if same and writable else None
+        found = self._kernel("xpnet_adam", p.nbytes, (p, g, m, v)) if same and writable else None
         if found is not None:
-            kernel, (pp, pg, pm, pv) = found
-            self._run(kernel, p.nbytes, pp, pm, pv, pg, p.shape[0], lr_t, 1.0 - beta1, 1.0 - beta2, eps_t)
+            kernel, (pp, pg, pm, pv), tail = found
+            kernel(pp, pm, pv, pg, p.shape[0], lr_t, 1.0 - beta1, 1.0 - beta2, eps_t, *tail)
             return
         self.adam_passes(p, g, m, v, t, lr_t, beta1, beta2, eps_t)
 

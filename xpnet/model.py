@@ -206,7 +206,10 @@ class FlatParameters:
     def intact(self) -> bool:
         """Whether every layer still holds the views (code that rebinds a parameter or a
         gradient, as hand-written updates may, makes the optimizer fall back to per-parameter)."""
-        return all(params[name] is p and grads.get(name) is g for params, grads, name, p, g in self._links)
+        for params, grads, name, p, g in self._links:  # a loop: this runs every step
+            if params[name] is not p or grads.get(name) is not g:
+                return False
+        return True
 
     def views(self, flat) -> dict:
         """Per-parameter views of a flat array laid out like the parameters (optimizer slots)."""

@@ -151,9 +151,11 @@ class Optimizer:
     def step(self, model) -> None:
         slots = model.parameter_slots()
         flat = model.flat if model.flat is not None and model.flat.intact() else None
-        missing = [key for key, layer, name in slots if name not in layer.grads]
-        if missing or (flat is not None and not model.has_gradients):
-            missing = missing or [key for key, _, _ in slots]
+        if flat is not None:  # the gradient arrays always exist there: has backward filled them?
+            missing = [] if model.has_gradients else [key for key, _, _ in slots]
+        else:
+            missing = [key for key, layer, name in slots if name not in layer.grads]
+        if missing:
             raise RuntimeError(f"no gradient for {', '.join(missing)}: call model.backward before optimizer.step")
         lr = self.lr
         self.steps += 1

@@ -351,9 +351,8 @@ def _train_epoch(model, loss, optimizer, X, Y, state, epoch, batch_size, shuffle
         if order is None:
             xb, yb = X[start:stop, ...], Y[start:stop, ...]
         elif fast is not None:  # gathered into buffers reused every step
-            idx = order[start:stop]
-            xb = fast.take_rows(X, idx, fast.buffer(buffers, "x", (stop - start, *X.shape[1:]), X.dtype))
-            yb = fast.take_rows(Y, idx, fast.buffer(buffers, "y", (stop - start, *Y.shape[1:]), Y.dtype))
+            xb = fast.take_rows(X, order, start, stop, fast.buffer(buffers, "x", (stop - start, *X.shape[1:]), X.dtype))
+            yb = fast.take_rows(Y, order, start, stop, fast.buffer(buffers, "y", (stop - start, *Y.shape[1:]), Y.dtype))
         else:
             idx = order[start:stop]
             xb, yb = xp.take(X, idx, axis=0), xp.take(Y, idx, axis=0)
