@@ -103,6 +103,109 @@ def test_take_rows_through_the_fast_paths_matches_take():
     )
 
 
+@pytest.fixture
+def pooled():
+    fast = NumpyFastPaths()
+    if fast.threads < 2:
+        pytest.skip("no pool here (one core, no compiler, or a BLAS without the thread callback)")
+    return fast
+
+
+def test_a_gather_run_ahead_is_the_gather(pooled):
+    X, order = _random(5000, 784), np.random.default_rng(3).permutation(5000)
+    outs = [np.full((512, 784), np.nan, np.float32) for _ in range(3)]
+    assert pooled.gathers_ahead(X, 512) and not pooled.gathers_ahead(X, 10_000)  # 31 MB: no second buffer
+    pooled.take_rows_ahead(X, order, 0, 512, outs[0])
+    np.testing.assert_array_equal(pooled.take_rows(X, order, 0, 512, outs[0]), X[order[:512]])
+    assert pooled._ahead is None
+    # finishing another gather first completes the one ahead, then makes its own
+    pooled.take_rows_ahead(X, order, 512, 1024, outs[1])
+    np.testing.assert_array_equal(pooled.take_rows(X, order, 2000, 2512, outs[2]), X[order[2000:2512]])
+    np.testing.assert_array_equal(outs[1], X[order[512:1024]])
+    # a second start completes the first; finish_ahead completes the last
+    pooled.take_rows_ahead(X, order, 1024, 1536, outs[0])
+    pooled.take_rows_ahead(X, order, 4488, 5000, outs[2])
+    np.testing.assert_array_equal(outs[0], X[order[1024:1536]])
+    pooled.finish_ahead()
+    np.testing.assert_array_equal(outs[2], X[order[4488:]])
+    assert pooled._ahead is None
+
+
+def test_gathers_ahead_from_several_threads_with_products_between(pooled):
+    import threading
+
+    X, order = _random(4000, 300), np.random.default_rng(4).permutation(4000)
+    A, B = _random(256, 300), _random(300, 128)
+    product, failures = A @ B, []
+
+    def work(k):
+        mine = np.empty((97, 300), np.float32)
+        for i in range(60):
+            start = (k * 997 + i * 61) % 3900
+            pooled.take_rows_ahead(X, order, start, start + 97, mine)
+            if not np.array_equal(A @ B, product):  # a pooled product while the copy runs ahead
+                failures.append("product")
+            got = pooled.take_rows(X, order, start, start + 97, mine)
+            if not np.array_equal(got, X[order[start : start + 97]]):
+                failures.append((k, i))
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    pooled.finish_ahead()
+    assert failures == []
+
+
+_AHEAD_FORK = r"""
+import os
+import numpy as np
+from xpnet._fast_numpy import NumpyFastPaths
+fast = NumpyFastPaths()
+assert fast.threads > 1
+X = np.random.default_rng(0).normal(size=(20000, 784)).astype(np.float32)
+order = np.random.default_rng(1).permutation(20000)
+out = np.full((4096, 784), np.nan, np.float32)
+fast.take_rows_ahead(X, order, 100, 4196, out)
+pid = os.fork()
+if pid == 0:  # no workers here, and the copy may have stopped half-way: the child gathers it all
+    os._exit(0 if np.array_equal(fast.take_rows(X, order, 100, 4196, out), X[order[100:4196]]) else 3)
+_, status = os.waitpid(pid, 0)
+assert os.WEXITSTATUS(status) == 0, "the forked child's gather differs"
+assert np.array_equal(fast.take_rows(X, order, 100, 4196, out), X[order[100:4196]])
+print("same")
+"""
+
+
+def test_a_fork_during_a_gather_ahead(pooled, tmp_path):
+    script = tmp_path / "fork.py"
+    script.write_text(_AHEAD_FORK)
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["same"]
+
+
+def test_an_epoch_that_raises_leaves_no_gather_running(pooled):
+    import xpnet as xn
+
+    class Stop(Exception):
+        pass
+
+    class RaiseOnThirdBatch(xn.Callback):
+        def on_batch_end(self, state):
+            if state.step == 2:
+                raise Stop
+
+    x = _random(2000, 50)
+    y = (x[:, 0] > 0).astype(int)
+    model = xn.mlp(50, [16], 2, seed=0)
+    assert model.device.fast.gathers_ahead(x, 100)
+    with pytest.raises(Stop):
+        xn.fit(model, "cross_entropy", "adam", x, y, batch_size=100, callbacks=[RaiseOnThirdBatch()])
+    assert model.device.fast._ahead is None  # finished, and its buffers released
+
+
 _PRODUCTS = r"""
 import os, sys, threading
 import numpy as np
@@ -171,7 +274,7 @@ y = (x[:, :10].sum(axis=1) > 0).astype(int) + 2 * (x[:, 10] > 0)
 model = xn.mlp(300, [200, 100], 4, seed=1)
 history = xn.fit(model, "cross_entropy", xn.Adam(1e-3), x, y, epochs=2, batch_size=512)
 np.save(sys.argv[1], np.concatenate([np.ravel(p) for layer in model.layers for p in layer.params.values()]))
-print(model.device.fast.threads, history["loss"][-1])
+print(model.device.fast.threads, model.device.fast.gathers_ahead(x, 512), history["loss"][-1])
 """
 
 
@@ -191,8 +294,9 @@ def test_training_on_the_pool_equals_training_on_one_thread(tmp_path):
         outputs.append(done.stdout.split())
     if outputs[1][0] == "1":
         pytest.skip("NumPy's BLAS here takes no thread callback: nothing to compare")
+    assert outputs[0][1] == "False" and outputs[1][1] == "True"  # each batch gathered ahead on the pool
     np.testing.assert_array_equal(np.load(tmp_path / "w0.npy"), np.load(tmp_path / "w1.npy"))
-    assert outputs[0][1] == outputs[1][1]  # the logged loss too
+    assert outputs[0][2] == outputs[1][2]  # the logged loss too
 
 
 def test_only_numpys_own_openblas_is_hooked():

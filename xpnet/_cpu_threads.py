@@ -67,6 +67,66 @@ static long pool_elapsed_ns(const struct timespec *start) {
     return (now.tv_sec - start->tv_sec) * 1000000000L + (now.tv_nsec - start->tv_nsec);
 }
 
+/* Rows of X gathered into out: out[r] = X[clip(index[r])]. */
+struct xpnet_take_task { char *out; const char *X; const long long *index; ptrdiff_t rows, n, row_bytes; };
+
+static void take_range(const struct xpnet_take_task *t, ptrdiff_t lo, ptrdiff_t hi) {
+    for (ptrdiff_t r = lo; r < hi; ++r) {
+        long long i = t->index[r];
+        i = i < 0 ? 0 : (i >= t->n ? t->n - 1 : i);
+        if (t->row_bytes == 8) memcpy(t->out + r * 8, t->X + i * 8, 8); /* labels: inlined */
+        else memcpy(t->out + r * t->row_bytes, t->X + i * t->row_bytes, (size_t)t->row_bytes);
+    }
+}
+
+/* A gather run ahead: the rows of the next batch, copied by workers in the time they would spend
+   waiting (while the caller runs Python and one-thread work), AHEAD_ROWS rows at a claim, so a
+   task posted meanwhile waits for one short copy at most. The caller completes it before it
+   reads the rows (xpnet_take_rows_finish). One at a time: callers hold ahead_owner to start,
+   complete or retire one; workers only claim chunks (under ahead_lock) and count them done. */
+#define AHEAD_ROWS 8
+static pthread_mutex_t ahead_owner = PTHREAD_MUTEX_INITIALIZER;
+static pthread_mutex_t ahead_lock = PTHREAD_MUTEX_INITIALIZER;
+static struct xpnet_take_task ahead_task; /* set under both locks */
+static long ahead_next, ahead_chunks;     /* under ahead_lock */
+static atomic_long ahead_done;            /* chunks copied */
+static atomic_int ahead_pending;          /* chunks are left to claim */
+
+/* Claim a chunk of the gather ahead and copy it; 0 when none was left. */
+static int ahead_help(void) {
+    pthread_mutex_lock(&ahead_lock);
+    const long chunk = ahead_next < ahead_chunks ? ahead_next++ : -1;
+    const struct xpnet_take_task task = ahead_task;
+    if (ahead_next >= ahead_chunks) atomic_store(&ahead_pending, 0);
+    pthread_mutex_unlock(&ahead_lock);
+    if (chunk < 0) return 0;
+    const ptrdiff_t lo = chunk * AHEAD_ROWS, hi = lo + AHEAD_ROWS < task.rows ? lo + AHEAD_ROWS : task.rows;
+    take_range(&task, lo, hi);
+    atomic_fetch_add(&ahead_done, 1);
+    return 1;
+}
+
+/* (ahead_owner held) Copy here what is left of the gather ahead, wait for the chunks workers are
+   copying, and retire it; returns whether it was a gather of these arguments. */
+static int ahead_complete(const struct xpnet_take_task *wanted) {
+    while (ahead_help()) {
+    }
+    const long chunks = ahead_chunks; /* only owners change it */
+    const struct xpnet_take_task t = ahead_task;
+    struct timespec start;
+    clock_gettime(CLOCK_MONOTONIC, &start);
+    unsigned spins = 0;
+    while (atomic_load(&ahead_done) < chunks) {
+        if ((++spins & 255u) == 0 && pool_elapsed_ns(&start) > POOL_SPIN_NS) sched_yield();
+        else POOL_PAUSE();
+    }
+    pthread_mutex_lock(&ahead_lock);
+    ahead_next = ahead_chunks = 0;
+    pthread_mutex_unlock(&ahead_lock);
+    return chunks > 0 && wanted && t.out == wanted->out && t.X == wanted->X && t.index == wanted->index &&
+           t.rows == wanted->rows && t.n == wanted->n && t.row_bytes == wanted->row_bytes;
+}
+
 static void *pool_worker(void *arg) {
     const int part = (int)(intptr_t)arg; /* 1 .. workers; the caller runs part 0 */
     /* not pool_posted: the first task may be posted before this thread first runs */
@@ -77,10 +137,15 @@ static void *pool_worker(void *arg) {
         clock_gettime(CLOCK_MONOTONIC, &start);
         unsigned spins = 0;
         while (atomic_load(&pool_posted) == seen) {
+            if (atomic_load(&ahead_pending) && ahead_help()) { /* idle: copy rows of the next batch */
+                clock_gettime(CLOCK_MONOTONIC, &start);
+                continue;
+            }
             if ((++spins & 255u) == 0 && pool_elapsed_ns(&start) > POOL_SPIN_NS) {
                 pthread_mutex_lock(&pool_sleep);
                 atomic_fetch_add(&pool_sleepers, 1);
-                while (atomic_load(&pool_posted) == seen) pthread_cond_wait(&pool_wake, &pool_sleep);
+                while (atomic_load(&pool_posted) == seen && !atomic_load(&ahead_pending))
+                    pthread_cond_wait(&pool_wake, &pool_sleep);
                 atomic_fetch_sub(&pool_sleepers, 1);
                 pthread_mutex_unlock(&pool_sleep);
             } else {
@@ -105,6 +170,11 @@ static void pool_after_fork_in_child(void) {
     pthread_cond_init(&pool_wake, NULL);
     atomic_store(&pool_sleepers, 0);
     atomic_store(&pool_remaining, 0);
+    pthread_mutex_init(&ahead_owner, NULL);
+    pthread_mutex_init(&ahead_lock, NULL);
+    ahead_next = ahead_chunks = 0;
+    atomic_store(&ahead_done, 0);
+    atomic_store(&ahead_pending, 0);
     pool_workers = 0;
     pool_inside = 0;
 }
@@ -221,24 +291,50 @@ void xpnet_blas_callback(int sync, xpnet_blas_job job, int numjobs, size_t size,
     for (int i = 0; i < made; ++i) pthread_join(threads[i], NULL);
 }
 
-/* Rows of X gathered into out: out[r] = X[clip(index[r])], split by rows over ``parts`` threads. */
-struct xpnet_take_task { char *out; const char *X; const long long *index; ptrdiff_t rows, n, row_bytes; };
-
+/* Rows of X gathered into out now, split by rows over ``parts`` threads. */
 static void xpnet_take_part(void *ctx, int part, int parts) {
     const struct xpnet_take_task *t = ctx;
-    const ptrdiff_t lo = t->rows * part / parts, hi = t->rows * (part + 1) / parts;
-    for (ptrdiff_t r = lo; r < hi; ++r) {
-        long long i = t->index[r];
-        i = i < 0 ? 0 : (i >= t->n ? t->n - 1 : i);
-        if (t->row_bytes == 8) memcpy(t->out + r * 8, t->X + i * 8, 8); /* labels: inlined */
-        else memcpy(t->out + r * t->row_bytes, t->X + i * t->row_bytes, (size_t)t->row_bytes);
-    }
+    take_range(t, t->rows * part / parts, t->rows * (part + 1) / parts);
 }
 
 void xpnet_take_rows(char *out, const char *X, const long long *index, ptrdiff_t rows, ptrdiff_t n,
                      ptrdiff_t row_bytes, int parts) {
     struct xpnet_take_task task = {out, X, index, rows, n, row_bytes};
     xpnet_pool_run(xpnet_take_part, &task, parts);
+}
+
+/* Start the gather ahead (after completing one still running); the caller must not touch ``out``,
+   nor free X, index or out, until xpnet_take_rows_finish with the same arguments. */
+void xpnet_take_rows_ahead(char *out, const char *X, const long long *index, ptrdiff_t rows, ptrdiff_t n,
+                           ptrdiff_t row_bytes) {
+    pthread_mutex_lock(&ahead_owner);
+    ahead_complete(NULL);
+    if (rows > 0) {
+        pthread_mutex_lock(&ahead_lock);
+        ahead_task = (struct xpnet_take_task){out, X, index, rows, n, row_bytes};
+        ahead_next = 0;
+        ahead_chunks = (rows + AHEAD_ROWS - 1) / AHEAD_ROWS;
+        atomic_store(&ahead_done, 0);
+        atomic_store(&ahead_pending, 1);
+        pthread_mutex_unlock(&ahead_lock);
+    }
+    pthread_mutex_unlock(&ahead_owner);
+    if (atomic_load(&pool_sleepers) > 0) {
+        pthread_mutex_lock(&pool_sleep);
+        pthread_cond_broadcast(&pool_wake);
+        pthread_mutex_unlock(&pool_sleep);
+    }
+}
+
+/* The gather of these arguments, complete on return: the one run ahead, finished here, or else
+   (after completing whatever gather ran ahead) copied now over ``parts`` threads. */
+void xpnet_take_rows_finish(char *out, const char *X, const long long *index, ptrdiff_t rows, ptrdiff_t n,
+                            ptrdiff_t row_bytes, int parts) {
+    const struct xpnet_take_task wanted = {out, X, index, rows, n, row_bytes};
+    pthread_mutex_lock(&ahead_owner);
+    const int done = ahead_complete(&wanted);
+    pthread_mutex_unlock(&ahead_owner);
+    if (!done) xpnet_take_rows(out, X, index, rows, n, row_bytes, parts);
 }
 """
 

@@ -83,6 +83,11 @@ class CupyFastPaths:
     def take_rows(self, X, order, start: int, stop: int, out):
         return self.cp.take(X, order[start:stop], axis=0, out=out)
 
+    @staticmethod
+    def gathers_ahead(X, batch_size: int) -> bool:
+        """False: on the GPU the gather is one kernel in the stream, already overlapped."""
+        return False
+
     def linear(self, x, W, b, out, relu: bool = False):
         """z = x Wᵀ + b into ``out`` (cuBLAS); with ``relu``, max(z, 0) in the same pass as the bias."""
         cp = self.cp

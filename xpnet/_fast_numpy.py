@@ -168,6 +168,8 @@ _SYMBOLS = (("xpnet_adam_f32", ctypes.c_float), ("xpnet_adam_f64", ctypes.c_doub
 #: Below this size a split kernel costs more in handing over than it gains (a 128 × 784 float32
 #: batch is 401 KB; Adam's 109,386 float32 parameters are 437 KB).
 _SPLIT_BYTES = 1 << 17
+#: The largest batch (of the training inputs) that fit gathers ahead, in bytes: it takes a second buffer.
+_AHEAD_BYTES = 1 << 24
 
 
 def _native_library():
@@ -242,9 +244,13 @@ def _load(compiler: str | None, cache_dir: str):
         for suffix in ("f32", "f64"):
             one, split = getattr(lib, f"{base}_{suffix}"), getattr(lib, f"{base}_{suffix}_split")
             split.argtypes, split.restype = [*one.argtypes, ctypes.c_int], one.restype
-    lib.xpnet_take_rows.argtypes = [pointer, pointer, pointer, ctypes.c_ssize_t, ctypes.c_ssize_t, ctypes.c_ssize_t]
-    lib.xpnet_take_rows.argtypes += [ctypes.c_int]
-    lib.xpnet_take_rows.restype = None
+    gather = [pointer, pointer, pointer, ctypes.c_ssize_t, ctypes.c_ssize_t, ctypes.c_ssize_t]
+    for name, argtypes in (
+        ("xpnet_take_rows", [*gather, ctypes.c_int]),
+        ("xpnet_take_rows_finish", [*gather, ctypes.c_int]),
+        ("xpnet_take_rows_ahead", gather),
+    ):
+        getattr(lib, name).argtypes, getattr(lib, name).restype = argtypes, None
     for name in ("xpnet_count_correct_f32", "xpnet_count_correct_f64"):
         function = getattr(lib, name)
         function.argtypes = [pointer, pointer, ctypes.c_ssize_t, ctypes.c_ssize_t]
@@ -267,6 +273,7 @@ class NumpyFastPaths:
         self._pointers: dict = {}
         self._found: dict = {}
         self._threads: int | None = None
+        self._ahead = None  # (X, order, out) of a gather running ahead
 
     @property
     def native(self):
@@ -356,7 +363,41 @@ class NumpyFastPaths:
     def take_rows(self, X, order, start: int, stop: int, out):
         """out = X[order[start:stop]], rows gathered into a reused buffer (order: a permutation,
         always in range). Compiled: one copy per row, the batch split over the pool's threads
-        when large (the copy runs at memory speed, and one core does not reach it)."""
+        when large (the copy runs at memory speed, and one core does not reach it); or, when
+        ``take_rows_ahead`` started this very gather, what is left of it."""
+        found = self._gather(X, order, start, stop, out)
+        if found is None:
+            return np.take(X, order[start:stop], axis=0, out=out, mode="clip")  # "raise" copies through a temporary
+        parts = self.threads if out.nbytes >= _SPLIT_BYTES else 1
+        self.native.xpnet_take_rows_finish(*found, parts)
+        self._ahead = None  # finishing any gather completes the one running ahead
+        return out
+
+    def gathers_ahead(self, X, batch_size: int) -> bool:
+        """Whether fit should gather each next batch of X ahead (``take_rows_ahead``): with the
+        pool's workers and compiled code, for batches up to ``_AHEAD_BYTES`` (the next batch
+        needs a second buffer)."""
+        row_bytes = X.dtype.itemsize * math.prod(X.shape[1:])
+        return self.threads > 1 and row_bytes * batch_size <= _AHEAD_BYTES
+
+    def take_rows_ahead(self, X, order, start: int, stop: int, out):
+        """Start gathering X[order[start:stop]] into ``out`` on the pool's workers, in the time they
+        would spend waiting for the next product while this thread runs Python and one-thread
+        work. ``take_rows`` with the same arguments finishes it; until then ``out`` must not be
+        read. X, order and out are held here so that none is freed under the copy."""
+        found = self._gather(X, order, start, stop, out) if self.threads > 1 else None
+        if found is not None:
+            self._ahead = (X, order, out)
+            self.native.xpnet_take_rows_ahead(*found)
+
+    def finish_ahead(self) -> None:
+        """Complete a gather started ahead (fit calls this when an epoch ends, however it ends)."""
+        if self._ahead is not None:
+            self.native.xpnet_take_rows_ahead(None, None, None, 0, 0, 0)
+            self._ahead = None
+
+    def _gather(self, X, order, start, stop, out):
+        """The compiled gather's arguments for X[order[start:stop]] into out, or None."""
         usable = (
             order.dtype == np.int64
             and order.ndim == 1
@@ -367,13 +408,10 @@ class NumpyFastPaths:
             and out.shape == (stop - start, *X.shape[1:])
         )
         addresses = (self.address(X), self.address(out), self.address(order)) if usable else (None,)
-        if self.native is not None and None not in addresses:
-            px, pout, porder = addresses
-            row_bytes = X.itemsize * math.prod(X.shape[1:])
-            parts = self.threads if out.nbytes >= _SPLIT_BYTES else 1
-            self.native.xpnet_take_rows(pout, px, porder + 8 * start, stop - start, X.shape[0], row_bytes, parts)
-            return out
-        return np.take(X, order[start:stop], axis=0, out=out, mode="clip")  # "raise" would copy through a temporary
+        if self.native is None or None in addresses:
+            return None
+        px, pout, porder = addresses
+        return pout, px, porder + 8 * start, stop - start, X.shape[0], X.itemsize * math.prod(X.shape[1:])
 
     def linear(self, x, W, b, out, relu: bool = False):
         """z = x Wᵀ + b into ``out``; with ``relu``, a = max(z, 0) in its place (Dense then ReLU).

@@ -347,30 +347,45 @@ def _train_epoch(model, loss, optimizer, X, Y, state, epoch, batch_size, shuffle
     tally = _MetricTally(metrics, fast)
     # the fused softmax-CE only stands in for exactly SoftmaxCrossEntropy on integer labels
     fast_loss = fast is not None and type(loss) is SoftmaxCrossEntropy and xp.isdtype(Y.dtype, "integral")
-    for step, (start, stop) in enumerate(_batches(n, batch_size)):
-        if order is None:
-            xb, yb = X[start:stop, ...], Y[start:stop, ...]
-        elif fast is not None:  # gathered into buffers reused every step
-            xb = fast.take_rows(X, order, start, stop, fast.buffer(buffers, "x", (stop - start, *X.shape[1:]), X.dtype))
-            yb = fast.take_rows(Y, order, start, stop, fast.buffer(buffers, "y", (stop - start, *Y.shape[1:]), Y.dtype))
-        else:
-            idx = order[start:stop]
-            xb, yb = xp.take(X, idx, axis=0), xp.take(Y, idx, axis=0)
-        out = model.forward(xb, training=True)
-        if step == 0 and epoch == state.first_epoch:  # the targets, training and validation, checked once
-            for targets in all_targets:
-                loss.check_targets(targets, out.shape[-1])
-        if fast_loss:
-            value, delta = loss.value_and_grad(out, yb, fast=fast, buffers=buffers)
-        else:
-            value, delta = loss.value_and_grad(out, yb)
-        model.backward(delta)
-        optimizer.step(model)
-        state._loss_sum = state._loss_sum + value * (stop - start)
-        tally.add(out, yb)
-        state.step, state.samples_seen = step, stop
-        for cb in callbacks:
-            cb.on_batch_end(state)
+    # each next batch's rows copied ahead by CPU threads that would wait otherwise (two buffers in turn)
+    ahead = order is not None and fast is not None and fast.gathers_ahead(X, batch_size)
+    try:
+        for step, (start, stop) in enumerate(_batches(n, batch_size)):
+            if order is None:
+                xb, yb = X[start:stop, ...], Y[start:stop, ...]
+            elif fast is not None:  # gathered into buffers reused every step
+                name = f"x{step % 2}" if ahead else "x"
+                xb = fast.take_rows(
+                    X, order, start, stop, fast.buffer(buffers, name, (stop - start, *X.shape[1:]), X.dtype)
+                )
+                yb = fast.take_rows(
+                    Y, order, start, stop, fast.buffer(buffers, "y", (stop - start, *Y.shape[1:]), Y.dtype)
+                )
+                if ahead and stop < n:
+                    after = min(stop + batch_size, n)
+                    following = fast.buffer(buffers, f"x{(step + 1) % 2}", (after - stop, *X.shape[1:]), X.dtype)
+                    fast.take_rows_ahead(X, order, stop, after, following)
+            else:
+                idx = order[start:stop]
+                xb, yb = xp.take(X, idx, axis=0), xp.take(Y, idx, axis=0)
+            out = model.forward(xb, training=True)
+            if step == 0 and epoch == state.first_epoch:  # the targets, training and validation, checked once
+                for targets in all_targets:
+                    loss.check_targets(targets, out.shape[-1])
+            if fast_loss:
+                value, delta = loss.value_and_grad(out, yb, fast=fast, buffers=buffers)
+            else:
+                value, delta = loss.value_and_grad(out, yb)
+            model.backward(delta)
+            optimizer.step(model)
+            state._loss_sum = state._loss_sum + value * (stop - start)
+            tally.add(out, yb)
+            state.step, state.samples_seen = step, stop
+            for cb in callbacks:
+                cb.on_batch_end(state)
+    finally:  # however the epoch ends, no copy may still be writing into a buffer
+        if ahead:
+            fast.finish_ahead()
     logs = {"loss": state.running_loss()}
     if not math.isfinite(logs["loss"]):
         raise TrainingDiverged(
