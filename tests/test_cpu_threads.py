@@ -158,6 +158,44 @@ def test_gathers_ahead_from_several_threads_with_products_between(pooled):
     assert failures == []
 
 
+def test_gathers_ahead_on_one_fast_object_shared_by_threads(pooled):
+    import threading
+
+    X, order = _random(20000, 512), np.random.default_rng(1).permutation(20000)
+    done, late = threading.Event(), []
+
+    def other_thread():  # its gathers complete the other thread's copy, whose arrays stay held
+        small = np.empty((16, 512), np.float32)
+        while not done.is_set():
+            pooled.take_rows(X, order, 0, 16, small)
+
+    helper = threading.Thread(target=other_thread)
+    helper.start()
+    try:
+        for _ in range(300):
+            pooled.take_rows_ahead(X, order, 0, 4096, np.empty((4096, 512), np.float32))  # a temporary, held
+            out = np.empty((4096, 512), np.float32)
+            pooled.take_rows_ahead(X, order, 0, 4096, out)
+            pooled.finish_ahead()
+            out[...] = 0.0  # complete: nothing may write here any more
+            for _ in range(100):
+                pass
+            if out.any():
+                late.append(1)
+    finally:
+        done.set()
+        helper.join()
+    assert late == []
+
+
+def test_numpys_take_waits_for_a_copy_ahead_into_the_same_buffer(pooled):
+    X, order = _random(20000, 512), np.random.default_rng(2).permutation(20000)
+    out = np.empty((4096, 512), np.float32)
+    pooled.take_rows_ahead(X, order, 0, 4096, out)
+    other = order.astype(np.int32)  # not the compiled gather's index type: np.take does it
+    np.testing.assert_array_equal(pooled.take_rows(X, other, 5000, 9096, out), X[order[5000:9096]])
+
+
 _AHEAD_FORK = r"""
 import os
 import numpy as np

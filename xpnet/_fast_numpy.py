@@ -20,6 +20,7 @@ import shlex
 import shutil
 import subprocess
 import tempfile
+import threading
 import weakref
 from pathlib import Path
 
@@ -262,6 +263,20 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+#: Every NumpyFastPaths, so that a forked child gets fresh gather-ahead locks (a lock held by
+#: another thread at the fork would be held forever in the child, which has no such thread).
+_INSTANCES: weakref.WeakSet = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for fast in list(_INSTANCES):
+        fast._ahead_lock, fast._ahead = threading.Lock(), None
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 class NumpyFastPaths:
     """Buffered and fused versions of the hot-path operations, on NumPy arrays."""
 
@@ -274,6 +289,8 @@ class NumpyFastPaths:
         self._found: dict = {}
         self._threads: int | None = None
         self._ahead = None  # (X, order, out) of a gather running ahead
+        self._ahead_lock = threading.Lock()
+        _INSTANCES.add(self)
 
     @property
     def native(self):
@@ -366,11 +383,13 @@ class NumpyFastPaths:
         when large (the copy runs at memory speed, and one core does not reach it); or, when
         ``take_rows_ahead`` started this very gather, what is left of it."""
         found = self._gather(X, order, start, stop, out)
-        if found is None:
+        if found is None:  # NumPy's take; but first no copy may be writing ahead into out
+            self.finish_ahead()
             return np.take(X, order[start:stop], axis=0, out=out, mode="clip")  # "raise" copies through a temporary
         parts = self.threads if out.nbytes >= _SPLIT_BYTES else 1
-        self.native.xpnet_take_rows_finish(*found, parts)
-        self._ahead = None  # finishing any gather completes the one running ahead
+        with self._ahead_lock:  # finishing any gather completes the one running ahead
+            self.native.xpnet_take_rows_finish(*found, parts)
+            self._ahead = None
         return out
 
     def gathers_ahead(self, X, batch_size: int) -> bool:
@@ -383,18 +402,23 @@ class NumpyFastPaths:
     def take_rows_ahead(self, X, order, start: int, stop: int, out):
         """Start gathering X[order[start:stop]] into ``out`` on the pool's workers, in the time they
         would spend waiting for the next product while this thread runs Python and one-thread
-        work. ``take_rows`` with the same arguments finishes it; until then ``out`` must not be
-        read. X, order and out are held here so that none is freed under the copy."""
+        work. ``take_rows`` with the same arguments finishes it, as does any later gather or
+        ``finish_ahead``; until then ``out`` must not be used. X, order and out are held here so
+        that none is freed under the copy (one gather runs ahead at a time: the lock keeps the
+        held arrays those of the copy in progress, whichever threads share these paths)."""
         found = self._gather(X, order, start, stop, out) if self.threads > 1 else None
         if found is not None:
-            self._ahead = (X, order, out)
-            self.native.xpnet_take_rows_ahead(*found)
+            with self._ahead_lock:
+                self.native.xpnet_take_rows_ahead(*found)  # completes the one before, if any
+                self._ahead = (X, order, out)
 
     def finish_ahead(self) -> None:
-        """Complete a gather started ahead (fit calls this when an epoch ends, however it ends)."""
-        if self._ahead is not None:
-            self.native.xpnet_take_rows_ahead(None, None, None, 0, 0, 0)
-            self._ahead = None
+        """Complete the gather running ahead, if any (fit calls this when an epoch ends, however
+        it ends)."""
+        if self.native is not None:
+            with self._ahead_lock:
+                self.native.xpnet_take_rows_ahead(None, None, None, 0, 0, 0)
+                self._ahead = None
 
     def _gather(self, X, order, start, stop, out):
         """The compiled gather's arguments for X[order[start:stop]] into out, or None."""
