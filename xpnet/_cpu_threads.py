@@ -303,8 +303,8 @@ void xpnet_take_rows(char *out, const char *X, const long long *index, ptrdiff_t
     xpnet_pool_run(xpnet_take_part, &task, parts);
 }
 
-/* Start the gather ahead (after completing one still running); the caller must not touch ``out``,
-   nor free X, index or out, until xpnet_take_rows_finish with the same arguments. */
+/* Start the gather ahead, after completing one still running (rows = 0: only that). The caller
+   must not touch ``out``, nor free X, index or out, until a finish (or another start) returns. */
 void xpnet_take_rows_ahead(char *out, const char *X, const long long *index, ptrdiff_t rows, ptrdiff_t n,
                            ptrdiff_t row_bytes) {
     pthread_mutex_lock(&ahead_owner);
@@ -319,7 +319,7 @@ void xpnet_take_rows_ahead(char *out, const char *X, const long long *index, ptr
         pthread_mutex_unlock(&ahead_lock);
     }
     pthread_mutex_unlock(&ahead_owner);
-    if (atomic_load(&pool_sleepers) > 0) {
+    if (rows > 0 && atomic_load(&pool_sleepers) > 0) { /* sleeping workers: rows to copy */
         pthread_mutex_lock(&pool_sleep);
         pthread_cond_broadcast(&pool_wake);
         pthread_mutex_unlock(&pool_sleep);
