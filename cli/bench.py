@@ -331,10 +331,11 @@ def run_benchmark(
     log=print,
 ) -> list[dict]:
     data = load_dataset("mnist")
-    names = [name for name in implementations if available(name) is None]
+    missing = {name: available(name) for name in implementations}
+    names = [name for name in implementations if missing[name] is None]
     for name in implementations:
-        if available(name) is not None:
-            log(f"{name}: skipped, {available(name)}")
+        if missing[name] is not None:
+            log(f"{name}: skipped, {missing[name]}")
     log(
         f"MNIST 784-128-64-10 ReLU, Adam 1e-3, {epochs} epochs, device {device}, {cores()} cores; "
         f"implementations interleaved epoch by epoch: {', '.join(names)}"

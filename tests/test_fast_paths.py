@@ -50,7 +50,7 @@ def test_kernel_addresses_follow_new_arrays_and_refuse_strided_ones(fast):
         pytest.skip("no C compiler here")
     for seed in range(20):  # fresh arrays, some of which reuse a freed one's id: each gets its own address
         a, da = _random(4, 8, seed=seed), _random(4, 8, seed=seed + 100)
-        out = fast.relu_backward(da, a, np.empty(a.shape, bool), np.empty_like(a))
+        out = fast.relu_backward(da, a, np.empty_like(a))
         np.testing.assert_array_equal(out, np.where(a > 0, da, 0))
         del a, da, out
     a = _random(4, 16)
@@ -76,7 +76,7 @@ def test_relu_and_its_backward_match_the_reference(fast):
     z, da = _random(6, 9), _random(6, 9, seed=1)
     a = fast.relu(z, np.empty_like(z))
     np.testing.assert_array_equal(a, np.maximum(z, 0))
-    back = fast.relu_backward(da, a, np.empty(z.shape, bool), np.empty_like(z))
+    back = fast.relu_backward(da, a, np.empty_like(z))
     np.testing.assert_array_equal(back, np.where(z > 0, da, 0))
 
 
@@ -293,7 +293,7 @@ def test_relu_backward_keeps_where_semantics_for_non_finite_gradients(native):
     fast = NumpyFastPaths(native=native)
     a = np.array([[0.0, 2.0, 0.0, 1.0]], np.float32)
     da = np.array([[np.nan, 3.0, np.inf, -1.0]], np.float32)
-    out = fast.relu_backward(da, a, np.empty(a.shape, bool), np.empty_like(a))
+    out = fast.relu_backward(da, a, np.empty_like(a))
     np.testing.assert_array_equal(out, [[0.0, 3.0, 0.0, -1.0]])
 
 

@@ -67,6 +67,13 @@ static long pool_elapsed_ns(const struct timespec *start) {
     return (now.tv_sec - start->tv_sec) * 1000000000L + (now.tv_nsec - start->tv_nsec);
 }
 
+/* One round of a caller's wait: spin, and after POOL_SPIN_NS give the core up between checks
+   (a worker whose core was taken away must get it back). */
+static void pool_wait_round(unsigned *spins, const struct timespec *start) {
+    if ((++*spins & 255u) == 0 && pool_elapsed_ns(start) > POOL_SPIN_NS) sched_yield();
+    else POOL_PAUSE();
+}
+
 /* Rows of X gathered into out: out[r] = X[clip(index[r])]. */
 struct xpnet_take_task { char *out; const char *X; const long long *index; ptrdiff_t rows, n, row_bytes; };
 
@@ -116,10 +123,7 @@ static int ahead_complete(const struct xpnet_take_task *wanted) {
     struct timespec start;
     clock_gettime(CLOCK_MONOTONIC, &start);
     unsigned spins = 0;
-    while (atomic_load(&ahead_done) < chunks) {
-        if ((++spins & 255u) == 0 && pool_elapsed_ns(&start) > POOL_SPIN_NS) sched_yield();
-        else POOL_PAUSE();
-    }
+    while (atomic_load(&ahead_done) < chunks) pool_wait_round(&spins, &start);
     pthread_mutex_lock(&ahead_lock);
     ahead_next = ahead_chunks = 0;
     pthread_mutex_unlock(&ahead_lock);
@@ -234,11 +238,7 @@ static int pool_try_run(xpnet_part_fn fn, void *ctx, int parts) {
     struct timespec start;
     clock_gettime(CLOCK_MONOTONIC, &start);
     unsigned spins = 0;
-    while (atomic_load(&pool_remaining) > 0) {
-        /* a worker whose core was taken away: stop spinning on ours after a while */
-        if ((++spins & 255u) == 0 && pool_elapsed_ns(&start) > POOL_SPIN_NS) sched_yield();
-        else POOL_PAUSE();
-    }
+    while (atomic_load(&pool_remaining) > 0) pool_wait_round(&spins, &start);
     pthread_mutex_unlock(&pool_caller);
     return 0;
 }

@@ -112,7 +112,7 @@ class CupyFastPaths:
     def relu(self, z, out):
         return self.cp.maximum(z, 0, out=out)
 
-    def relu_backward(self, da, a, mask, out):
+    def relu_backward(self, da, a, out):
         self._elementwise["relu_backward"](a, da, out)
         return out
 

@@ -285,7 +285,6 @@ class NumpyFastPaths:
         self._want_native = native
         self._native = None
         self._looked = False
-        self._pointers: dict = {}
         self._found: dict = {}
         self._threads: int | None = None
         self._ahead = None  # (X, order, out) of a gather running ahead
@@ -305,25 +304,29 @@ class NumpyFastPaths:
         the element type of ``arrays`` (float32 or float64, one dtype), the data addresses of
         ``arrays`` and then ``others`` (labels: any dtype), all C-contiguous, and what ends the
         kernel's arguments: ``(parts,)`` from ``_SPLIT_BYTES`` up, where the ``_split`` version runs
-        over the pool's threads, else ().
-
-        ``ndarray.ctypes.data`` costs ~3 µs a call, more than a small kernel: fit hands over the
-        same buffers, parameters and optimizer state every step, so all this is found once per set
-        of arrays (weak references tell live arrays from new ones that reuse an id)."""
+        over the pool's threads, else ()."""
         parts = self.threads if nbytes >= _SPLIT_BYTES else 1
         everything = (*arrays, *others)
         key = (name, parts, *map(id, everything))
+        return self._remembered(key, everything, lambda: self._find(name, parts, arrays, everything))
+
+    def _remembered(self, key, arrays, find):
+        """find(), looked up once per set of arrays and kept under ``key`` while they live.
+
+        ``ndarray.ctypes.data`` costs ~3 µs a call, more than a small kernel: fit hands over the
+        same buffers, parameters and optimizer state every step, so what is found from them is
+        kept (weak references tell live arrays from new ones that reuse an id)."""
         entry = self._found.get(key)
         if entry is not None:
-            for ref, array in zip(entry[0], everything):
+            for ref, array in zip(entry[0], arrays):
                 if ref() is not array:
                     break
             else:
                 return entry[1]
-        found = self._find(name, parts, arrays, everything)
+        found = find()
         if len(self._found) > 512:
             self._found.clear()
-        self._found[key] = (tuple(map(weakref.ref, everything)), found)
+        self._found[key] = (tuple(map(weakref.ref, arrays)), found)
         return found
 
     def _find(self, name, parts, arrays, everything):
@@ -338,16 +341,6 @@ class NumpyFastPaths:
             [array.ctypes.data for array in everything],
             (parts,) if parts > 1 else (),
         )
-
-    def address(self, array):
-        """The data address of a C-contiguous array (None otherwise), looked up once per array."""
-        entry = self._pointers.get(id(array))
-        if entry is None or entry[0]() is not array:
-            if len(self._pointers) > 512:
-                self._pointers.clear()
-            address = array.ctypes.data if array.flags.c_contiguous else None
-            entry = self._pointers[id(array)] = (weakref.ref(array), address)
-        return entry[1]
 
     # ------------------------------------------------------------- buffers
     @staticmethod
@@ -431,8 +424,15 @@ class NumpyFastPaths:
             and X.shape[0] > 0
             and out.shape == (stop - start, *X.shape[1:])
         )
-        addresses = (self.address(X), self.address(out), self.address(order)) if usable else (None,)
-        if self.native is None or None in addresses:
+        if not usable or self.native is None:
+            return None
+        arrays = (X, out, order)
+        addresses = self._remembered(
+            ("gather", *map(id, arrays)),
+            arrays,
+            lambda: [a.ctypes.data if a.flags.c_contiguous else None for a in arrays],
+        )
+        if None in addresses:
             return None
         px, pout, porder = addresses
         return pout, px, porder + 8 * start, stop - start, X.shape[0], X.itemsize * math.prod(X.shape[1:])
@@ -475,18 +475,16 @@ class NumpyFastPaths:
         """a = max(z, 0) into ``out``."""
         return np.maximum(z, 0.0, out=out)
 
-    def relu_backward(self, da, a, mask, out):
+    def relu_backward(self, da, a, out):
         """where(a > 0, da, 0) into ``out`` (a > 0 exactly where z > 0; da there, 0 elsewhere,
-        even where da is inf or NaN, as in the reference). Compiled: one pass; else through the
-        bool array ``mask`` (made here when None)."""
+        even where da is inf or NaN, as in the reference). Compiled: one pass."""
         found = self._kernel("xpnet_relu_backward", out.nbytes, (a, da, out))
         if found is not None and a.shape == da.shape == out.shape:
             kernel, (pa, pda, pout), tail = found
             kernel(pout, pa, pda, a.size, *tail)
             return out
-        mask = np.greater(a, 0.0, out=mask)
         out[...] = 0.0
-        np.copyto(out, da, where=mask)
+        np.copyto(out, da, where=a > 0.0)
         return out
 
     def softmax_cross_entropy(self, z, labels, delta):

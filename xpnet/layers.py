@@ -161,7 +161,7 @@ class ReLU(Layer):
     def backward(self, da, need_input_grad=True):
         if self.reuse and self.fast is not None:
             out = self.fast.buffer(self._buffers, "da", tuple(da.shape), da.dtype)
-            return self.fast.relu_backward(da, self.z, None, out)
+            return self.fast.relu_backward(da, self.z, out)
         return self.xp.where(self.z > 0, da, 0.0)
 
 
