@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import os
 
 import numpy as np
 import pytest
@@ -136,6 +137,76 @@ def test_idx_folder_missing_a_file(tmp_path):
         load_idx_folder(tmp_path / "absent")
 
 
+def _blocker(tmp_path):
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file, not a folder")
+    return blocker
+
+
+@pytest.mark.parametrize("name", ["mnist", "fashion-mnist", "kmnist"])
+def test_a_data_dir_that_is_a_file_or_under_one_is_named(tmp_path, monkeypatch, name):
+    """DataError naming the path and why, never NotADirectoryError / FileExistsError; nothing made."""
+    monkeypatch.setenv("XPNET_DATA_DIR", str(tmp_path / "cache"))
+    blocker = _blocker(tmp_path)
+    with pytest.raises(DataError, match=rf"^{blocker}: not a folder \(it is a file\)"):
+        load_dataset(name, data_dir=blocker)
+    with pytest.raises(DataError, match=rf"^{blocker / 'sub'}: not a folder \({blocker} is a file\)"):
+        load_dataset(name, data_dir=blocker / "sub")
+    assert blocker.read_text() == "a file, not a folder" and sorted(os.listdir(tmp_path)) == ["blocker"]
+
+
+def test_a_wdbc_data_dir_that_is_a_file_is_named(tmp_path):
+    blocker = _blocker(tmp_path)
+    with pytest.raises(DataError, match=rf"^{blocker / 'wdbc.csv'}: cannot read the file"):
+        load_dataset("wdbc", data_dir=blocker)
+
+
+def _chmod_stops_reading(folder) -> bool:
+    try:
+        os.listdir(folder)
+    except PermissionError:
+        return True
+    return False
+
+
+def test_an_unreadable_folder_is_named(tmp_path):
+    (tmp_path / "locked").mkdir()
+    _idx_folder(tmp_path / "locked")
+    (tmp_path / "locked").chmod(0)
+    try:
+        if not _chmod_stops_reading(tmp_path / "locked"):
+            pytest.skip("chmod 000 does not stop this user from reading a folder (root, or CAP_DAC_OVERRIDE)")
+        for load in (load_idx_folder, lambda f: load_dataset("fashion-mnist", data_dir=f)):
+            with pytest.raises(DataError, match=rf"^{tmp_path / 'locked'}: cannot read the folder \(Permission denied"):
+                load(tmp_path / "locked")
+    finally:
+        (tmp_path / "locked").chmod(0o755)
+
+
+def test_a_folder_that_cannot_be_listed_is_named(tmp_path, monkeypatch):
+    """The same refusal with the listing made to fail (runs as root too, where chmod cannot)."""
+    _idx_folder(tmp_path)
+    real_listdir = os.listdir
+
+    def listdir(path="."):
+        if os.fspath(path) == os.fspath(tmp_path):
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return real_listdir(path)
+
+    monkeypatch.setattr(os, "listdir", listdir)
+    for name in ("mnist", "fashion-mnist"):
+        with pytest.raises(DataError, match=rf"^{tmp_path}: cannot read the folder \(Permission denied\)"):
+            load_dataset(name, data_dir=tmp_path)
+
+
+def test_an_idx_file_that_cannot_be_read_is_named(tmp_path):
+    _idx_folder(tmp_path)
+    (tmp_path / "t10k-images-idx3-ubyte.gz").unlink()
+    (tmp_path / "t10k-images-idx3-ubyte.gz").mkdir()  # a folder where the file should be
+    with pytest.raises(DataError, match=r"t10k-images-idx3-ubyte.gz: cannot read the file \(Is a directory\)"):
+        load_idx_folder(tmp_path)
+
+
 # ------------------------------------------------------------------------ embedded MNIST
 def test_embedded_mnist_files_are_the_canonical_ones():
     def md5(data):
@@ -238,6 +309,9 @@ def test_one_hot_and_scale_pixels():
         ("a,b,malignant\n1,x,0\n", "not a number"),
         ("a,b,label\n1,2,0\n", "no column named 'malignant'"),
         ("a,b,malignant\n", "no data rows"),
+        ("a,malignant,malignant\n1,0,0\n", "the header names the column 'malignant' twice"),
+        ("a,b,b,malignant\n1,2,3,0\n", "the header names the column 'b' twice"),
+        ("a,,malignant\n1,2,0\n", "column 2 of the header has no name"),
     ],
 )
 def test_malformed_tables_are_refused(tmp_path, text, message):
@@ -263,3 +337,20 @@ def test_validation_at_load_equals_with_validation():
     assert (len(at_load.train), len(at_load.val)) == (54_000, 6_000)
     with pytest.raises(DataError, match="wdbc comes split"):
         load_dataset("wdbc", validation=0.1)
+
+
+def test_a_table_that_is_not_utf8_is_named(tmp_path):
+    path = tmp_path / "wdbc.csv"
+    path.write_bytes(b"a,b,malignant\n1,2,0\n\xff\xfe,3,1\n")
+    message = rf"^{path}: not UTF-8 text \(byte 0xff at offset 20\)"
+    with pytest.raises(DataError, match=message):
+        read_table(path, "malignant")
+    with pytest.raises(DataError, match=message):
+        load_dataset("wdbc", data_dir=tmp_path)
+
+
+def test_a_table_with_a_byte_order_mark_reads(tmp_path):
+    path = tmp_path / "wdbc.csv"
+    path.write_bytes("\ufeffa,malignant\n1.5,1\n".encode())
+    x, target, names = read_table(path, "malignant")
+    assert names == ("a",) and x.tolist() == [[1.5]] and target.tolist() == [1.0]

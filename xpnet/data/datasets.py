@@ -11,12 +11,14 @@ from __future__ import annotations
 import csv
 import dataclasses
 import importlib.resources
+import io
+import os
 from pathlib import Path
 
 import numpy as np
 
-from .download import cache_dir, download
-from .errors import DataError
+from .download import cache_dir, download, md5_of
+from .errors import DataError, os_reason
 from .idx import read_idx_pair
 from .preprocess import _standardization_stats, scale_pixels, split_indices
 
@@ -157,22 +159,35 @@ def _images_dataset(name, train, test, classes, options: _Options) -> Dataset:
     )
 
 
-def _find_idx(folder: Path, stem: str) -> Path:
-    for candidate in (folder / f"{stem}.gz", folder / stem):
-        if candidate.is_file():
-            return candidate
+def _folder_entries(folder: Path) -> set[str]:
+    """The names in ``folder``; DataError naming the folder and the reason when it is not one or
+    cannot be listed (never a raw PermissionError or NotADirectoryError)."""
+    try:
+        return set(os.listdir(folder))
+    except FileNotFoundError as exc:
+        raise DataError(f"{folder}: not a folder (no such file or directory)") from exc
+    except NotADirectoryError as exc:
+        raise DataError(f"{folder}: not a folder ({os_reason(exc, folder)})") from exc
+    except OSError as exc:
+        raise DataError(f"{folder}: cannot read the folder ({os_reason(exc, folder)})") from exc
+
+
+def _find_idx(folder: Path, entries: set[str], stem: str) -> Path:
+    for name in (f"{stem}.gz", stem):
+        if name in entries:
+            return folder / name
     raise DataError(f"{folder}: no {stem} or {stem}.gz (an IDX dataset folder holds {', '.join(IDX_FILES.values())})")
 
 
 def load_idx_folder(
     folder, *, name: str | None = None, classes=None, flatten: bool = True, options: _Options | None = None
 ) -> Dataset:
-    """A dataset from a folder with the four standard IDX files (gz or raw)."""
+    """A dataset from a folder with the four standard IDX files (gz or raw), read as they are:
+    no checksums, nothing written."""
     options = options or _Options(flatten=flatten)
     folder = Path(folder)
-    if not folder.is_dir():
-        raise DataError(f"{folder}: not a folder")
-    paths = {key: _find_idx(folder, stem) for key, stem in IDX_FILES.items()}
+    entries = _folder_entries(folder)
+    paths = {key: _find_idx(folder, entries, stem) for key, stem in IDX_FILES.items()}
     classes = classes or [str(i) for i in range(10)]
     train = read_idx_pair(paths["train_images"], paths["train_labels"], num_classes=len(classes))
     test = read_idx_pair(paths["test_images"], paths["test_labels"], num_classes=len(classes))
@@ -226,11 +241,53 @@ DATASETS = {
 }
 
 
-def _load_remote(name: str, data_dir, options: _Options) -> Dataset:
-    remote = DATASETS[name]
-    folder = Path(data_dir) if data_dir is not None else cache_dir() / name
+def _check_published(name: str, folder: Path, filename: str, md5: str) -> None:
+    """A user's copy of a published file must have its MD5; a mismatch is reported, the file left."""
+    path = folder / filename
+    try:
+        actual = md5_of(path)
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read the file ({os_reason(exc, path)})") from exc
+    if actual != md5:
+        raise DataError(
+            f"{path}: MD5 {actual}, expected {md5} (the published {filename} of {name}); the file was left "
+            f"untouched. To load {folder} anyway as a plain IDX folder, without checksums (classes named 0-9): "
+            f"--dataset mnist --data-dir {folder}, or load_dataset('mnist', data_dir=...) in Python"
+        )
+
+
+def _check_user_folder(name: str, remote: Remote, folder: Path) -> None:
+    """A folder the user names is read, never written: every file must be there already, each .gz
+    with the published MD5 (an uncompressed file is checked by the IDX reader alone)."""
+    entries = _folder_entries(folder)
+    missing = [
+        f"{filename} or {filename.removesuffix('.gz')}"
+        for filename in remote.md5
+        if filename not in entries and filename.removesuffix(".gz") not in entries
+    ]
+    if missing:
+        raise DataError(
+            f"{folder}: no {', '.join(missing)} for {name}. xpnet reads a folder given with --data-dir "
+            f"(data_dir=) as it is and never downloads into it; without --data-dir xpnet downloads {name} "
+            f"into its cache, {cache_dir() / name}"
+        )
     for filename, md5 in remote.md5.items():
-        if (folder / filename.removesuffix(".gz")).is_file() and not (folder / filename).exists():
+        if filename in entries:
+            _check_published(name, folder, filename, md5)
+
+
+def _load_remote(name: str, data_dir, options: _Options) -> Dataset:
+    """From the folder the user names (checked, never modified), else from xpnet's cache, where
+    missing or corrupted files are downloaded."""
+    remote = DATASETS[name]
+    if data_dir is not None:
+        folder = Path(data_dir)
+        _check_user_folder(name, remote, folder)
+        return load_idx_folder(folder, name=name, classes=remote.classes, options=options)
+    folder = cache_dir() / name
+    entries = _folder_entries(folder) if os.path.isdir(folder) else set()
+    for filename, md5 in remote.md5.items():
+        if filename.removesuffix(".gz") in entries and filename not in entries:
             continue  # uncompressed files put there by hand: the IDX reader checks them
         download([mirror + filename for mirror in remote.mirrors], folder / filename, md5)
     return load_idx_folder(folder, name=name, classes=remote.classes, options=options)
@@ -254,18 +311,44 @@ def _load_mnist(options: _Options) -> Dataset:
     return _images_dataset("mnist", train, test, [str(i) for i in range(10)], options)
 
 
-def read_table(path, target: str) -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
-    """A numeric CSV with a header: features (N, F) float32, the ``target`` column, the feature names."""
+def _read_text(path) -> str:
+    """The file as UTF-8 text (a leading byte-order mark dropped)."""
     try:
-        with open(path, newline="") as handle:
-            rows = list(csv.reader(handle))
+        raw = Path(path).read_bytes()
     except OSError as exc:
-        raise DataError(f"{path}: cannot read the file ({exc.strerror or exc})") from exc
+        raise DataError(f"{path}: cannot read the file ({os_reason(exc, path)})") from exc
+    try:
+        return raw.decode("utf-8").removeprefix("\ufeff")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start})") from exc
+
+
+def _check_header(path, header: list[str], target: str) -> None:
+    """Every column named, no name twice (a repeated target would leak it in as a feature)."""
+    for i, name in enumerate(header, start=1):
+        if not name.strip():
+            raise DataError(f"{path}: column {i} of the header has no name")
+    seen = set()
+    for name in header:
+        if name in seen:
+            raise DataError(f"{path}: the header names the column {name!r} twice")
+        seen.add(name)
+    if target not in header:
+        raise DataError(f"{path}: no column named {target!r} in the header")
+
+
+def read_table(path, target: str) -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
+    """A numeric CSV (UTF-8) with a header: features (N, F) float32, the ``target`` column, the
+    feature names. Refused: a header with an unnamed or repeated column, a row of another width,
+    a value that is not a finite number."""
+    try:
+        rows = list(csv.reader(io.StringIO(_read_text(path), newline="")))
+    except csv.Error as exc:
+        raise DataError(f"{path}: not a readable CSV table ({exc})") from exc
     if len(rows) < 2:
         raise DataError(f"{path}: no data rows under the header")
     header, body = rows[0], rows[1:]
-    if target not in header:
-        raise DataError(f"{path}: no column named {target!r} in the header")
+    _check_header(path, header, target)
     for line, row in enumerate(body, start=2):
         if len(row) != len(header):
             raise DataError(f"{path}, line {line}: {len(row)} fields, the header has {len(header)}")
@@ -319,9 +402,11 @@ def load_dataset(
     stratify: bool = True,
 ) -> Dataset:
     """A dataset by name: 'mnist' and 'wdbc' ship with xpnet; 'fashion-mnist' and 'kmnist' are
-    downloaded on first use (to ``data_dir``, else $XPNET_DATA_DIR, else the user cache).
+    downloaded on first use into xpnet's cache ($XPNET_DATA_DIR/NAME, else the user cache).
 
-    With ``data_dir`` and name 'mnist' (or any other IDX name), the folder's IDX files are used.
+    A ``data_dir`` is read as it is and never written to: nothing is downloaded into it. With name
+    'mnist' its four IDX files are read without checksums (any IDX folder); with 'fashion-mnist'
+    or 'kmnist' each .gz there must have the published MD5.
     Images come as float32 in [0, 1], flattened to (N, H·W) unless ``flatten=False``.
     ``validation``: the fraction of the training images held out (seeded by ``seed``, stratified
     unless told otherwise), split before the pixels are scaled to save memory; the same split as

@@ -1,12 +1,16 @@
-"""Downloads with checksums, never leaving a partial file where a complete one is expected.
+"""Downloads into xpnet's cache with checksums, never leaving a partial file where a complete one
+is expected.
 
 Each file is streamed to a temporary file in the destination folder while its MD5 is computed,
 checked against the expected length and checksum, and only then renamed into place (an atomic
-``os.replace``). A failure of any kind removes the temporary file.
+``os.replace``, over a corrupted earlier copy if there is one: nothing is deleted first). A
+failure of any kind removes the temporary file. Only xpnet's own cache is written this way; a
+folder the user names (``data_dir``) is read as it is and never written to (see datasets.py).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import http.client
 import os
@@ -15,7 +19,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from .errors import DataError
+from .errors import DataError, os_reason
 
 __all__ = ["download", "md5_of", "cache_dir"]
 
@@ -44,10 +48,13 @@ def md5_of(path) -> str:
 
 def _fetch(url: str, destination: Path, md5: str, timeout: float) -> None:
     """Stream ``url`` to ``destination`` through a temporary file; raise DataError on any problem."""
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    handle = tempfile.NamedTemporaryFile(
-        dir=destination.parent, prefix=f".{destination.name}.", suffix=".part", delete=False
-    )
+    try:
+        handle = tempfile.NamedTemporaryFile(
+            dir=destination.parent, prefix=f".{destination.name}.", suffix=".part", delete=False
+        )
+    except OSError as exc:
+        reason = os_reason(exc, destination.parent)
+        raise DataError(f"{destination.parent}: cannot write a temporary file there ({reason})") from exc
     temporary = Path(handle.name)
     try:
         digest = hashlib.md5(usedforsecurity=False)
@@ -78,19 +85,45 @@ def _fetch(url: str, destination: Path, md5: str, timeout: float) -> None:
         raise
 
 
-def download(urls: list[str], destination, md5: str, *, timeout: float = 60.0) -> Path:
-    """Fetch one file from the first mirror that delivers it intact; return its path.
+def _make_folder(folder: Path) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise DataError(f"{folder}: cannot create the download folder ({os_reason(exc, folder)})") from exc
 
-    A file already at ``destination`` with the right checksum is kept; one with the wrong
-    checksum (a corrupted earlier download) is removed and fetched again.
+
+def _remove_stale(destination: Path) -> None:
+    """Temporary files of ``destination`` left by a killed process (best effort)."""
+    for stale in destination.parent.glob(f".{destination.name}.*.part"):
+        with contextlib.suppress(OSError):
+            stale.unlink()
+
+
+def _md5_of_cached(destination: Path) -> str | None:
+    """The MD5 of the file at ``destination``, None when there is none; DataError when unreadable."""
+    if not os.path.lexists(destination):
+        return None
+    try:
+        return md5_of(destination)
+    except OSError as exc:
+        raise DataError(f"{destination}: cannot read the file ({os_reason(exc, destination)})") from exc
+
+
+def download(urls: list[str], destination, md5: str, *, timeout: float = 60.0) -> Path:
+    """Fetch one file into xpnet's cache from the first mirror that delivers it intact; return its path.
+
+    A file already at ``destination`` with the right checksum is kept. One with the wrong
+    checksum (a corrupted earlier download) is replaced only by a complete, verified download
+    (``os.replace`` over it); if every mirror fails it stays as it was and the message says its
+    MD5 mismatched. Temporary files left by a killed process are removed. For the cache only:
+    ``load_dataset`` never calls this for a folder the user names.
     """
     destination = Path(destination)
-    for stale in destination.parent.glob(f".{destination.name}.*.part"):  # left by a killed process
-        stale.unlink(missing_ok=True)
-    if destination.exists():
-        if md5_of(destination) == md5:
-            return destination
-        destination.unlink()
+    _make_folder(destination.parent)
+    _remove_stale(destination)
+    cached = _md5_of_cached(destination)
+    if cached == md5:
+        return destination
     failures = []
     for url in urls:
         try:
@@ -98,11 +131,14 @@ def download(urls: list[str], destination, md5: str, *, timeout: float = 60.0) -
             return destination
         except DataError as exc:
             failures.append(str(exc))
+    kept = ""
+    if cached is not None:
+        kept = f" The {destination.name} there has MD5 {cached}, not the expected {md5}; it was left as it was."
     raise DataError(
         "could not download "
         + destination.name
         + ": "
         + "; ".join(failures)
         + f". Without network access, put the file (MD5 {md5}) in {destination.parent} by hand, "
-        "or point --data-dir (XPNET_DATA_DIR) at a folder that has it"
+        "or point --data-dir (XPNET_DATA_DIR) at a folder that has it." + kept
     )

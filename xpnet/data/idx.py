@@ -2,8 +2,13 @@
 
 An IDX file is big-endian: two zero bytes, a type code (0x08 = uint8, ...), the number of
 dimensions d, then d uint32 sizes, then the values row-major. Files may be gzip-compressed.
-The reader checks every part of the header and the payload length before returning anything,
-and parses with ``numpy.frombuffer`` (no per-byte Python loop).
+
+The reader streams: it reads (and inflates) the header alone first, computes the payload size
+the header declares, refuses a size beyond the memory limit (``limits.memory_limit``) before
+allocating anything, then reads exactly that many bytes into one preallocated buffer. A raw file's
+length is compared with the declared size from ``os.stat`` before any of the payload is read; a
+gzip stream is inflated no further than one byte past the declared payload. So neither a lying
+header nor a decompression bomb can take more memory than the array it declares.
 """
 
 from __future__ import annotations
@@ -11,11 +16,13 @@ from __future__ import annotations
 import gzip
 import math
 import os
+import stat
 import zlib
 
 import numpy as np
 
-from .errors import DataError
+from . import limits
+from .errors import DataError, os_reason
 
 __all__ = ["read_idx", "write_idx", "read_idx_pair"]
 
@@ -28,45 +35,166 @@ _TYPES = {
     0x0E: np.dtype(">f8"),
 }
 _CODES = {dtype: code for code, dtype in _TYPES.items()}
+_CHUNK = 1 << 20
+_GZIP_MAGIC = b"\x1f\x8b"
 
 
-def _read_bytes(path) -> bytes:
+class _Raw:
+    """An uncompressed file: its bytes as they are, and its length (None unless a regular file)."""
+
+    def __init__(self, handle, prefix: bytes):
+        self._handle, self._prefix = handle, prefix
+        status = os.fstat(handle.fileno())
+        self.size = status.st_size if stat.S_ISREG(status.st_mode) else None
+
+    def read(self, limit: int) -> bytes:
+        """Up to ``limit`` bytes; fewer only at the end of the file."""
+        head, self._prefix = self._prefix[:limit], self._prefix[limit:]
+        return head + self._handle.read(limit - len(head))
+
+    def readinto(self, view: memoryview) -> int:
+        if self._prefix:
+            head = self.read(min(len(view), len(self._prefix)))
+            view[: len(head)] = head
+            return len(head)
+        return self._handle.readinto(view)
+
+
+class _Gzip:
+    """A gzip file inflated on demand: never more output than asked for.
+
+    Members follow one another as in ``gzip.decompress``; zero bytes after the last member are
+    padding. Corrupted or truncated streams raise DataError naming the file.
+    """
+
+    size = None  # unknown until inflated
+
+    def __init__(self, handle, prefix: bytes, path):
+        self._handle, self._input, self._path = handle, prefix, path
+        self._inflate = zlib.decompressobj(16 + zlib.MAX_WBITS)
+
+    def _corrupted(self, reason):
+        return DataError(f"{self._path}: the gzip stream is corrupted or truncated ({reason})")
+
+    def _next_member(self) -> bool:
+        """After a member's end: start the next member (True) or find only padding (False)."""
+        rest = self._inflate.unused_data.lstrip(b"\0")  # all input after the end; unconsumed_tail repeats it
+        while not rest:
+            chunk = self._handle.read(_CHUNK)
+            if not chunk:
+                self._input = b""
+                return False
+            rest = chunk.lstrip(b"\0")
+        self._inflate, self._input = zlib.decompressobj(16 + zlib.MAX_WBITS), rest
+        return True
+
+    def read(self, limit: int) -> bytes:
+        """Up to ``limit`` inflated bytes (at least one unless at the end of the stream)."""
+        if limit <= 0:  # zlib reads a max_length of 0 as "no limit"
+            return b""
+        try:
+            while True:
+                if self._inflate.eof and not self._next_member():
+                    return b""
+                if not self._input:
+                    self._input = self._handle.read(_CHUNK)
+                at_end = not self._input
+                out = self._inflate.decompress(self._input, limit)
+                self._input = self._inflate.unconsumed_tail
+                if out:
+                    return out
+                if at_end and not self._inflate.eof:
+                    raise self._corrupted("the file ends before the end-of-stream marker")
+        except zlib.error as exc:
+            raise self._corrupted(exc) from exc
+
+    def readinto(self, view: memoryview) -> int:
+        out = self.read(min(len(view), _CHUNK))
+        view[: len(out)] = out
+        return len(out)
+
+
+def _open(path, handle):
+    """The stream of ``handle``: inflated when the file starts with the gzip magic number."""
+    prefix = handle.read(2)
+    return _Gzip(handle, prefix, path) if prefix == _GZIP_MAGIC else _Raw(handle, prefix)
+
+
+def _read_upto(stream, n: int) -> bytes:
+    """``n`` bytes, or fewer when the stream ends first."""
+    parts, got = [], 0
+    while got < n:
+        part = stream.read(n - got)
+        if not part:
+            break
+        parts.append(part)
+        got += len(part)
+    return b"".join(parts)
+
+
+def _read_header(path, stream) -> tuple[np.dtype, tuple[int, ...], int]:
+    """The dtype, the shape and the header's length, every part of the header checked."""
+    magic = _read_upto(stream, 4)
+    if len(magic) < 4:
+        raise DataError(f"{path}: too short for an IDX header ({len(magic)} bytes)")
+    if magic[0] != 0 or magic[1] != 0:
+        raise DataError(f"{path}: wrong magic number {magic.hex()}: an IDX file starts with two zero bytes")
+    code, ndim = magic[2], magic[3]
+    if code not in _TYPES:
+        raise DataError(f"{path}: unknown IDX type code 0x{code:02x} in the magic number {magic.hex()}")
+    if ndim == 0:
+        raise DataError(f"{path}: the IDX header declares 0 dimensions")
+    sizes = _read_upto(stream, 4 * ndim)
+    header = 4 + 4 * ndim
+    if len(sizes) < 4 * ndim:
+        have = 4 + len(sizes)
+        raise DataError(f"{path}: truncated header: {ndim} dimensions need {header} bytes, the file has {have}")
+    shape = tuple(int(n) for n in np.frombuffer(sizes, dtype=">u4"))
+    return _TYPES[code], shape, header
+
+
+def _length_error(path, shape, expected: int, found) -> DataError:
+    problem = "truncated payload" if isinstance(found, int) and found < expected else "extra bytes after the payload"
+    return DataError(f"{path}: {problem}: shape {shape} needs {expected} bytes of data, found {found}")
+
+
+def _read_payload(path, stream, shape, expected: int, header: int) -> np.ndarray:
+    """Exactly ``expected`` bytes into a preallocated buffer, after checking that they fit."""
+    if stream.size is not None and stream.size - header != expected:
+        raise _length_error(path, shape, expected, stream.size - header)
+    limits.check_fits(path, expected, f"shape {shape}")
     try:
-        with open(path, "rb") as handle:
-            raw = handle.read()
-    except OSError as exc:
-        raise DataError(f"{path}: cannot read the file ({exc.strerror or exc})") from exc
-    if raw[:2] != b"\x1f\x8b":
-        return raw
-    try:
-        return gzip.decompress(raw)
-    except (OSError, EOFError, zlib.error) as exc:
-        raise DataError(f"{path}: the gzip stream is corrupted or truncated ({exc})") from exc
+        buffer = np.empty(expected, dtype=np.uint8)
+    except MemoryError as exc:
+        raise DataError(f"{path}: cannot allocate {limits.format_bytes(expected)} for shape {shape}") from exc
+    view, filled = memoryview(buffer), 0
+    while filled < expected:
+        n = stream.readinto(view[filled:])
+        if not n:
+            raise _length_error(path, shape, expected, filled)
+        filled += n
+    if stream.read(1):
+        raise _length_error(path, shape, expected, "more than that")
+    return buffer
 
 
 def read_idx(path) -> np.ndarray:
-    """The array stored in an IDX file (gzip-compressed or raw), after checking its header."""
-    data = _read_bytes(path)
-    if len(data) < 4:
-        raise DataError(f"{path}: too short for an IDX header ({len(data)} bytes)")
-    if data[0] != 0 or data[1] != 0:
-        raise DataError(f"{path}: wrong magic number {data[:4].hex()}: an IDX file starts with two zero bytes")
-    code, ndim = data[2], data[3]
-    if code not in _TYPES:
-        raise DataError(f"{path}: unknown IDX type code 0x{code:02x} in the magic number {data[:4].hex()}")
-    if ndim == 0:
-        raise DataError(f"{path}: the IDX header declares 0 dimensions")
-    header = 4 + 4 * ndim
-    if len(data) < header:
-        raise DataError(f"{path}: truncated header: {ndim} dimensions need {header} bytes, the file has {len(data)}")
-    shape = tuple(int(n) for n in np.frombuffer(data, dtype=">u4", count=ndim, offset=4))
-    dtype = _TYPES[code]
-    expected = math.prod(shape) * dtype.itemsize
-    payload = len(data) - header
-    if payload != expected:
-        problem = "truncated payload" if payload < expected else "extra bytes after the payload"
-        raise DataError(f"{path}: {problem}: shape {shape} needs {expected} bytes of data, found {payload}")
-    return np.frombuffer(data, dtype=dtype, offset=header).reshape(shape).astype(dtype.newbyteorder("="), copy=False)
+    """The array stored in an IDX file (gzip-compressed or raw), after checking its header, its
+    declared size against memory and its payload length."""
+    try:
+        handle = open(path, "rb")
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read the file ({os_reason(exc, path)})") from exc
+    try:
+        with handle:
+            stream = _open(path, handle)
+            dtype, shape, header = _read_header(path, stream)
+            buffer = _read_payload(path, stream, shape, math.prod(shape) * dtype.itemsize, header)
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read the file ({os_reason(exc, path)})") from exc
+    if not dtype.isnative:
+        buffer.view(dtype).byteswap(inplace=True)
+    return buffer.view(dtype.newbyteorder("=")).reshape(shape)
 
 
 def write_idx(path, array: np.ndarray, *, compress: bool | None = None) -> None:
@@ -84,13 +212,18 @@ def write_idx(path, array: np.ndarray, *, compress: bool | None = None) -> None:
 
 
 def read_idx_pair(images_path, labels_path, *, num_classes: int = 10) -> tuple[np.ndarray, np.ndarray]:
-    """Images (N, H, W) uint8 and labels (N,) int64 from two IDX files, checked against each other."""
+    """Images (N, H, W) uint8 and labels (N,) int64 from two IDX files, checked against each other
+    (N ≥ 1, one label per image, each label in 0..num_classes−1)."""
     images = read_idx(images_path)
     labels = read_idx(labels_path)
     if images.ndim != 3 or images.dtype != np.uint8:
         raise DataError(
             f"{images_path}: expected uint8 images of shape (N, rows, cols), got {images.dtype} {images.shape}"
         )
+    if images.shape[0] == 0:
+        raise DataError(f"{images_path}: holds no examples (shape {images.shape})")
+    if images.size == 0:
+        raise DataError(f"{images_path}: images of shape {images.shape[1:]} hold no pixels")
     if labels.ndim != 1 or labels.dtype.kind not in "iu":
         raise DataError(f"{labels_path}: expected a vector of integer labels, got {labels.dtype} {labels.shape}")
     if labels.shape[0] != images.shape[0]:

@@ -39,6 +39,8 @@ def split_indices(labels, fraction: float, *, seed: int = 0, stratify: bool = Fa
     """
     labels = np.asarray(labels)
     n = labels.shape[0]
+    if n == 0:
+        raise DataError("split_indices: no examples to split")
     if not 0.0 < fraction < 1.0:
         raise DataError(f"a split fraction must be strictly between 0 and 1, got {fraction}")
     rng = np.random.default_rng(seed)
