@@ -6,12 +6,16 @@ math of one example (a column vector x) becomes a row of the batch. A layer
 * ``forward(x, training)`` computes its output and keeps what its backward pass needs;
 * ``backward(dy)`` receives δ = ∂L/∂y for its output, stores ∂L/∂θ for each parameter θ in
   ``grads`` and returns ∂L/∂x for its input (skipped when ``need_input_grad`` is False, as it
-  is for the first layer of a network: nothing uses it).
+  is for the first layer of a network: nothing uses it). A δ whose shape differs from the output
+  of the last forward pass is refused with a ValueError (a shape comparison), except within fit
+  (``reuse``), where Sequential.backward has checked the δ that enters the last layer.
 
 All computation goes through ``self.xp``, the namespace of the device the layer was built on.
 """
 
 from __future__ import annotations
+
+import math
 
 from . import functional as F
 from .initializers import get_initializer
@@ -27,6 +31,14 @@ __all__ = [
     "Dropout",
     "Flatten",
 ]
+
+
+def _misshapen(layer, delta, expected) -> None:
+    """The ValueError for a δ that does not have the shape of the layer's last output."""
+    raise ValueError(
+        f"{type(layer).__name__}.backward: delta has shape {tuple(delta.shape)}, expected {tuple(expected)} "
+        "(the shape of the output of its last forward pass)"
+    )
 
 
 class Layer:
@@ -91,6 +103,8 @@ class Dense(Layer):
         self.init = init
         self.bias = bias
         self.x = None
+        #: Set by Sequential on the layer that receives the model's input: errors then name it "x".
+        self.input_name = None
 
     def build(self, device, dtype, next_layer=None):
         super().build(device, dtype, next_layer)
@@ -104,6 +118,11 @@ class Dense(Layer):
 
     def forward(self, x, training=False):
         if x.ndim != 2 or x.shape[1] != self.in_features:
+            if self.input_name is not None:
+                raise ValueError(
+                    f"{self.input_name} has shape {tuple(x.shape)}, but the model expects input of shape "
+                    f"(batch, {self.in_features}) (its first layer is {self!r})"
+                )
             raise ValueError(
                 f"Dense({self.in_features}, {self.out_features}) expects input of shape "
                 f"(batch, {self.in_features}), got {tuple(x.shape)}"
@@ -118,10 +137,27 @@ class Dense(Layer):
             z = z + b
         return z
 
+    def check_parameters(self) -> None:
+        """ValueError unless W and b still have this layer's shapes (fit checks this once per epoch:
+        the compiled bias pass reads b for every output column)."""
+        W, b = self.params.get("W"), self.params.get("b")
+        if W is None or tuple(W.shape) != (self.out_features, self.in_features):
+            raise ValueError(
+                f"{self!r} holds W of shape {None if W is None else tuple(W.shape)}, expected "
+                f"{(self.out_features, self.in_features)}: load parameters with model.load_state_dict"
+            )
+        if self.bias and (b is None or tuple(b.shape) != (self.out_features,)):
+            raise ValueError(
+                f"{self!r} holds b of shape {None if b is None else tuple(b.shape)}, expected "
+                f"{(self.out_features,)}: load parameters with model.load_state_dict"
+            )
+
     def backward(self, delta, need_input_grad=True):
         xp = self.xp
         if self.x is None:
             raise RuntimeError("Dense.backward called before forward: run model.forward on the batch first")
+        if not self.reuse and delta.shape != (self.x.shape[0], self.out_features):
+            _misshapen(self, delta, (self.x.shape[0], self.out_features))
         if self.fast is not None and "W" in self.grads:  # into the existing gradient arrays
             dx = None
             if need_input_grad and self.reuse:
@@ -159,6 +195,8 @@ class ReLU(Layer):
         return self.xp.maximum(z, 0.0)
 
     def backward(self, da, need_input_grad=True):
+        if not self.reuse and da.shape != self.z.shape:
+            _misshapen(self, da, self.z.shape)
         if self.reuse and self.fast is not None:
             out = self.fast.buffer(self._buffers, "da", tuple(da.shape), da.dtype)
             return self.fast.relu_backward(da, self.z, out)
@@ -179,6 +217,8 @@ class LeakyReLU(Layer):
         return self.xp.where(z > 0, z, self.alpha * z)
 
     def backward(self, da, need_input_grad=True):
+        if not self.reuse and da.shape != self.z.shape:
+            _misshapen(self, da, self.z.shape)
         return self.xp.where(self.z > 0, da, self.alpha * da)
 
     def config(self):
@@ -193,6 +233,8 @@ class Sigmoid(Layer):
         return self.a
 
     def backward(self, da, need_input_grad=True):
+        if not self.reuse and da.shape != self.a.shape:
+            _misshapen(self, da, self.a.shape)
         return da * self.a * (1.0 - self.a)
 
 
@@ -204,6 +246,8 @@ class Tanh(Layer):
         return self.a
 
     def backward(self, da, need_input_grad=True):
+        if not self.reuse and da.shape != self.a.shape:
+            _misshapen(self, da, self.a.shape)
         return da * (1.0 - self.a * self.a)
 
 
@@ -220,6 +264,8 @@ class Softmax(Layer):
 
     def backward(self, dp, need_input_grad=True):
         p = self.p
+        if not self.reuse and dp.shape != p.shape:
+            _misshapen(self, dp, p.shape)
         return p * (dp - self.xp.sum(dp * p, axis=-1, keepdims=True))
 
 
@@ -249,7 +295,11 @@ class Dropout(Layer):
         return x * self.mask
 
     def backward(self, dy, need_input_grad=True):
-        return dy if self.mask is None else dy * self.mask
+        if self.mask is None:
+            return dy
+        if not self.reuse and dy.shape != self.mask.shape:
+            _misshapen(self, dy, self.mask.shape)
+        return dy * self.mask
 
     def config(self):
         return {"rate": self.rate}
@@ -265,6 +315,8 @@ class Flatten(Layer):
         return self.xp.reshape(x, (x.shape[0], -1))
 
     def backward(self, dy, need_input_grad=True):
+        if not self.reuse and tuple(dy.shape) != (self.shape[0], math.prod(self.shape[1:])):
+            _misshapen(self, dy, (self.shape[0], math.prod(self.shape[1:])))
         return self.xp.reshape(dy, self.shape)
 
 

@@ -2,10 +2,15 @@
 
 ``value_and_grad(output, target)`` returns (L, ∂L/∂output): L is a 0-d array on the device
 (read it to the host only when it is reported), and the gradient has the output's shape.
+
+Called directly, SoftmaxCrossEntropy checks that integer labels are class indices of the logits
+(a read of two numbers: a host sync on a GPU); ``fit`` and ``evaluate`` check the whole target
+array once with ``check_targets`` and run their batches inside ``targets_checked()``, which skips it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import array_api_compat
@@ -24,6 +29,10 @@ class Loss:
     name = "loss"
     #: Whether integer targets are class indices (kept as integers) rather than values.
     class_labels = False
+    #: What the targets must be, for error messages ("y has dtype <U1 (text): ... needs <this>").
+    targets_needed = "numeric targets"
+    #: True inside ``targets_checked()``: the caller has checked the whole target array already.
+    _targets_checked = False
 
     def value_and_grad(self, output, target):
         raise NotImplementedError
@@ -33,6 +42,18 @@ class Loss:
 
     def check_targets(self, targets, num_outputs: int) -> None:
         """Validate a whole target array once, before training (reads two numbers from it)."""
+
+    @contextlib.contextmanager
+    def targets_checked(self):
+        """Within this, ``value`` and ``value_and_grad`` skip their per-call target checks: the
+        caller (fit, evaluate) ran ``check_targets`` on the whole target array once, and a check
+        per batch would read the device every step."""
+        before = self._targets_checked
+        self._targets_checked = True
+        try:
+            yield self
+        finally:
+            self._targets_checked = before
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
@@ -50,6 +71,27 @@ class SoftmaxCrossEntropy(Loss):
 
     name = "softmax_cross_entropy"
     class_labels = True
+    targets_needed = (
+        "integer class labels 0 to C-1 (np.unique(y, return_inverse=True)[1] numbers text labels) "
+        "or (examples, C) probabilities"
+    )
+
+    def _check_labels(self, z, target) -> None:
+        """Integer labels must index the logits' classes: checked before any compiled kernel reads
+        row[label] (out of range, it would read and write outside the arrays)."""
+        if getattr(z, "ndim", None) != 2 or not hasattr(target, "dtype") or getattr(target, "ndim", None) != 1:
+            return  # the shape checks that follow say what is wrong
+        xp = array_api_compat.array_namespace(target)
+        if not xp.isdtype(target.dtype, "integral") or target.shape[0] == 0:
+            return
+        classes = z.shape[1]
+        lo, hi = int(xp.min(target)), int(xp.max(target))
+        if lo < 0 or hi >= classes:
+            bad = lo if lo < 0 else hi
+            raise ValueError(
+                f"class label {bad} is outside 0 to {classes - 1} for logits of {classes} classes "
+                f"(the labels range from {lo} to {hi})"
+            )
 
     def _terms(self, z, target):
         xp = array_api_compat.array_namespace(z, target)
@@ -75,27 +117,41 @@ class SoftmaxCrossEntropy(Loss):
         return xp, loss, log_p, None
 
     def value(self, z, target):
+        if not self._targets_checked:
+            self._check_labels(z, target)
         return self._terms(z, target)[1]
 
     def check_targets(self, targets, num_outputs):
         xp = array_api_compat.array_namespace(targets)
-        if not xp.isdtype(targets.dtype, "integral"):
+        if not xp.isdtype(targets.dtype, "integral") or math.prod(targets.shape) == 0:
             return
         lo, hi = int(xp.min(targets)), int(xp.max(targets))
         if lo < 0 or hi >= num_outputs:
-            raise ValueError(f"class labels range from {lo} to {hi} but the model has {num_outputs} outputs")
+            bad = lo if lo < 0 else hi
+            raise ValueError(
+                f"label {bad} is out of range (class labels range from {lo} to {hi} but the model has "
+                f"{num_outputs} outputs, so labels 0 to {num_outputs - 1})"
+            )
 
     def value_and_grad(self, z, target, *, fast=None, buffers=None):
         """With ``fast`` (a device's fast paths) and integer labels, δ goes into a buffer in
         ``buffers``: the same L and (p − y)/B, fused."""
+        if not self._targets_checked:  # (fit checked its labels once, and passes ``fast`` for integers only)
+            self._check_labels(z, target)
+            if fast is not None and not _integral(target):
+                fast = None  # the fused kernel takes class labels only
         if fast is not None and z.ndim == 2 and target.shape == (z.shape[0],):
-            delta = fast.buffer(buffers, "delta", tuple(z.shape), z.dtype)
+            delta = fast.buffer({} if buffers is None else buffers, "delta", tuple(z.shape), z.dtype)
             return fast.softmax_cross_entropy(z, target, delta)
         xp, loss, log_p, is_true = self._terms(z, target)
         p = xp.exp(log_p)
         batch = z.shape[0]
         delta = xp.where(is_true, p - 1.0, p) if is_true is not None else p - _like(xp, target, z)
         return loss, delta * (1.0 / batch)
+
+
+def _integral(target) -> bool:
+    return array_api_compat.array_namespace(target).isdtype(target.dtype, "integral")
 
 
 class BinaryCrossEntropy(Loss):
@@ -107,6 +163,7 @@ class BinaryCrossEntropy(Loss):
     """
 
     name = "binary_cross_entropy"
+    targets_needed = "0/1 targets (or probabilities in [0, 1]) shaped like the output"
 
     def _prepare(self, z, target):
         xp = array_api_compat.array_namespace(z, target)
@@ -121,6 +178,8 @@ class BinaryCrossEntropy(Loss):
 
     def check_targets(self, targets, num_outputs):
         xp = array_api_compat.array_namespace(targets)
+        if math.prod(targets.shape) == 0:
+            return
         lo, hi = float(xp.min(targets)), float(xp.max(targets))
         if lo < 0 or hi > 1:
             raise ValueError(f"binary targets must lie in [0, 1], got values from {lo} to {hi}")
@@ -139,6 +198,7 @@ class MeanSquaredError(Loss):
     """The quadratic cost: L = mean((a − y)²) over all elements; ∂L/∂a = 2 (a − y) / N."""
 
     name = "mean_squared_error"
+    targets_needed = "numbers (a float array shaped like the output)"
 
     def value_and_grad(self, a, target):
         xp = array_api_compat.array_namespace(a, target)

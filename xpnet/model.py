@@ -3,6 +3,10 @@
 Forward:  a⁰ = x,  aˡ = layerˡ(aˡ⁻¹).
 Backward: δ from the loss enters the last layer; each layer stores its parameter gradients and
 hands ∂L/∂(its input) to the layer before it. All gradients are computed before any update.
+
+``forward`` takes arrays on the model's device in its dtype, host NumPy arrays of that dtype
+(moved to the device) and nested lists (made arrays in the model's dtype); ``backward`` takes a δ
+of the shape and dtype of the last output. Anything else is refused with a message naming it.
 """
 
 from __future__ import annotations
@@ -12,8 +16,11 @@ import math
 
 from array_api_compat import array_namespace, is_writeable_array
 
-from .backend import Device, dtype_name, get_device
-from .layers import LAYERS, Dense, Layer, ReLU
+from .backend import Device, _is_cupy_array, _strict_array_type, dtype_name, get_device
+from .layers import LAYERS, Dense, Dropout, Flatten, Layer, LeakyReLU, ReLU, Sigmoid, Softmax, Tanh
+
+#: Layers whose output has their input's shape (the model's input width can be seen through them).
+_SAME_SHAPE = (ReLU, LeakyReLU, Sigmoid, Tanh, Softmax, Dropout)
 
 __all__ = ["Sequential", "mlp"]
 
@@ -43,22 +50,80 @@ class Sequential:
         self._first_trainable = first[0] if first else len(self.layers)
         self._slots = [(f"{i}.{name}", layer, name) for i, layer in enumerate(self.layers) for name in layer.params]
         self.has_gradients = False  # set by backward: with flat storage the gradient arrays always exist
+        self._array_type = _array_type(self.device)
+        self._output_shape = None  # of the last forward pass: the shape backward's δ must have
+        self._input_width, self._flattens = None, False
+        for layer in self.layers:  # the features per example the first Dense takes, seen through ...
+            if type(layer) is Flatten:
+                self._flattens = True
+            elif type(layer) is Dense:
+                self._input_width = layer.in_features
+                if not self._flattens:  # ... elementwise layers: its errors are then about x itself
+                    layer.input_name = "x"
+                break
+            elif type(layer) not in _SAME_SHAPE:
+                break
         with self.device:
             self.flat = FlatParameters(self) if self.device.fast is not None and self._slots else None
 
     # -------------------------------------------------------------- passes
     def forward(self, x, training: bool = False):
-        if x.dtype != self.dtype:
-            raise TypeError(
-                f"input dtype {x.dtype} does not match the model's {self.dtype}; move data with "
-                "device.to_device(x, dtype=model.dtype) (xpnet never upcasts silently)"
-            )
+        if type(x) is not self._array_type or x.dtype != self.dtype:  # (one check per step in fit)
+            x = self._as_input(x)
         with self.device:
             for layer in self.layers:
                 x = layer.forward(x, training)
+        self._output_shape = x.shape
         return x
 
     __call__ = forward
+
+    def _as_input(self, x):
+        """x made an input: lists become arrays in the model's dtype, host NumPy arrays of the
+        model's dtype move to its device; arrays of another dtype are refused, never cast."""
+        device, want = self.device, dtype_name(self.dtype)
+        if x is None:
+            raise TypeError("x must be an array of shape (batch, features) on the model's device, got None")
+        if device._owns(x):
+            host = x
+        elif _is_cupy_array(x) or isinstance(x, _strict_array_type()):
+            raise TypeError(
+                f"x is an array on another device; forward takes an array on the model's device "
+                f"({device.name}): move it with model.device.to_device(x, model.dtype)"
+            )
+        else:  # NumPy arrays as they are; lists, tuples and other array-likes as NumPy reads them
+            try:
+                host = device.to_host(x)
+            except (ValueError, TypeError) as exc:
+                raise ValueError(f"x is not a rectangular array ({exc})") from None
+            if host is not x and dtype_kind(host.dtype) in "biuf":  # not an array: made one, in the model's dtype
+                return device.to_device(host, self.dtype)
+        kind = dtype_kind(host.dtype)
+        if kind not in "biuf":
+            raise TypeError(f"x has dtype {host.dtype} ({_KINDS.get(kind, 'not numbers')}); the model takes numbers")
+        if dtype_name(host.dtype) != want:
+            raise TypeError(
+                f"x has dtype {dtype_name(host.dtype)}, which does not match the model's {want}; move data with "
+                "model.device.to_device(x, dtype=model.dtype) (xpnet never casts arrays silently)"
+            )
+        return host if device._owns(host) else device.to_device(host)
+
+    def check_input_shape(self, shape, name: str = "x") -> None:
+        """ValueError (naming ``name``) unless ``shape`` is that of a batch the model takes: one
+        row per example with the first Dense layer's in_features (after any Flatten)."""
+        shape, width = tuple(shape), self._input_width
+        if len(shape) == 0:
+            raise ValueError(f"{name} must have one row per example, got shape {shape}")
+        if width is None:
+            return
+        if self._flattens:
+            if len(shape) < 2 or math.prod(shape[1:]) != width:
+                raise ValueError(
+                    f"{name} has shape {shape}, but the model expects {width} values per example "
+                    f"(flattened to shape (batch, {width}))"
+                )
+        elif len(shape) != 2 or shape[1] != width:
+            raise ValueError(f"{name} has shape {shape}, but the model expects input of shape (batch, {width})")
 
     def backward(self, delta, *, input_grad: bool = False):
         """Backpropagate δ = ∂L/∂output; return ∂L/∂input when ``input_grad`` is set.
@@ -66,6 +131,9 @@ class Sequential:
         Layers before the first one with parameters are skipped, and that layer does not
         compute its input gradient, unless ``input_grad`` asks for it.
         """
+        expected = self._output_shape
+        if expected is not None and (getattr(delta, "shape", None) != expected or delta.dtype != self.dtype):
+            self._refuse_delta(delta, expected)
         stop = 0 if input_grad else self._first_trainable
         with self.device:
             for i in range(len(self.layers) - 1, stop - 1, -1):
@@ -73,10 +141,26 @@ class Sequential:
         self.has_gradients = True
         return delta if input_grad else None
 
+    def _refuse_delta(self, delta, expected) -> None:
+        shape = getattr(delta, "shape", None)
+        if shape is None:
+            raise TypeError(
+                f"delta must be an array of shape {tuple(expected)} (∂L/∂output), got {type(delta).__name__}"
+            )
+        if tuple(shape) != tuple(expected):
+            raise ValueError(
+                f"delta has shape {tuple(shape)}, expected {tuple(expected)}: backward takes ∂L/∂output, "
+                "shaped like the output of the last forward pass"
+            )
+        raise TypeError(f"delta has dtype {dtype_name(delta.dtype)}, expected {dtype_name(self.dtype)} (the model's)")
+
     @contextlib.contextmanager
     def reusing_buffers(self):
         """Within this, training-mode outputs may live in buffers reused every step (fit's loop,
         which consumes each step's arrays before the next): fewer allocations on fast paths."""
+        for layer in self.layers:
+            if type(layer) is Dense:  # the fused bias pass trusts b's length: checked here, once
+                layer.check_parameters()
         for layer in self.layers:
             layer.reuse = True
         for layer, after in zip(self.layers, self.layers[1:]):
@@ -161,6 +245,27 @@ class Sequential:
     def __repr__(self) -> str:
         inner = ", ".join(repr(layer) for layer in self.layers)
         return f"Sequential([{inner}], device={self.device.name!r})"
+
+
+_KINDS = {"U": "text", "S": "bytes", "O": "Python objects", "M": "dates", "m": "time spans", "c": "complex numbers"}
+
+
+def dtype_kind(dtype) -> str:
+    """NumPy's kind letter for a dtype of any backend: 'f' floating, 'i' / 'u' integer, 'b' bool,
+    'c' complex, 'U' text, 'O' objects, ... ('?' when it cannot be told)."""
+    kind = getattr(dtype, "kind", None)  # NumPy's and CuPy's dtypes
+    if isinstance(kind, str):
+        return kind
+    name = dtype_name(dtype)
+    for prefix, letter in (("bool", "b"), ("uint", "u"), ("int", "i"), ("float", "f"), ("complex", "c")):
+        if name.startswith(prefix):
+            return letter
+    return "?"
+
+
+def _array_type(device: Device) -> type:
+    """The array type of the device's namespace (what fit's batches are)."""
+    return type(device.to_device([0.0], "float32"))
 
 
 def _assign(current, value):

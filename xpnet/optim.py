@@ -9,14 +9,24 @@ made in place when the namespace allows it (``is_writeable_array``) and rebound 
 * AdamW: decoupled decay, θ ← θ − ηλθ, applied beside the Adam step instead of through g.
 * Clipping by global norm: if ‖g‖ = √(Σ_θ Σ g²) exceeds c, every g is scaled by c / ‖g‖
   (computed on the device: the norm is never read back).
+
+An optimizer belongs to one model: the first one it steps or is loaded into (``bind``). Its slots
+and step count are that model's; stepping another model is refused (create one optimizer per model).
+Hyperparameters are checked when they are given, and again when a saved state is loaded.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+import numbers
+import operator
+import weakref
 
 from array_api_compat import array_namespace, is_writeable_array
+
+from .backend import dtype_name
+from .model import dtype_kind
 
 __all__ = [
     "Optimizer",
@@ -34,6 +44,87 @@ __all__ = [
 ]
 
 
+# ------------------------------------------------------------- argument checks
+def shown(value) -> str:
+    """A short, safe rendering of ``value`` for an error message: numbers, None and short strings as
+    written, anything else by its type (a damaged checkpoint may hold a huge or deeply nested value)."""
+    if value is None or isinstance(value, (bool, float)):
+        return repr(value)
+    if isinstance(value, numbers.Integral):
+        value = int(value)
+        return repr(value) if abs(value) < 10**30 else f"an integer of {value.bit_length()} bits"
+    if isinstance(value, numbers.Real):  # NumPy floats
+        return repr(float(value))
+    if isinstance(value, str):
+        return repr(value) if len(value) <= 40 else repr(value[:40]) + "..."
+    name = type(value).__name__
+    return f"{'an' if name[:1].lower() in 'aeiou' else 'a'} {name}"
+
+
+def _real(value) -> float | None:
+    """``value`` as a float when it is a real number (not a bool, not too large for a float)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return None
+    try:
+        return float(value)
+    except (OverflowError, TypeError, ValueError):
+        return None
+
+
+_RULES = {
+    "positive": ("a finite positive number", lambda v: math.isfinite(v) and v > 0),
+    "non-negative": ("a finite non-negative number", lambda v: math.isfinite(v) and v >= 0),
+    "fraction": ("a number in [0, 1)", lambda v: 0.0 <= v < 1.0),
+}
+
+
+def checked_number(name: str, value, rule: str, *, note: str = "") -> float:
+    """``value`` as a float if it obeys ``rule`` ('positive', 'non-negative' or 'fraction'), else a
+    ValueError naming ``name`` and the value: "lr must be a finite positive number, got inf"."""
+    text, holds = _RULES[rule]
+    number = _real(value)
+    if number is None or not holds(number):
+        raise ValueError(f"{name} must be {text}{note}, got {shown(value)}")
+    return number
+
+
+def checked_count(name: str, value) -> int:
+    """``value`` as an int if it is a positive integer (NumPy integers too, bools not)."""
+    try:
+        count = None if isinstance(value, bool) else operator.index(value)
+    except TypeError:
+        count = None
+    if count is None or count < 1:
+        raise ValueError(f"{name} must be a positive integer, got {shown(value)}")
+    return count
+
+
+_NO_CLIPPING = " (or None for no clipping)"
+
+
+def _checked_hyperparameter(name: str, value, label: str):
+    """A saved hyperparameter checked as the constructors check it (``label`` prefixes the name)."""
+    if name == "clip_norm":
+        if value is not None:
+            checked_number(label + name, value, "positive", note=_NO_CLIPPING)
+    elif name == "nesterov":
+        if not isinstance(value, bool):
+            raise ValueError(f"{label}nesterov must be true or false, got {shown(value)}")
+    elif name in _HYPERPARAMETER_RULES:
+        checked_number(label + name, value, _HYPERPARAMETER_RULES[name])
+
+
+_HYPERPARAMETER_RULES = {
+    "weight_decay": "non-negative",
+    "momentum": "fraction",
+    "beta1": "fraction",
+    "beta2": "fraction",
+    "eps": "positive",
+}
+#: The step counter of a saved state lies in [0, 2**53): every such integer is exact as a float.
+_MAX_STEPS = 2**53
+
+
 # ------------------------------------------------------------------ schedules
 class Schedule:
     """η as a function of the step number (0 for the first update). Plain Python floats."""
@@ -44,7 +135,7 @@ class Schedule:
 
 class Constant(Schedule):
     def __init__(self, lr: float):
-        self.lr = float(lr)
+        self.lr = checked_number("Constant lr", lr, "positive")
 
     def __call__(self, step):
         return self.lr
@@ -54,9 +145,9 @@ class StepDecay(Schedule):
     """η = η₀ · γ^⌊step / step_size⌋."""
 
     def __init__(self, lr: float, step_size: int, gamma: float = 0.1):
-        if step_size < 1:
-            raise ValueError(f"StepDecay step_size must be at least 1, got {step_size}")
-        self.lr, self.step_size, self.gamma = float(lr), int(step_size), float(gamma)
+        self.lr = checked_number("StepDecay lr", lr, "positive")
+        self.step_size = checked_count("StepDecay step_size", step_size)
+        self.gamma = checked_number("StepDecay gamma", gamma, "positive")
 
     def __call__(self, step):
         return self.lr * self.gamma ** (step // self.step_size)
@@ -66,7 +157,8 @@ class ExponentialDecay(Schedule):
     """η = η₀ · γ^step."""
 
     def __init__(self, lr: float, gamma: float):
-        self.lr, self.gamma = float(lr), float(gamma)
+        self.lr = checked_number("ExponentialDecay lr", lr, "positive")
+        self.gamma = checked_number("ExponentialDecay gamma", gamma, "positive")
 
     def __call__(self, step):
         return self.lr * self.gamma**step
@@ -76,9 +168,14 @@ class CosineDecay(Schedule):
     """η = η_min + ½ (η₀ − η_min)(1 + cos(π · min(step, T) / T)) over T = total_steps."""
 
     def __init__(self, lr: float, total_steps: int, min_lr: float = 0.0):
-        if total_steps < 1:
-            raise ValueError(f"CosineDecay total_steps must be at least 1, got {total_steps}")
-        self.lr, self.total_steps, self.min_lr = float(lr), int(total_steps), float(min_lr)
+        self.lr = checked_number("CosineDecay lr", lr, "positive")
+        self.total_steps = checked_count("CosineDecay total_steps", total_steps)
+        low = _real(min_lr)
+        if low is None or not 0.0 <= low <= self.lr:
+            raise ValueError(
+                f"CosineDecay min_lr must be a finite number from 0 to lr ({self.lr!r}), got {shown(min_lr)}"
+            )
+        self.min_lr = low
 
     def __call__(self, step):
         progress = min(step, self.total_steps) / self.total_steps
@@ -92,10 +189,8 @@ class Warmup(Schedule):
     """
 
     def __init__(self, after: Schedule | float, warmup_steps: int):
-        if warmup_steps < 1:
-            raise ValueError(f"Warmup warmup_steps must be at least 1, got {warmup_steps}")
-        self.after = after if isinstance(after, Schedule) else Constant(after)
-        self.warmup_steps = int(warmup_steps)
+        self.after = after if isinstance(after, Schedule) else Constant(checked_number("Warmup lr", after, "positive"))
+        self.warmup_steps = checked_count("Warmup warmup_steps", warmup_steps)
 
     def __call__(self, step):
         if step < self.warmup_steps:
@@ -121,21 +216,25 @@ class Optimizer:
 
     ``step(model)`` updates every parameter of ``model`` from the gradients its last backward
     pass stored. Subclasses implement ``update(key, p, g, lr) -> new p``.
+
+    The first model stepped (or loaded into) is the optimizer's for good (``bound_model``): its
+    slots and step count belong to that model's parameters, and a step on any other model raises
+    ValueError. ``load_state_dict(state, model)`` replaces the whole state and binds to ``model``.
     """
 
     slot_names: tuple[str, ...] = ()
 
     def __init__(self, lr: float | Schedule = 0.01, *, weight_decay: float = 0.0, clip_norm: float | None = None):
-        if not isinstance(lr, Schedule) and not lr > 0:
-            raise ValueError(f"learning rate must be positive, got {lr!r}")
-        if weight_decay < 0:
-            raise ValueError(f"weight_decay must be non-negative, got {weight_decay!r}")
-        if clip_norm is not None and not clip_norm > 0:
-            raise ValueError(f"clip_norm must be positive, got {clip_norm!r}")
-        self.schedule = lr if isinstance(lr, Schedule) else Constant(lr)
-        self.weight_decay = float(weight_decay)
-        self.clip_norm = None if clip_norm is None else float(clip_norm)
+        if isinstance(lr, Schedule):
+            self.schedule = lr
+        else:
+            self.schedule = Constant(checked_number("lr (the learning rate)", lr, "positive"))
+        self.weight_decay = checked_number("weight_decay", weight_decay, "non-negative")
+        self.clip_norm = (
+            None if clip_norm is None else checked_number("clip_norm", clip_norm, "positive", note=_NO_CLIPPING)
+        )
         self.steps = 0
+        self._model_ref = None  # a weak reference to the bound model (see ``bind``)
         self.state: dict[str, dict] = {}
         self._flat_slots = None  # flat slot arrays when the model keeps flat parameters
         self._flat_owner = None  # the FlatParameters they are laid out for
@@ -148,7 +247,31 @@ class Optimizer:
         """η for the next step."""
         return self.schedule(self.steps)
 
+    @property
+    def bound_model(self):
+        """The model this optimizer steps (None before its first step or load)."""
+        return None if self._model_ref is None else self._model_ref()
+
+    def bind(self, model) -> None:
+        """Make ``model`` this optimizer's model; a no-op for that model, ValueError for another.
+
+        ``step`` and ``load_state_dict`` bind (fit too, before it trains), so a call is seldom needed.
+        """
+        if self._model_ref is not None and self._model_ref() is model:
+            return
+        if self._model_ref is not None:
+            raise ValueError(
+                f"this {type(self).__name__} is bound to another model (the one it first stepped or was loaded "
+                "into), and its state does not fit this model: create a new optimizer for each model"
+            )
+        if not callable(getattr(model, "parameter_slots", None)):
+            raise TypeError(f"an optimizer steps an xpnet Sequential, got {shown(model)}")
+        self._model_ref = weakref.ref(model)
+
     def step(self, model) -> None:
+        ref = self._model_ref
+        if ref is None or ref() is not model:  # the first step, or another model (refused)
+            self.bind(model)
         slots = model.parameter_slots()
         flat = model.flat if model.flat is not None and model.flat.intact() else None
         if flat is not None:  # the gradient arrays always exist there: has backward filled them?
@@ -173,7 +296,7 @@ class Optimizer:
     def _flat_step(self, flat, lr) -> None:
         """The same update on the flat parameter and gradient arrays (slots flat too, with
         per-parameter views in ``state`` for state_dict)."""
-        if self._flat_owner is not flat:  # first flat step, or the optimizer moved to another model
+        if self._flat_owner is not flat:  # the first flat step, or the first after a load
             stale = [
                 key
                 for key, slots in self.state.items()
@@ -247,38 +370,87 @@ class Optimizer:
     def load_state_dict(self, state: dict, model) -> None:
         """Restore from ``state_dict()`` output; slot arrays move to ``model``'s device and dtype.
 
-        Everything is checked first, so a mismatch leaves the optimizer as it was.
+        Everything is checked first (ValueError naming the field), so a mismatch leaves the
+        optimizer as it was. On success the optimizer is bound to ``model`` (its whole state was
+        replaced: nothing of a model it stepped before remains).
         """
-        if state.get("type") != type(self).__name__:
-            raise ValueError(f"optimizer state is for {state.get('type')!r}, not {type(self).__name__}")
-        for name, value in state.get("hyperparameters", {}).items():
-            if self.hyperparameters().get(name) != value:
+        if not isinstance(state, dict):
+            raise TypeError(f"optimizer state must be a dict (from state_dict()), got {shown(state)}")
+        if not callable(getattr(model, "named_parameters", None)):
+            raise TypeError(f"optimizer state loads into an xpnet Sequential, got {shown(model)}")
+        name = type(self).__name__
+        kind = state.get("type")
+        if not isinstance(kind, str):
+            raise ValueError(f"optimizer state field type must be the optimizer's class name, got {shown(kind)}")
+        if kind != name:
+            raise ValueError(f"optimizer state is for {shown(kind)}, not {name}")
+        for field in ("steps", "slots"):
+            if field not in state:
+                raise ValueError(f"optimizer state has no field {field}")
+        steps = state["steps"]
+        if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or not 0 <= steps < _MAX_STEPS:
+            raise ValueError(f"optimizer state field steps must be an integer in [0, 2**53), got {shown(steps)}")
+        saved = state.get("hyperparameters", {})
+        if not isinstance(saved, dict):
+            raise ValueError(f"optimizer state field hyperparameters must be a dict, got {shown(saved)}")
+        mine = self.hyperparameters()
+        for key, value in saved.items():
+            if key not in mine:
+                raise ValueError(f"optimizer state has a hyperparameter {shown(key)}, which {name} does not have")
+            _checked_hyperparameter(key, value, "optimizer state hyperparameter ")
+            if mine[key] != value:
                 raise ValueError(
-                    f"optimizer state was saved with {name}={value!r}, this optimizer has "
-                    f"{name}={self.hyperparameters().get(name)!r}"
+                    f"optimizer state was saved with {key}={shown(value)}, this optimizer has {key}={shown(mine[key])}"
                 )
+        if not isinstance(state["slots"], dict):
+            raise ValueError(f"optimizer state field slots must be a dict, got {shown(state['slots'])}")
         params = model.named_parameters()
         staged = {}
+        device, xp = model.device, model.xp
         for key, slots in state["slots"].items():
             if key not in params:
-                raise ValueError(f"optimizer state has slots for {key!r}, which the model does not have")
+                raise ValueError(f"optimizer state has slots for {shown(key)}, which the model does not have")
+            if not isinstance(slots, dict):
+                raise ValueError(
+                    f"optimizer slots for {key!r} must be a dict of arrays by slot name, got {shown(slots)}"
+                )
             if set(slots) != set(self.slot_names):
                 raise ValueError(
-                    f"optimizer state for {key!r} has slots {sorted(slots)}, expected {sorted(self.slot_names)}"
+                    f"optimizer state for {key!r} has slots {sorted(map(shown, slots))}, "
+                    f"expected {sorted(self.slot_names)}"
                 )
             staged[key] = {}
-            for name, value in slots.items():
-                moved = model.device.to_device(value, model.dtype, copy=True)
-                if tuple(moved.shape) != tuple(params[key].shape):
-                    raise ValueError(
-                        f"optimizer slot {key}.{name} has shape {tuple(moved.shape)}, "
-                        f"parameter has {tuple(params[key].shape)}"
-                    )
-                staged[key][name] = moved
+            for slot, value in slots.items():
+                staged[key][slot] = self._staged_slot(f"{key}.{slot}", slot, value, params[key], device, xp)
         self.state = staged
         self._flat_slots = self._flat_owner = None  # rebuilt around the loaded values at the next flat step
-        self.steps = int(state["steps"])
+        self.steps = int(steps)
         self._device = model.device
+        self._model_ref = weakref.ref(model)
+
+    def _staged_slot(self, label, slot, value, param, device, xp):
+        """One saved slot array, checked (a float array of the parameter's shape, finite) and moved."""
+        if not (hasattr(value, "shape") and hasattr(value, "dtype")):  # lists and the like: as NumPy reads them
+            try:
+                value = device.to_host(value)
+            except (ValueError, TypeError, RecursionError, OverflowError):
+                raise ValueError(f"optimizer slot {label} is not an array, got {shown(value)}") from None
+        if dtype_kind(value.dtype) != "f":
+            shown_dtype = value.dtype if hasattr(value.dtype, "kind") else dtype_name(value.dtype)
+            raise ValueError(f"optimizer slot {label} has dtype {shown_dtype}: it must hold floating-point numbers")
+        if tuple(value.shape) != tuple(param.shape):
+            raise ValueError(
+                f"optimizer slot {label} has shape {tuple(value.shape)}, parameter has {tuple(param.shape)}"
+            )
+        moved = device.to_device(value, param.dtype, copy=True)
+        with device:
+            if not device.item(xp.all(xp.isfinite(moved))):
+                raise ValueError(f"optimizer slot {label} holds NaN or infinite values")
+            self._check_slot(label, slot, moved, device, xp)
+        return moved
+
+    def _check_slot(self, label, slot, array, device, xp) -> None:
+        """What else a saved slot must satisfy (Adam's second moment: never negative)."""
 
 
 def clip_by_global_norm(grads, max_norm: float):
@@ -298,11 +470,9 @@ class SGD(Optimizer):
 
     def __init__(self, lr=0.01, *, momentum: float = 0.0, nesterov: bool = False, **kwargs):
         super().__init__(lr, **kwargs)
-        if not 0.0 <= momentum < 1.0:
-            raise ValueError(f"momentum must be in [0, 1), got {momentum!r}")
-        if nesterov and momentum == 0.0:
+        self.momentum = checked_number("momentum", momentum, "fraction")
+        if nesterov and self.momentum == 0.0:
             raise ValueError("Nesterov momentum needs momentum > 0")
-        self.momentum = float(momentum)
         self.nesterov = bool(nesterov)
         self.slot_names = ("velocity",) if momentum else ()
 
@@ -345,12 +515,9 @@ class Adam(Optimizer):
 
     def __init__(self, lr=0.001, *, beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8, **kwargs):
         super().__init__(lr, **kwargs)
-        for label, beta in (("beta1", beta1), ("beta2", beta2)):
-            if not 0.0 <= beta < 1.0:
-                raise ValueError(f"{label} must be in [0, 1), got {beta!r}")
-        if not eps > 0:
-            raise ValueError(f"eps must be positive (it keeps m / (√v + ε) finite), got {eps!r}")
-        self.beta1, self.beta2, self.eps = float(beta1), float(beta2), float(eps)
+        self.beta1 = checked_number("beta1", beta1, "fraction")
+        self.beta2 = checked_number("beta2", beta2, "fraction")
+        self.eps = checked_number("eps", eps, "positive")  # ε > 0 keeps m / (√v + ε) finite
 
     def _corrected(self, lr) -> tuple[float, float]:
         """η_t and ε_t for this step: host floats."""
@@ -391,6 +558,10 @@ class Adam(Optimizer):
 
     def hyperparameters(self):
         return {**super().hyperparameters(), "beta1": self.beta1, "beta2": self.beta2, "eps": self.eps}
+
+    def _check_slot(self, label, slot, array, device, xp):
+        if slot == "v" and array.size and device.item(xp.min(array)) < 0:
+            raise ValueError(f"optimizer slot {label} holds negative values (v, a mean of squared gradients, cannot)")
 
 
 class AdamW(Adam):

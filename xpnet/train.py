@@ -10,15 +10,22 @@ and each batch is taken on the device by index (``xp.take``). One step is
 
 The epoch's loss and metric counts accumulate on the device and are read once per epoch (or when
 a callback asks for the running loss, as a throttled progress bar does), never per batch.
+
+Arguments are checked once per call, before any batch: the data's types and shapes on what they
+are (host or device arrays), its values in one pass, the labels against the model's outputs
+before the first loss (compiled kernels index by label). The per-batch calls then skip the
+loss's own label check (``Loss.targets_checked``).
 """
 
 from __future__ import annotations
 
 import math
+import operator
 
 from .losses import SoftmaxCrossEntropy, get_loss
 from .metrics import default_metrics, get_metric
-from .optim import Optimizer, get_optimizer
+from .model import _KINDS, dtype_kind
+from .optim import Optimizer, _real, checked_count, get_optimizer, shown
 
 __all__ = [
     "fit",
@@ -173,21 +180,69 @@ class EarlyStopping(Callback):
 
 
 # -------------------------------------------------------------------- helpers
-def _to_device_data(model, loss, x, y):
+def _array(device, a, name: str, rows: str = "one row per example"):
+    """(``a``, its dtype's kind): ``a`` itself when it is an array of any backend, else the host
+    array NumPy reads from it (lists); TypeError for None."""
+    if a is None:
+        raise TypeError(f"{name} must be an array with {rows}, got None")
+    if not (hasattr(a, "shape") and hasattr(a, "dtype")):
+        try:
+            a = device.to_host(a)
+        except (ValueError, TypeError) as exc:
+            raise ValueError(f"{name} is not a rectangular array ({exc})") from None
+    return a, dtype_kind(a.dtype)
+
+
+def _described(dtype, kind) -> str:
+    return f"{dtype} ({_KINDS.get(kind, 'not numbers')})"
+
+
+def _checked_x(model, x, name: str = "x"):
+    """x checked on its type and shape (no pass over its values), as it is (host or device)."""
+    x, kind = _array(model.device, x, name)
+    if kind not in "biuf":
+        raise TypeError(f"{name} has dtype {_described(x.dtype, kind)}; the model takes numbers")
+    model.check_input_shape(x.shape, name)
+    return x
+
+
+def _to_device_data(model, loss, x, y, names=("x", "y")):
+    """(X, Y) on the device, checked once: types, shapes and lengths first (free), then one pass
+    each for NaN and infinities."""
+    xname, yname = names
     device = model.device
+    x, kind = _array(device, x, xname)
+    if kind not in "biuf":
+        raise TypeError(f"{xname} has dtype {_described(x.dtype, kind)}; the model takes numbers")
+    y, kind = _array(device, y, yname, "one entry per example")
+    if kind not in "biuf":
+        raise TypeError(
+            f"{yname} has dtype {_described(y.dtype, kind)}: {type(loss).__name__} needs {loss.targets_needed}"
+        )
+    model.check_input_shape(x.shape, xname)
+    if len(y.shape) == 0:
+        raise ValueError(f"{yname} must have one entry per example, got shape ()")
+    if x.shape[0] != y.shape[0]:
+        raise ValueError(f"{xname} has {x.shape[0]} examples but {yname} has {y.shape[0]}")
+    if x.shape[0] == 0:
+        raise ValueError(f"{xname} has 0 examples: there is nothing to train or evaluate on")
     X = device.to_device(x, model.dtype)
     Y = device.to_device_targets(y, model.dtype, class_labels=loss.class_labels)
-    if X.shape[0] != Y.shape[0]:
-        raise ValueError(f"x has {X.shape[0]} examples but y has {Y.shape[0]}")
-    if X.shape[0] == 0:
-        raise ValueError("no examples to train or evaluate on")
     xp = model.xp
     # a finite sum means finite data, in one pass and without an array of flags the data's size
     if not math.isfinite(device.item(xp.sum(X))) and not device.item(xp.all(xp.isfinite(X))):
-        raise ValueError("the input data contain NaN or infinite values")
+        raise ValueError(f"{xname} contains NaN or infinite values")
     if xp.isdtype(Y.dtype, "real floating") and not device.item(xp.all(xp.isfinite(Y))):
-        raise ValueError("the targets contain NaN or infinite values")
+        raise ValueError(f"{yname} contains NaN or infinite values")
     return X, Y
+
+
+def _check_targets(loss, targets, num_outputs: int, name: str) -> None:
+    """``loss.check_targets`` once over a whole target array, its errors naming the argument."""
+    try:
+        loss.check_targets(targets, num_outputs)
+    except ValueError as exc:
+        raise ValueError(f"{name}: {exc}") from exc
 
 
 def _batches(n: int, batch_size: int):
@@ -224,9 +279,7 @@ def _evaluate_on_device(model, loss, X, Y, batch_size, metrics) -> dict:
 
 
 def _check_batch_size(batch_size) -> int:
-    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-    return batch_size
+    return checked_count("batch_size", batch_size)
 
 
 # ------------------------------------------------------------------ public API
@@ -270,19 +323,30 @@ def fit(
     model, optimizer, callbacks and device random state restored, the result is that of an
     unbroken run. Resume with ``validation_data``: a ``validation_split`` is drawn anew each call.
     """
-    if not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < 1:
-        raise ValueError(f"epochs must be a positive integer, got {epochs!r}")
-    _check_batch_size(batch_size)
-    if not 0.0 <= validation_split < 1.0:
-        raise ValueError(f"validation_split must be in [0, 1), got {validation_split!r}")
+    epochs = checked_count("epochs", epochs)
+    batch_size = _check_batch_size(batch_size)
+    split = _real(validation_split)
+    if split is None or not 0.0 <= split < 1.0:
+        raise ValueError(f"validation_split must be a number in [0, 1), got {shown(validation_split)}")
+    validation_split = split
     if validation_data is not None and validation_split:
         raise ValueError("give validation_data or validation_split, not both")
-    if not 0 <= initial_epoch <= epochs:
-        raise ValueError(f"initial_epoch must be between 0 and epochs={epochs}, got {initial_epoch}")
+    if validation_data is not None and (not isinstance(validation_data, (tuple, list)) or len(validation_data) != 2):
+        raise TypeError(f"validation_data must be a pair (x_val, y_val), got {shown(validation_data)}")
+    try:
+        first_epoch = None if isinstance(initial_epoch, bool) else operator.index(initial_epoch)
+    except TypeError:
+        first_epoch = None
+    if first_epoch is None or not 0 <= first_epoch <= epochs:
+        raise ValueError(
+            f"initial_epoch must be between 0 and epochs={epochs} (an integer), got {shown(initial_epoch)}"
+        )
+    initial_epoch = first_epoch
     if isinstance(optimizer, str):
         optimizer = get_optimizer(optimizer)
     if not isinstance(optimizer, Optimizer):
         raise TypeError(f"optimizer must be an xpnet Optimizer or its name, got {optimizer!r}")
+    optimizer.bind(model)  # refused here, before any data moves, if it steps another model
     loss = get_loss(loss)
     metrics = default_metrics(loss) if metrics is None else [get_metric(m) for m in metrics]
     device, xp = model.device, model.xp
@@ -290,12 +354,15 @@ def fit(
     with device:
         X, Y = _to_device_data(model, loss, x, y)
         val = None
+        targets = [(Y, "y")]
         if validation_data is not None:
-            val = _to_device_data(model, loss, *validation_data)
+            val = _to_device_data(model, loss, *validation_data, names=("validation x", "validation y"))
+            targets.append((val[1], "validation y"))
         elif validation_split:
             train_idx, val_idx = train_validation_split(device, X.shape[0], validation_split)
             val = (xp.take(X, val_idx, axis=0), xp.take(Y, val_idx, axis=0))
             X, Y = xp.take(X, train_idx, axis=0), xp.take(Y, train_idx, axis=0)
+            targets = [(Y, "y"), (val[1], "y")]  # both parts of y
 
         n = X.shape[0]
         history = History() if history is None else history
@@ -304,32 +371,33 @@ def fit(
         for cb in callbacks:
             cb.on_train_begin(state)
         try:
-            for epoch in range(initial_epoch, epochs):
-                clock = device.stopwatch()  # CUDA events on a GPU, the host clock elsewhere
-                with model.reusing_buffers():
-                    logs = _train_epoch(
-                        model,
-                        loss,
-                        optimizer,
-                        X,
-                        Y,
-                        state,
-                        epoch,
-                        batch_size,
-                        shuffle,
-                        metrics,
-                        callbacks,
-                        all_targets=[Y] if val is None else [Y, val[1]],
-                    )
-                if val is not None:
-                    val_logs = _evaluate_on_device(model, loss, *val, max(batch_size, 256), metrics)
-                    logs.update({f"val_{key}": value for key, value in val_logs.items()})
-                logs["seconds"] = clock.stop()
-                history.append(epoch, logs)
-                for cb in callbacks:
-                    cb.on_epoch_end(state, logs)
-                if state.stop_training:
-                    break
+            with loss.targets_checked():  # checked whole, once, before the first loss (in _train_epoch)
+                for epoch in range(initial_epoch, epochs):
+                    clock = device.stopwatch()  # CUDA events on a GPU, the host clock elsewhere
+                    with model.reusing_buffers():
+                        logs = _train_epoch(
+                            model,
+                            loss,
+                            optimizer,
+                            X,
+                            Y,
+                            state,
+                            epoch,
+                            batch_size,
+                            shuffle,
+                            metrics,
+                            callbacks,
+                            all_targets=targets,
+                        )
+                    if val is not None:
+                        val_logs = _evaluate_on_device(model, loss, *val, max(batch_size, 256), metrics)
+                        logs.update({f"val_{key}": value for key, value in val_logs.items()})
+                    logs["seconds"] = clock.stop()
+                    history.append(epoch, logs)
+                    for cb in callbacks:
+                        cb.on_epoch_end(state, logs)
+                    if state.stop_training:
+                        break
         finally:
             for cb in callbacks:
                 cb.on_train_end(state)
@@ -370,8 +438,8 @@ def _train_epoch(model, loss, optimizer, X, Y, state, epoch, batch_size, shuffle
                 xb, yb = xp.take(X, idx, axis=0), xp.take(Y, idx, axis=0)
             out = model.forward(xb, training=True)
             if step == 0 and epoch == state.first_epoch:  # the targets, training and validation, checked once
-                for targets in all_targets:
-                    loss.check_targets(targets, out.shape[-1])
+                for targets, name in all_targets:
+                    _check_targets(loss, targets, out.shape[-1], name)
             if fast_loss:
                 value, delta = loss.value_and_grad(out, yb, fast=fast, buffers=buffers)
             else:
@@ -400,18 +468,21 @@ def evaluate(model, loss, x, y, *, batch_size: int = 1024, metrics=None) -> dict
     """Mean loss and metrics of ``model`` on (x, y), in batches, read once at the end."""
     loss = get_loss(loss)
     metrics = default_metrics(loss) if metrics is None else [get_metric(m) for m in metrics]
+    batch_size = _check_batch_size(batch_size)
     with model.device:
         X, Y = _to_device_data(model, loss, x, y)
-        loss.check_targets(Y, model.forward(X[:1, ...]).shape[-1])
-        return _evaluate_on_device(model, loss, X, Y, _check_batch_size(batch_size), metrics)
+        _check_targets(loss, Y, model.forward(X[:1, ...]).shape[-1], "y")
+        with loss.targets_checked():
+            return _evaluate_on_device(model, loss, X, Y, batch_size, metrics)
 
 
 def predict(model, x, *, batch_size: int = 1024):
     """The model's outputs for x (in evaluation mode), computed in batches, on the device."""
-    _check_batch_size(batch_size)
+    batch_size = _check_batch_size(batch_size)
+    x = _checked_x(model, x)
+    if x.shape[0] == 0:
+        raise ValueError("x has 0 examples: predict got an input with 0 rows")
     X = model.device.to_device(x, model.dtype)
-    if X.shape[0] == 0:
-        raise ValueError("predict got no examples (an input with 0 rows)")
     with model.device:
         outputs = [model.forward(X[start:stop, ...]) for start, stop in _batches(X.shape[0], batch_size)]
         return model.xp.concat(outputs, axis=0)
