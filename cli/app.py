@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import platform
 import sys
 from pathlib import Path
@@ -13,6 +14,7 @@ import typer
 
 import xpnet as xn
 
+from .errors import BROKEN_PIPE, report, stdout_closed
 from .progress import ProgressBar
 from .run import CLIError, class_probabilities, confusion_matrix, load_run, make_device, train_run
 
@@ -45,15 +47,22 @@ def reports_errors(command):
         try:
             return command(*args, **kwargs)
         except CLIError as exc:
-            typer.echo(f"xpnet: {exc}", err=True)
+            report(str(exc))
             raise typer.Exit(exc.code) from None
         except (xn.DeviceError, xn.data.DataError, ValueError) as exc:
-            typer.echo(f"xpnet: {exc}", err=True)
+            report(str(exc))
             raise typer.Exit(2) from None
-        except (typer.Exit, typer.Abort, KeyboardInterrupt):
+        except BrokenPipeError:  # `xpnet evaluate RUN | head -1`
+            stdout_closed()
+            report(BROKEN_PIPE)
+            raise typer.Exit(2) from None
+        except KeyboardInterrupt:  # before typer sees it (it would exit 130 without a word)
+            report("interrupted")
+            raise typer.Exit(130) from None
+        except (typer.Exit, typer.Abort):
             raise
         except Exception as exc:  # a runtime failure: still one line, never a traceback
-            typer.echo(f"xpnet: {type(exc).__name__}: {exc}", err=True)
+            report(f"{type(exc).__name__}: {exc}")
             raise typer.Exit(1) from None
 
     return wrapper
@@ -104,7 +113,7 @@ def train(
         early_stopping=early_stopping,
         dtype=dtype,
     )
-    if resume and out:
+    if resume is not None and out is not None:
         raise CLIError("give --resume RUN_DIR or --out RUN_DIR, not both")
     talk = not (quiet or json_output)
 
@@ -176,28 +185,19 @@ def evaluate(
 
 
 def _load_input(path: Path, data) -> np.ndarray:
-    """One file as rows of model input: images become 28×28 grayscale like MNIST, .npy as is."""
+    """One file as rows of model input: images become 28×28 grayscale like MNIST, .npy as is
+    (each checked by ``cli.images`` from its header before its data is read)."""
+    from .images import load_array, load_image
+
     ds = data.dataset
     if not path.is_file():
         raise CLIError(f"{path}: no such file")
     if path.suffix.lower() == ".npy":
-        try:
-            array = np.load(path, allow_pickle=False)
-        except (ValueError, OSError) as exc:
-            raise CLIError(f"{path}: not a readable .npy file ({exc})") from exc
-        if array.dtype == np.uint8:
-            array = array.astype(np.float32) / 255.0
-        rows = array.reshape(-1, ds.num_features) if array.size % ds.num_features == 0 else None
-        if rows is None:
-            raise CLIError(f"{path}: {array.shape} does not divide into rows of {ds.num_features} features")
+        rows = load_array(path, ds.num_features)
     else:
         if ds.image_shape is None:
             raise CLIError(f"{path}: the {ds.name} model takes .npy rows of {ds.num_features} features, not images")
-        from .images import load_image
-
         rows = load_image(path, ds.image_shape).reshape(1, -1)
-    if not np.all(np.isfinite(rows)):
-        raise CLIError(f"{path}: contains NaN or infinite values")
     if data.extra:
         rows = (rows - data.extra["data_mean"]) / data.extra["data_std"]
     return rows.astype(np.float32)
@@ -207,7 +207,7 @@ def _load_input(path: Path, data) -> np.ndarray:
 @reports_errors
 def predict(
     run_dir: str = typer.Argument(..., help="a run folder written by xpnet train"),
-    files: list[Path] = typer.Argument(..., help="PNG/JPEG images (any size) or .npy arrays"),
+    files: list[Path] = typer.Argument(..., help="PNG/JPEG images (up to 50 megapixels) or .npy arrays"),
     device: str | None = typer.Option(None, help="predict on this device [default: the run's]"),
 ):
     """The predicted class of each image or row, with its probability."""
@@ -229,6 +229,8 @@ def gradcheck(
     tolerance: float = typer.Option(1e-6, help="largest relative error that passes"),
 ):
     """Backpropagation against central differences (float64) on a small random network."""
+    if not (math.isfinite(tolerance) and tolerance > 0):
+        raise CLIError(f"--tolerance must be a finite positive number, got {tolerance}")
     dev = make_device(device, seed)
     model = xn.Sequential(
         [xn.Dense(6, 5), xn.Tanh(), xn.Dense(5, 4), xn.ReLU(), xn.Dropout(0.25), xn.Dense(4, 3)],

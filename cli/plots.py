@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import numpy as np
 
-from .run import METRICS, CLIError, class_probabilities, confusion_matrix, load_run
+from .folder import FolderLock, make_folder
+from .run import METRICS, CLIError, class_probabilities, confusion_matrix, folder_option, load_run
 
 
 def _pyplot():
@@ -23,32 +25,70 @@ def _pyplot():
 
 
 def plot_run(run_dir, device=None) -> list[Path]:
+    """Write the plots of a run into RUN_DIR/plots (holding the run folder's lock); return their paths.
+
+    Everything is read and checked before the folder is made, and each PNG is written to a
+    temporary file and renamed, so a failure leaves no empty or half-written plot behind.
+    """
     plt = _pyplot()
     _, data, model, _ = load_run(run_dir, device)
-    out = Path(run_dir) / "plots"
-    out.mkdir(exist_ok=True)
-    written = [_curves(plt, Path(run_dir), out)]
-    ds = data.dataset
-    probabilities = class_probabilities(model, data, ds.test.x)
-    predicted = probabilities.argmax(axis=1)
-    written.append(_confusion(plt, ds, predicted, out))
-    if ds.image_shape is not None:
-        first = model.layers[0].params["W"]
-        written.append(_weights(plt, model.device.to_host(first), ds.image_shape, out))
-        written.append(_mistakes(plt, ds, probabilities, predicted, out))
+    run_dir = folder_option(str(run_dir), "RUN_DIR")
+    lines = read_metrics(run_dir / METRICS)
+    out = run_dir / "plots"
+    if out.exists() and not out.is_dir():
+        raise CLIError(f"{out} is a file: plot writes its PNGs into a folder of that name")
+    with FolderLock(run_dir):
+        make_folder(out, "plots folder")
+        for leftover in out.glob(".*.png.*.tmp"):  # of a plot that was killed; no other writer is here
+            leftover.unlink(missing_ok=True)
+        written = [_curves(plt, lines, out)]
+        ds = data.dataset
+        probabilities = class_probabilities(model, data, ds.test.x)
+        predicted = probabilities.argmax(axis=1)
+        written.append(_confusion(plt, ds, predicted, out))
+        if ds.image_shape is not None:
+            first = model.layers[0].params["W"]
+            written.append(_weights(plt, model.device.to_host(first), ds.image_shape, out))
+            written.append(_mistakes(plt, ds, probabilities, predicted, out))
     return written
 
 
-def _curves(plt, run_dir: Path, out: Path) -> Path:
-    lines = [json.loads(line) for line in (run_dir / METRICS).read_text().splitlines() if line.strip()]
+def read_metrics(path: Path) -> list[dict]:
+    """The epochs of metrics.jsonl, each checked to be a JSON object with an epoch and a loss."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise CLIError(f"{path}: no such file (plot draws the learning curves from it)") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CLIError(f"cannot read {path} ({getattr(exc, 'strerror', None) or exc})") from exc
+    lines = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            entry = json.loads(line)
+        except (ValueError, RecursionError):
+            entry = None
+        if not (
+            isinstance(entry, dict)
+            and isinstance(entry.get("epoch"), int)
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in entry.values())
+            and "loss" in entry
+        ):
+            raise CLIError(f"{path}, line {number}: not a metrics line (a JSON object of numbers with epoch and loss)")
+        lines.append(entry)
     if not lines:
-        raise CLIError(f"{run_dir / METRICS} has no finished epoch to plot")
+        raise CLIError(f"{path} has no finished epoch to plot")
+    return lines
+
+
+def _curves(plt, lines: list[dict], out: Path) -> Path:
     epochs = [line["epoch"] for line in lines]
-    metric = next((m for m in ("accuracy", "binary_accuracy") if m in lines[0]), None)
+    metric = next((m for m in ("accuracy", "binary_accuracy") if all(m in line for line in lines)), None)
     fig, axes = plt.subplots(1, 2 if metric else 1, figsize=(10 if metric else 5, 4), squeeze=False)
     for ax, key in zip(axes[0], ["loss", metric][: axes.shape[1]]):
         ax.plot(epochs, [line[key] for line in lines], "o-", label="train")
-        if f"val_{key}" in lines[0]:
+        if all(f"val_{key}" in line for line in lines):
             ax.plot(epochs, [line[f"val_{key}"] for line in lines], "s--", label="validation")
         ax.set_xlabel("epoch")
         ax.xaxis.get_major_locator().set_params(integer=True)
@@ -117,7 +157,15 @@ def _mistakes(plt, ds, probabilities, predicted, out: Path, count: int = 16) -> 
 
 
 def _save(plt, fig, path: Path) -> Path:
+    """Save through a temporary file and a rename: never a half-written PNG."""
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        fig.savefig(temporary, dpi=100, format="png")
+        os.replace(temporary, path)
+    except OSError as exc:
+        raise CLIError(f"cannot write {path} ({exc.strerror or exc})") from exc
+    finally:
+        temporary.unlink(missing_ok=True)
+        plt.close(fig)
     return path

@@ -1,14 +1,22 @@
 """Runs: the training configuration, the run folder, and rebuilding a run from it.
 
 A run folder holds
-    config.json             every option of the run (rewritten only when a resume adds epochs)
+    config.json             every option of the run (rewritten only when a resume changes --epochs
+                            or --data-dir, after the first checkpoint made with the new value)
     metrics.jsonl           one JSON line per finished epoch
     checkpoint.safetensors  model, optimizer, random state, history and early stopping, as of the
                             last finished epoch (epoch 0: the initial state), plus the best weights
+                            and a copy of the run's configuration; its SHA-256 covers all of it
     results.json            the test figures, when training has finished
+    .xpnet.lock             the writer's lock (see ``folder``): one writer at a time
 
 Every file is replaced through a temporary file and a rename: an interruption at any moment
-leaves a run that ``xpnet train --resume`` continues.
+leaves a run that ``xpnet train --resume`` continues. A folder where a run was interrupted before
+its first checkpoint holds nothing to lose: ``--out`` reuses it and ``--resume`` starts it afresh.
+
+``config.json`` is for people to read; the checkpoint is the record. Every field of the two must
+agree (but the device, which a resume may change), and the model's architecture must be the one
+the checkpoint embeds: a contradiction is one clear error, never a silent fallback to defaults.
 """
 
 from __future__ import annotations
@@ -25,13 +33,10 @@ import xpnet as xn
 from xpnet.data import load_dataset
 from xpnet.io import CheckpointError, load_checkpoint, save_checkpoint, write_json_atomic, write_text_atomic
 
+from .errors import CLIError
+from .folder import CHECKPOINT, CONFIG, METRICS, RESULTS, FolderLock, describe, make_folder
 
-class CLIError(Exception):
-    """A problem to report in one line; ``code`` is the exit status (2 bad input, 1 runtime)."""
-
-    def __init__(self, message: str, code: int = 2):
-        super().__init__(message)
-        self.code = code
+__all__ = ["CLIError", "CHECKPOINT", "CONFIG", "METRICS", "RESULTS"]
 
 
 DEFAULTS = {
@@ -54,14 +59,16 @@ DEFAULTS = {
 }
 DEFAULT_LR = {"sgd": 0.1, "momentum": 0.05, "adam": 1e-3, "adamw": 1e-3}
 SCHEDULES = ("none", "step", "exponential", "cosine", "warmup")
-CONFIG, METRICS, CHECKPOINT, RESULTS = "config.json", "metrics.jsonl", "checkpoint.safetensors", "results.json"
+#: Every field a saved config.json must hold, besides these.
+SAVED_EXTRA = ("xpnet_version",)
 
 
 def parse_hidden(text) -> list[int]:
     if isinstance(text, list) and text and all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in text):
         return text
-    parts = str(text).split(",")
-    if isinstance(text, list) or not all(part.strip().isdigit() and int(part) > 0 for part in parts):
+    parts = [part.strip() for part in str(text).split(",")]
+    # ASCII digits only: str.isdigit accepts '²', which int() refuses
+    if isinstance(text, list) or not all(part.isascii() and part.isdigit() and int(part) > 0 for part in parts):
         raise CLIError(f"--hidden must be positive integers separated by commas, such as 128,64; got {text!r}")
     return [int(part) for part in parts]
 
@@ -85,26 +92,38 @@ _TYPES = {
 
 
 def resolve_config(options: dict, saved: dict | None = None, *, source: str = "the command line") -> dict:
-    """Options given on the command line, over the saved run's (on resume), over the defaults."""
-    if saved is not None and not isinstance(saved, dict):
-        raise CLIError(f"{source} does not hold a JSON object")
+    """Options given on the command line, over the saved run's (on resume), over the defaults.
+
+    A saved config must be whole: a missing or unknown field is an error, never a default.
+    """
+    if saved is not None:
+        _check_saved_fields(saved, source)
     config = {**DEFAULTS, **(saved or {})}
     config.update({key: value for key, value in options.items() if value is not None})
+    config.pop("xpnet_version", None)
     config["hidden"] = parse_hidden(config["hidden"])
     if config["lr"] is None:  # the optimizer's own default; an unknown optimizer is reported below
         config["lr"] = DEFAULT_LR.get(config["optimizer"], 1e-3)
     for key, kind in _TYPES.items():
+        if key == "val_split" and config[key] is None:
+            continue  # wdbc: checked by _check_val_split
         if not isinstance(config[key], kind) or isinstance(config[key], bool):
             raise CLIError(
                 f"{source}: {key} must be of type {getattr(kind, '__name__', 'number')}, got {config[key]!r}"
             )
     if config["data_dir"] is not None:
+        if not config["data_dir"]:
+            raise CLIError("--data-dir needs a folder, got an empty string")
         config["data_dir"] = str(Path(config["data_dir"]).expanduser().resolve())
+    _check_val_split(config, options, saved)
     checks = [
         (config["epochs"] >= 1, f"--epochs must be a positive integer, got {config['epochs']}"),
         (config["batch_size"] >= 1, f"--batch-size must be a positive integer, got {config['batch_size']}"),
         (0.0 <= config["dropout"] < 1.0, f"--dropout must be in [0, 1), got {config['dropout']}"),
-        (0.0 <= config["val_split"] < 1.0, f"--val-split must be in [0, 1), got {config['val_split']}"),
+        (
+            config["val_split"] is None or 0.0 <= config["val_split"] < 1.0,
+            f"--val-split must be in [0, 1), got {config['val_split']}",
+        ),
         (
             config["early_stopping"] >= 0,
             f"--early-stopping must be 0 (off) or a patience, got {config['early_stopping']}",
@@ -136,6 +155,30 @@ def resolve_config(options: dict, saved: dict | None = None, *, source: str = "t
         if not ok:
             raise CLIError(message)
     return config
+
+
+def _check_saved_fields(saved, source: str) -> None:
+    if not isinstance(saved, dict):
+        raise CLIError(f"{source} does not hold a JSON object")
+    missing = [key for key in DEFAULTS if key not in saved]
+    unknown = [key for key in saved if key not in DEFAULTS and key not in SAVED_EXTRA]
+    if missing:
+        raise CLIError(f"{source} lacks {', '.join(missing)}: it is damaged or not an xpnet run configuration")
+    if unknown:
+        raise CLIError(f"{source} has unknown fields {', '.join(unknown)}: it is damaged or from another program")
+
+
+def _check_val_split(config: dict, options: dict, saved: dict | None) -> None:
+    """wdbc has its own fixed 341/114/114 split: --val-split does not apply, and is recorded as null."""
+    if config["dataset"] != "wdbc":
+        if config["val_split"] is None:
+            raise CLIError(f"--val-split must be a number for {config['dataset']}, got null")
+        return
+    if options.get("val_split") is not None:
+        raise CLIError("--val-split does not apply to wdbc, which comes split 341/114/114 (train/validation/test)")
+    if saved is not None and saved.get("val_split") is not None:
+        raise CLIError(f"the run's val_split is {saved['val_split']!r}, but wdbc has a fixed split: it must be null")
+    config["val_split"] = None
 
 
 @dataclasses.dataclass
@@ -193,7 +236,33 @@ def make_device(name: str, seed: int = 0) -> xn.Device:
         raise CLIError(str(exc)) from exc
 
 
+def training_bytes(config: dict, data: Data) -> tuple[int, int]:
+    """(parameters, bytes) of training the run's MLP: each parameter with its gradient, two
+    optimizer slots and early stopping's copy of the best weights, plus a batch's activations
+    and their gradients (three arrays per layer)."""
+    widths = [data.dataset.num_features, *config["hidden"], data.dataset.num_outputs]
+    parameters = sum((fan_in + 1) * fan_out for fan_in, fan_out in zip(widths, widths[1:]))
+    itemsize = 4 if config["dtype"] == "float32" else 8
+    batch = min(config["batch_size"], len(data.dataset.train))
+    return parameters, itemsize * (5 * parameters + 3 * batch * sum(widths))
+
+
+def check_memory(config: dict, data: Data) -> None:
+    """Refuse a network that cannot fit in memory before any of it is allocated."""
+    from xpnet.data.limits import format_bytes, memory_limit
+
+    parameters, needed = training_bytes(config, data)
+    limit = memory_limit()
+    if limit is not None and needed > limit:
+        raise CLIError(
+            f"--hidden {','.join(map(str, config['hidden']))} with --batch-size {config['batch_size']} makes a "
+            f"network of {parameters:,} parameters that needs about {format_bytes(needed)} to train, more than the "
+            f"{format_bytes(limit)} of memory here"
+        )
+
+
 def build_model(config: dict, data: Data, device: xn.Device) -> xn.Sequential:
+    check_memory(config, data)
     try:
         return xn.mlp(
             data.dataset.num_features,
@@ -222,14 +291,16 @@ def build_optimizer(config: dict, steps_per_epoch: int) -> xn.Optimizer:
 
 
 class RunRecorder(xn.Callback):
-    """After every epoch: append the metrics line, then save the whole state to the checkpoint.
+    """After every epoch: append the metrics line, then save the whole state to the checkpoint,
+    then (once, on a resume that changed --epochs or --data-dir) rewrite config.json to match it.
 
     Runs after EarlyStopping, so the checkpoint knows whether this epoch ended the run.
     """
 
-    def __init__(self, run_dir: Path, data: Data, early_stopping: xn.EarlyStopping | None, epochs_saved: int):
-        self.run_dir, self.data, self.early_stopping = run_dir, data, early_stopping
+    def __init__(self, run_dir: Path, config: dict, data: Data, early_stopping, epochs_saved: int, rewrite_config):
+        self.run_dir, self.config, self.data, self.early_stopping = run_dir, config, data, early_stopping
         self.epochs_saved = epochs_saved
+        self.rewrite_config = rewrite_config
 
     def on_epoch_end(self, state, logs):
         line = {"epoch": state.epoch + 1, **logs, "samples_per_second": state.num_samples / max(logs["seconds"], 1e-9)}
@@ -238,6 +309,7 @@ class RunRecorder(xn.Callback):
         last = state.stop_training or state.epoch + 1 == state.epochs
         save_run_checkpoint(
             self.run_dir,
+            self.config,
             state.model,
             state.optimizer,
             self.data,
@@ -248,13 +320,31 @@ class RunRecorder(xn.Callback):
             stopped_early=state.stop_training,
         )
         self.epochs_saved = state.epoch + 1
+        if self.rewrite_config:
+            write_config(self.run_dir, self.config)
+            self.rewrite_config = False
+
+
+def write_config(run_dir: Path, config: dict) -> None:
+    write_json_atomic(run_dir / CONFIG, {**config, "xpnet_version": xn.__version__})
 
 
 def save_run_checkpoint(
-    run_dir, model, optimizer, data, history, epochs_done, early_stopping, *, finished=False, stopped_early=False
+    run_dir,
+    config,
+    model,
+    optimizer,
+    data,
+    history,
+    epochs_done,
+    early_stopping,
+    *,
+    finished=False,
+    stopped_early=False,
 ):
     extra = dict(data.extra)
     meta = {
+        "run": config,
         "epochs_done": epochs_done,
         "finished": finished,
         "stopped_early": stopped_early,
@@ -269,14 +359,30 @@ def save_run_checkpoint(
     save_checkpoint(Path(run_dir) / CHECKPOINT, model, optimizer, extra=extra, meta=meta)
 
 
+def folder_option(value: str, option: str) -> Path:
+    """A run folder named on the command line: ``~`` expanded, an empty name refused."""
+    if not value or not value.strip():
+        raise CLIError(f"{option} needs a run folder, got an empty name")
+    return Path(value).expanduser()
+
+
 def read_config(run_dir) -> dict:
     path = Path(run_dir) / CONFIG
     if not path.is_file():
         raise CLIError(f"{run_dir} is not an xpnet run folder (no {CONFIG})")
     try:
-        saved = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise CLIError(f"cannot read {path} ({exc.strerror or exc})") from exc
+    except UnicodeDecodeError as exc:
+        raise CLIError(f"{path} is not valid JSON (not UTF-8 text: {exc.reason} at byte {exc.start})") from exc
+    try:
+        saved = json.loads(text)
+    except ValueError as exc:
         raise CLIError(f"{path} is not valid JSON ({exc})") from exc
+    except RecursionError:
+        raise CLIError(f"{path} is not a run configuration (its JSON is nested too deeply)") from None
+    _check_saved_fields(saved, str(path))  # null too: a saved config is never replaced by the defaults
     return resolve_config({}, saved, source=str(path))
 
 
@@ -287,6 +393,43 @@ def read_checkpoint(run_dir):
         raise CLIError(str(exc)) from exc
 
 
+def check_agreement(config: dict, checkpoint, *, given=()) -> None:
+    """config.json and the configuration the checkpoint was saved with must agree on every field
+    but the device (and those ``given`` on the command line, which override both)."""
+    recorded = checkpoint.meta.get("run")
+    if not isinstance(recorded, dict):
+        raise CLIError(f"{checkpoint.path} holds no run configuration: it was not written by xpnet train")
+    recorded = resolve_config({}, recorded, source=f"the run configuration in {checkpoint.path}")
+    for key in DEFAULTS:
+        if key != "device" and key not in given and config[key] != recorded[key]:
+            raise CLIError(
+                f"{checkpoint.path} does not fit this run: {CONFIG} has {key} {config[key]!r}, the checkpoint was "
+                f"made with {recorded[key]!r} (one of the two was edited or copied from another run)"
+            )
+
+
+def _network(spec) -> str:
+    """A network's config in a few words: 'Dense(30, 16) ReLU Dense(16, 1), float32'."""
+    if not isinstance(spec, dict) or not isinstance(spec.get("layers"), list):
+        return "no readable network"
+    words = []
+    for layer in spec["layers"]:
+        layer = layer if isinstance(layer, dict) else {}
+        args = ", ".join(str(v) for v in layer.values() if isinstance(v, (int, float)) and not isinstance(v, bool))
+        words.append(f"{layer.get('type', '?')}({args})" if args else str(layer.get("type", "?")))
+    return f"{' '.join(words)}, {spec.get('dtype')}"
+
+
+def check_architecture(model: xn.Sequential, checkpoint) -> None:
+    """The model built from the configuration is the network the checkpoint embeds."""
+    saved = checkpoint.meta.get("model")
+    if model.config() != saved:
+        raise CLIError(
+            f"{checkpoint.path} does not fit this model: it embeds the network {_network(saved)}; "
+            f"the configuration builds {_network(model.config())}"
+        )
+
+
 def best_weights(checkpoint) -> dict:
     """The weights a run was tested with: early stopping's best, else the last epoch's."""
     best = {key[len("best/") :]: value for key, value in checkpoint.extra.items() if key.startswith("best/")}
@@ -295,13 +438,16 @@ def best_weights(checkpoint) -> dict:
 
 def load_run(run_dir, device_name: str | None = None):
     """(config, data, model, checkpoint) of a run, the model holding the weights it was tested with."""
+    run_dir = folder_option(str(run_dir), "RUN_DIR")
     config = read_config(run_dir)
     checkpoint = read_checkpoint(run_dir)
+    check_agreement(config, checkpoint)
     data = load_data(config)
     if "data_mean" in checkpoint.extra:  # the statistics the model was trained with
         data.extra = {"data_mean": checkpoint.extra["data_mean"], "data_std": checkpoint.extra["data_std"]}
     device = make_device(device_name or config["device"], config["seed"])
     model = build_model(config, data, device)
+    check_architecture(model, checkpoint)
     try:
         model.load_state_dict(best_weights(checkpoint))
     except ValueError as exc:
@@ -333,9 +479,11 @@ def _resume_config(run_dir: Path, options: dict) -> tuple[dict, dict]:
     return config, saved
 
 
-def _restore(run_dir: Path, config, model, optimizer, early_stopping):
+def _restore(run_dir: Path, config, model, optimizer, early_stopping, given):
     """Load the checkpoint into model, optimizer, random state and early stopping."""
     checkpoint = read_checkpoint(run_dir)
+    check_agreement(config, checkpoint, given=given)
+    check_architecture(model, checkpoint)
     try:
         checkpoint.load_model_into(model)
         checkpoint.load_optimizer_into(optimizer, model)
@@ -356,23 +504,69 @@ def _restore(run_dir: Path, config, model, optimizer, early_stopping):
             )
     except CheckpointError as exc:
         raise CLIError(str(exc)) from exc
-    except (KeyError, TypeError, ValueError) as exc:
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError, OverflowError, RecursionError) as exc:
         raise CLIError(
-            f"{checkpoint.path}: the checkpoint's metadata is incomplete ({type(exc).__name__}: {exc})"
+            f"{checkpoint.path}: the checkpoint's metadata is incomplete or damaged ({type(exc).__name__}: {exc})"
         ) from exc
     return checkpoint, history
 
 
+def _check_new_folder(run_dir: Path) -> None:
+    """``--out`` must name a folder that holds no run, or one interrupted before its first checkpoint."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise CLIError(f"--out {run_dir} is a file, not a folder")
+    state = describe(run_dir)
+    if state == "run":
+        raise CLIError(f"{run_dir} already holds a run: resume it with --resume {run_dir}, or choose another --out")
+    if state == "partial":
+        raise CLIError(
+            f"{run_dir} holds the {METRICS} or {RESULTS} of a run but no checkpoint: it is left as it is; "
+            "choose another --out"
+        )
+
+
+def _start(run_dir: Path, config, model, optimizer, data, early_stopping) -> xn.History:
+    """A run's first files: its config, no epochs, and the epoch-0 checkpoint (so it is resumable)."""
+    history = xn.History()
+    write_config(run_dir, config)
+    write_text_atomic(run_dir / METRICS, "")
+    save_run_checkpoint(run_dir, config, model, optimizer, data, history, 0, early_stopping)
+    return history
+
+
 def train_run(options: dict, *, out: str | None, resume: str | None, callbacks_for) -> dict:
     """Train (or continue) a run; return the summary. ``callbacks_for(config)`` adds display."""
-    if resume:
-        run_dir = Path(resume)
+    where = {"dir": None, "epoch": None, "epochs": None}
+    try:
+        return _train_run(options, out, resume, callbacks_for, where)
+    except KeyboardInterrupt:
+        if where["epoch"] is None:
+            written = f"; resume with: xpnet train --resume {where['dir']}" if where["dir"] else ": nothing was written"
+            raise CLIError(f"interrupted before training started{written}", code=130) from None
+        raise CLIError(
+            f"interrupted: the checkpoint holds epoch {where['epoch']()} of {where['epochs']}; "
+            f"resume with: xpnet train --resume {where['dir']}",
+            code=130,
+        ) from None
+
+
+def _train_run(options, out, resume, callbacks_for, where) -> dict:
+    given = tuple(key for key in RESUME_OVERRIDES if options.get(key) is not None)
+    if resume is not None:
+        run_dir = folder_option(resume, "--resume")
+        if not run_dir.is_dir():
+            raise CLIError(f"{run_dir} is not an xpnet run folder (no such folder)")
         config, saved = _resume_config(run_dir, options)
+        if describe(run_dir) == "run":  # early, before the data loads; again under the lock
+            check_agreement(config, read_checkpoint(run_dir), given=given)
     else:
         config, saved = resolve_config(options), None
-        run_dir = Path(out) if out else Path("runs") / f"{config['dataset']}-{time.strftime('%Y%m%d-%H%M%S')}"
-        if (run_dir / CHECKPOINT).exists() or (run_dir / CONFIG).exists():
-            raise CLIError(f"{run_dir} already holds a run: resume it with --resume {run_dir}, or choose another --out")
+        run_dir = (
+            folder_option(out, "--out")
+            if out is not None
+            else Path("runs") / f"{config['dataset']}-{time.strftime('%Y%m%d-%H%M%S')}"
+        )
+        _check_new_folder(run_dir)  # early, before the data loads; again under the lock
     device = make_device(config["device"], config["seed"])
     data = load_data(config)
     ds = data.dataset
@@ -382,33 +576,51 @@ def train_run(options: dict, *, out: str | None, resume: str | None, callbacks_f
     optimizer = build_optimizer(config, math.ceil(len(ds.train) / config["batch_size"]))
     early_stopping = xn.EarlyStopping(config["early_stopping"]) if config["early_stopping"] else None
 
-    if resume:
-        checkpoint, history = _restore(run_dir, config, model, optimizer, early_stopping)
-        if checkpoint.meta.get("stopped_early"):
-            if (run_dir / RESULTS).exists() or config["epochs"] != saved["epochs"]:
-                raise CLIError(
-                    f"{run_dir} stopped early after epoch {len(history)} (no better validation loss "
-                    f"for {config['early_stopping']} epochs): there is nothing to resume"
-                )
-        elif len(history) >= config["epochs"] and (run_dir / RESULTS).exists():
+    if resume is None:
+        make_folder(run_dir, "--out")
+    with FolderLock(run_dir):
+        checkpoint = None
+        state = describe(run_dir)
+        if resume is not None and state == "partial":
             raise CLIError(
-                f"{run_dir} has finished its {len(history)} epochs; "
-                f"pass --epochs N (more than {len(history)}) to continue"
+                f"{run_dir} holds the {METRICS} or {RESULTS} of a run but no checkpoint: nothing to resume from"
             )
-        if config["epochs"] != saved["epochs"]:
-            write_json_atomic(run_dir / CONFIG, {**config, "xpnet_version": xn.__version__})
-        kept = (run_dir / METRICS).read_text().splitlines()[: len(history)] if (run_dir / METRICS).exists() else []
-        write_text_atomic(run_dir / METRICS, "".join(line + "\n" for line in kept))
-    else:
-        history = xn.History()
-        run_dir.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(run_dir / CONFIG, {**config, "xpnet_version": xn.__version__})
-        write_text_atomic(run_dir / METRICS, "")
-        save_run_checkpoint(run_dir, model, optimizer, data, history, 0, early_stopping)  # epoch 0: resumable
+        if resume is not None and state == "run":
+            where["dir"] = run_dir
+            checkpoint, history = _restore(run_dir, config, model, optimizer, early_stopping, given)
+            done = len(history)
+            if checkpoint.meta.get("stopped_early"):
+                if (run_dir / RESULTS).exists() or config["epochs"] != saved["epochs"]:
+                    raise CLIError(
+                        f"{run_dir} stopped early after epoch {done} (no better validation loss "
+                        f"for {config['early_stopping']} epochs): there is nothing to resume"
+                    )
+            elif done >= config["epochs"] and (run_dir / RESULTS).exists():
+                raise CLIError(
+                    f"{run_dir} has finished its {done} epochs; pass --epochs N (more than {done}) to continue"
+                )
+            if config["epochs"] < done:
+                raise CLIError(f"{run_dir} has {done} epochs done: --epochs must be at least {done}")
+            kept = (run_dir / METRICS).read_text().splitlines()[:done] if (run_dir / METRICS).exists() else []
+            write_text_atomic(run_dir / METRICS, "".join(line + "\n" for line in kept))
+        else:  # a new run, or one interrupted before its first checkpoint: start from epoch 0
+            if resume is None:
+                _check_new_folder(run_dir)
+            where["dir"] = run_dir
+            history = _start(run_dir, config, model, optimizer, data, early_stopping)
+        return _train(
+            run_dir, config, saved, data, model, optimizer, early_stopping, checkpoint, history, callbacks_for, where
+        )
 
+
+def _train(run_dir, config, saved, data, model, optimizer, early_stopping, checkpoint, history, callbacks_for, where):
+    ds = data.dataset
     initial_epoch = len(history)
-    training_left = initial_epoch < config["epochs"] and not (resume and checkpoint.meta.get("stopped_early"))
-    recorder = RunRecorder(run_dir, data, early_stopping, initial_epoch)
+    stopped = checkpoint is not None and checkpoint.meta.get("stopped_early")
+    training_left = initial_epoch < config["epochs"] and not stopped
+    rewrite = checkpoint is not None and any(config[key] != saved[key] for key in ("epochs", "data_dir"))
+    recorder = RunRecorder(run_dir, config, data, early_stopping, initial_epoch, rewrite)
+    where["epoch"], where["epochs"] = (lambda: recorder.epochs_saved), config["epochs"]
     callbacks = [c for c in (early_stopping, recorder) if c is not None] + callbacks_for(config)
     started = time.perf_counter()
     try:
@@ -430,18 +642,11 @@ def train_run(options: dict, *, out: str | None, resume: str | None, callbacks_f
             else:  # finished training but not its test evaluation (interrupted there)
                 model.load_state_dict(best_weights(checkpoint))
             seconds = time.perf_counter() - started
-            summary = _finish(run_dir, config, data, model, history, initial_epoch, seconds)
-    except KeyboardInterrupt:
-        raise CLIError(
-            f"interrupted: the checkpoint holds epoch {recorder.epochs_saved} of {config['epochs']}; "
-            f"resume with: xpnet train --resume {run_dir}",
-            code=130,
-        ) from None
+            return _finish(run_dir, config, data, model, history, initial_epoch, seconds)
     except xn.TrainingDiverged as exc:
         raise CLIError(
             f"{exc}; the checkpoint of epoch {recorder.epochs_saved} is intact in {run_dir}", code=1
         ) from None
-    return summary
 
 
 def _finish(run_dir, config, data, model, history, initial_epoch, seconds) -> dict:

@@ -102,3 +102,14 @@ def assert_on_device(device: xpnet.Device, x, dtype) -> None:
     assert array_api_compat.array_namespace(x) is device.xp
     assert array_api_compat.device(x) == device.native
     assert x.dtype == device.dtype(dtype)
+
+
+def assert_one_line_error(result, code: int, pattern: str) -> None:
+    """A CliRunner result that failed with ``code`` and one stderr line matching ``pattern``."""
+    import re
+
+    assert result.exit_code == code, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "Traceback" not in result.output
+    assert re.search(pattern, lines[0]), lines[0]

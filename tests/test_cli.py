@@ -10,6 +10,7 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import assert_one_line_error
 from typer.testing import CliRunner
 
 import xpnet
@@ -24,16 +25,6 @@ WDBC = ["--dataset", "wdbc", "--hidden", "16,8", "--dropout", "0.2", "--batch-si
 
 def invoke(*args):
     return runner.invoke(app, [str(a) for a in args])
-
-
-def assert_one_line_error(result, code, pattern):
-    assert result.exit_code == code, result.output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    assert "Traceback" not in result.output
-    import re
-
-    assert re.search(pattern, lines[0]), lines[0]
 
 
 @pytest.fixture(scope="module")
@@ -400,21 +391,28 @@ def test_cuda_without_a_gpu_is_a_clear_error(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize(
-    "config, pattern",
+    "edit, pattern",
     [
-        ("[1, 2]", "does not hold a JSON object"),
-        ('{"batch_size": "big"}', "batch_size must be of type int"),
-        ('{"hidden": null}', "--hidden must be positive integers"),
-        ("{not json", "is not valid JSON"),
+        (lambda config: [1, 2], "does not hold a JSON object"),
+        (lambda config: None, "does not hold a JSON object"),
+        (lambda config: {}, "lacks device, dataset, data_dir"),
+        (lambda config: {k: v for k, v in config.items() if k != "data_dir"}, "lacks data_dir: it is damaged"),
+        (lambda config: {**config, "batch_size": "big"}, "batch_size must be of type int"),
+        (lambda config: {**config, "hidden": None}, "--hidden must be positive integers"),
+        (lambda config: {**config, "colour": "blue"}, "unknown fields colour"),
+        (lambda config: "{not json", "is not valid JSON"),
     ],
 )
-def test_malformed_run_config(wdbc_run, tmp_path, config, pattern):
+def test_malformed_run_config(wdbc_run, tmp_path, edit, pattern):
     run, _ = wdbc_run
     copy = tmp_path / "copy"
     shutil.copytree(run, copy)
-    (copy / "config.json").write_text(config)
+    edited = edit(json.loads((copy / "config.json").read_text()))
+    (copy / "config.json").write_text(edited if isinstance(edited, str) else json.dumps(edited))
+    before = {path.name: path.read_bytes() for path in copy.iterdir() if path.is_file()}
     assert_one_line_error(invoke("evaluate", copy), 2, pattern)
     assert_one_line_error(invoke("train", "--resume", copy, "--epochs", 99), 2, pattern)
+    assert {path.name: path.read_bytes() for path in copy.iterdir() if path.is_file()} == before
 
 
 def test_usage_errors_are_one_line(capsys):
@@ -460,6 +458,9 @@ def test_damaged_checkpoints(wdbc_run, tmp_path, damage):
         assert_one_line_error(invoke(*command), 2, "is corrupted or truncated")
 
 
+MISFIT = r"does not fit this run: config.json has hidden \[16, 8\], the checkpoint was made with \[8\]"
+
+
 def test_checkpoint_of_another_architecture(wdbc_run, tmp_path):
     run, _ = wdbc_run
     other = tmp_path / "other"
@@ -470,10 +471,10 @@ def test_checkpoint_of_another_architecture(wdbc_run, tmp_path):
     copy = tmp_path / "copy"
     shutil.copytree(run, copy)
     shutil.copy(tmp_path / "x.safetensors", copy / "checkpoint.safetensors")
-    assert_one_line_error(invoke("evaluate", copy), 2, "does not fit this model")
+    assert_one_line_error(invoke("evaluate", copy), 2, MISFIT)
     np.save(tmp_path / "row.npy", np.zeros(30))
-    assert_one_line_error(invoke("predict", copy, tmp_path / "row.npy"), 2, "does not fit this model")
-    assert_one_line_error(invoke("train", "--resume", copy, "--epochs", 99), 2, "does not fit this model")
+    assert_one_line_error(invoke("predict", copy, tmp_path / "row.npy"), 2, MISFIT)
+    assert_one_line_error(invoke("train", "--resume", copy, "--epochs", 99), 2, MISFIT)
     assert_one_line_error(invoke("evaluate", tmp_path / "nowhere"), 2, "is not an xpnet run folder")
 
 

@@ -31,7 +31,7 @@ __all__ = [
     "write_text_atomic",
 ]
 
-_FORMAT = "xpnet-checkpoint-1"
+_FORMAT = "xpnet-checkpoint-2"  # 2: the SHA-256 covers the metadata as well as the tensors
 
 
 class CheckpointError(ValueError):
@@ -115,48 +115,69 @@ def save_checkpoint(path, model: Sequential, optimizer=None, *, extra: dict | No
     for name, value in (extra or {}).items():
         tensors[f"extra/{name}"] = device.to_host(value)
     tensors = {name: np.ascontiguousarray(value) for name, value in tensors.items()}
-    document["sha256"] = _digest(tensors)
+    document["sha256"] = _digest(tensors, document)
     metadata = {"xpnet": json.dumps(document)}
     _atomic_write(Path(path), lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
-def _digest(tensors: dict) -> str:
-    """SHA-256 over every tensor's name, dtype, shape and bytes: damage inside the data shows."""
+def _digest(tensors: dict, document: dict) -> str:
+    """SHA-256 over the metadata (as canonical JSON, without the digest itself) and every
+    tensor's name, dtype, shape and bytes: damage anywhere in the file shows."""
     digest = hashlib.sha256()
+    body = {key: value for key, value in document.items() if key != "sha256"}
+    digest.update(json.dumps(body, sort_keys=True, separators=(",", ":")).encode())
     for name in sorted(tensors):
         value = np.ascontiguousarray(tensors[name])
-        digest.update(f"{name}|{value.dtype.str}|{value.shape}|".encode())
+        digest.update(f"|{name}|{value.dtype.str}|{value.shape}|".encode())
         digest.update(value.tobytes())
     return digest.hexdigest()
 
 
 def load_checkpoint(path) -> Checkpoint:
-    """Read a checkpoint written by ``save_checkpoint``; CheckpointError names what is wrong."""
+    """Read a checkpoint written by ``save_checkpoint``; CheckpointError names what is wrong.
+
+    Refused: a file that cannot be read, is not safetensors, has no xpnet metadata or another
+    format, whose SHA-256 does not match its metadata and tensors, or whose tensors hold NaN or
+    infinity (training stops before it would save such weights).
+    """
     from safetensors import SafetensorError, safe_open
 
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at {path}")
     try:
+        with open(path, "rb"):  # a clear reason for an unreadable file, before safetensors' own
+            pass
         with safe_open(str(path), framework="numpy") as handle:
             metadata = handle.metadata() or {}
             tensors = {name: handle.get_tensor(name) for name in handle.keys()}
-    except (SafetensorError, OSError, ValueError) as exc:
+    except OSError as exc:
+        raise CheckpointError(f"cannot read the checkpoint {path} ({exc.strerror or exc})") from exc
+    except (SafetensorError, ValueError) as exc:
         raise CheckpointError(f"{path} is corrupted or truncated ({exc})") from exc
     try:
         meta = json.loads(metadata["xpnet"])
-    except (KeyError, json.JSONDecodeError) as exc:
+    except (KeyError, ValueError, RecursionError) as exc:
         raise CheckpointError(f"{path} is not an xpnet checkpoint (no readable metadata)") from exc
     if not isinstance(meta, dict) or meta.get("format") != _FORMAT:
         found = meta.get("format") if isinstance(meta, dict) else None
-        raise CheckpointError(f"{path} has format {found!r}, expected {_FORMAT!r}")
-    if meta.get("sha256") != _digest(tensors):
-        raise CheckpointError(f"{path} is corrupted or truncated (its tensors do not match their SHA-256)")
+        older = (
+            " (written by an older xpnet, which did not checksum the metadata)" if found == "xpnet-checkpoint-1" else ""
+        )
+        raise CheckpointError(f"{path} has format {found!r}, expected {_FORMAT!r}{older}")
+    try:
+        intact = meta.get("sha256") == _digest(tensors, meta)
+    except (ValueError, TypeError, RecursionError):
+        intact = False
+    if not intact:
+        raise CheckpointError(f"{path} is corrupted or truncated (its metadata and tensors do not match their SHA-256)")
     groups: dict = {"model": {}, "optimizer": {}, "extra": {}}
     for name, value in tensors.items():
         group, _, rest = name.partition("/")
         if group not in groups or not rest:
             raise CheckpointError(f"{path}: unexpected tensor {name!r}")
+        if value.dtype.kind == "f" and not np.all(np.isfinite(value)):
+            raise CheckpointError(f"{path}: tensor {name!r} holds NaN or infinite values")
         if group == "optimizer":
             key, _, slot = rest.rpartition("/")
             groups["optimizer"].setdefault(key, {})[slot] = value
