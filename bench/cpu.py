@@ -8,7 +8,7 @@ import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
-from cli.bench import main  # noqa: E402
+from xpnet.cli.bench import main  # noqa: E402
 
 if __name__ == "__main__":
     main()

@@ -10,7 +10,7 @@ import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
-from cli.bench_gpu import run_gpu_benchmark, table  # noqa: E402
+from xpnet.cli.bench_gpu import run_gpu_benchmark, table  # noqa: E402
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)

@@ -71,7 +71,9 @@ def reports_errors(command):
 @app.command()
 @reports_errors
 def train(
-    device: str | None = typer.Option(None, help="cpu, cuda, cuda:N, strict, strict:device1, ... [default: cpu]"),
+    device: str | None = typer.Option(
+        None, help="cpu, cuda, cuda:N, strict, strict:device1, torch, ... [default: cpu]"
+    ),
     dataset: str | None = typer.Option(None, help="mnist, wdbc, fashion-mnist or kmnist [default: mnist]"),
     data_dir: str | None = typer.Option(None, help="a folder with the dataset's files (IDX, or wdbc.csv)"),
     hidden: str | None = typer.Option(None, help="hidden layer sizes, comma-separated [default: 128,64]"),
@@ -268,6 +270,7 @@ def devices():
         "array-api-strict",
         "cupy-cuda12x",
         "cupy-cuda13x",
+        "torch",
         "typer",
         "safetensors",
         "matplotlib",

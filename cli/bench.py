@@ -228,7 +228,7 @@ class FloorRun:
 #: The floor's own process: reads "epoch" lines and answers each with one epoch's seconds.
 _FLOOR_CHILD = """
 import sys
-from cli.bench import FloorRun
+from xpnet.cli.bench import FloorRun
 from xpnet.data import load_dataset
 run = FloorRun(load_dataset("mnist"), int(sys.argv[1]), int(sys.argv[2]))
 for line in sys.stdin:
@@ -296,7 +296,10 @@ def available(name) -> str | None:
 
 def peak_rss_mib(name: str, batch_size: int, device: str) -> float | None:
     """Peak RSS of a fresh process that loads MNIST and trains one epoch of ``name``."""
-    code = f"from cli.bench import _probe, vm_hwm_mib; _probe({name!r}, {batch_size}, {device!r}); print(vm_hwm_mib())"
+    code = (
+        "from xpnet.cli.bench import _probe, vm_hwm_mib; "
+        f"_probe({name!r}, {batch_size}, {device!r}); print(vm_hwm_mib())"
+    )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=_ROOT, timeout=900)
     return float(result.stdout.strip().splitlines()[-1]) if result.returncode == 0 else None
 

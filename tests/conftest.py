@@ -2,8 +2,10 @@
 
 Every test that takes the ``backend`` fixture runs once per backend: ``numpy``, ``strict``
 (array-api-strict's CPU device), ``strict:device1`` (a non-default device that refuses host
-conversions and device mixing, standing in for a GPU), ``strict:no_float64`` (refuses float64)
-and ``cuda`` (CuPy; skipped without a CUDA device). ``backend64`` leaves out no_float64.
+conversions and device mixing, standing in for a GPU), ``strict:no_float64`` (refuses float64),
+``torch`` (PyTorch tensors on the CPU through array-api-compat: the reference code on a library
+that is not NumPy; skipped without PyTorch) and ``cuda`` (CuPy; skipped without a CUDA device).
+``backend64`` leaves out no_float64.
 ``pytest --backend numpy --backend cuda`` restricts the run to the named backends.
 """
 
@@ -14,7 +16,7 @@ import pytest
 
 import xpnet
 
-BACKENDS = ["numpy", "strict", "strict:device1", "strict:no_float64", "cuda"]
+BACKENDS = ["numpy", "strict", "strict:device1", "strict:no_float64", "torch", "cuda"]
 DEVICE_OF = {"numpy": "cpu", "cuda": "cuda:0"}
 
 

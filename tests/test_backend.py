@@ -167,23 +167,87 @@ def test_available_devices_lists_cpu_and_strict():
 LIBRARY = pathlib.Path(xpnet.__file__).parent
 # The backend and its NumPy fast paths (handed out by the backend only), and the host-side I/O:
 # the data package (files before anything reaches a device) and io.py (checkpoints: host copies).
-ALLOWED_TO_IMPORT_NUMPY = {"backend.py", "_fast_numpy.py", "data", "io.py"}
+ALLOWED_TO_IMPORT_NUMPY = {"backend.py", "backends", "_fast_numpy.py", "data", "io.py"}
 
 
-def test_only_the_backend_module_imports_numpy_or_cupy():
+def _imports(path: pathlib.Path) -> list[str]:
+    names = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names += [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            names.append(node.module)
+    return names
+
+
+def test_only_the_backend_modules_import_numpy_or_cupy():
     offenders = []
     for path in sorted(LIBRARY.rglob("*.py")):
         relative = path.relative_to(LIBRARY)
         if relative.parts[0] in ALLOWED_TO_IMPORT_NUMPY:
             continue
-        for node in ast.walk(ast.parse(path.read_text())):
-            names = []
-            if isinstance(node, ast.Import):
-                names = [alias.name for alias in node.names]
-            elif isinstance(node, ast.ImportFrom) and node.module:
-                names = [node.module]
-            offenders += [f"{relative}: {n}" for n in names if n.split(".")[0] in ("numpy", "cupy")]
+        offenders += [f"{relative}: {n}" for n in _imports(path) if n.split(".")[0] in ("numpy", "cupy")]
     assert offenders == []
     # and the check itself sees imports: the backend module does import numpy
-    backend_source = ast.parse((LIBRARY / "backend.py").read_text())
-    assert any(isinstance(n, ast.Import) and n.names[0].name == "numpy" for n in ast.walk(backend_source))
+    assert "numpy" in _imports(LIBRARY / "backend.py")
+
+
+def test_only_the_backends_package_names_a_device_library():
+    """CuPy, array-api-strict and PyTorch each live in one backend class: no other module imports them."""
+    libraries = ("cupy", "array_api_strict", "torch")
+    offenders = []
+    for path in sorted(LIBRARY.rglob("*.py")):
+        relative = path.relative_to(LIBRARY)
+        if relative.parts[0] == "backends" or relative.name == "_fast_cupy.py":
+            continue
+        offenders += [f"{relative}: {n}" for n in _imports(path) if n.split(".")[0] in libraries]
+    assert offenders == []
+    found = {n.split(".")[0] for p in (LIBRARY / "backends").glob("*.py") for n in _imports(p)}
+    assert set(libraries) <= found  # the check sees the imports where they are
+
+
+def _lowbias32_in_uint32(x: np.ndarray) -> np.ndarray:
+    """The dropout hash written independently, in NumPy's wrapping uint32 arithmetic."""
+    x = x.astype(np.uint32)
+    with np.errstate(over="ignore"):
+        x ^= x >> np.uint32(16)
+        x *= np.uint32(0x7FEB352D)
+        x ^= x >> np.uint32(15)
+        x *= np.uint32(0x846CA68B)
+        x ^= x >> np.uint32(16)
+    return x
+
+
+def test_the_dropout_hash_is_uint32_arithmetic_on_every_backend(backend):
+    """The stream is computed in int64 with a split multiply (not every library has uint32
+    arithmetic): its draws equal the uint32 formula's, so masks are those of earlier versions."""
+    from xpnet.backend import _U32, _mix32
+
+    device = Device(backend, seed=5)
+    k0, k1 = device._dropout_key
+    key = _mix32(k0 ^ _mix32((0 * 0x9E3779B9 + k1) & _U32))
+    with np.errstate(over="ignore"):
+        counters = np.arange(1000, dtype=np.uint32) * np.uint32(0x9E3779B9)
+    bits = _lowbias32_in_uint32(_lowbias32_in_uint32(counters ^ np.uint32(key)) ^ np.uint32(k1))
+    expected = ((bits >> np.uint32(8)).astype(np.float32) * np.float32(1.0 / 16777216.0)).reshape(10, 100)
+    np.testing.assert_array_equal(host(device, device.random((10, 100), "float32")), expected)
+
+
+@pytest.mark.parametrize("name", ["torch:tpu", "torch:cuda:x", "torch:cuda:-1"])
+def test_malformed_torch_device_strings_are_refused(name):
+    with pytest.raises(DeviceError, match="PyTorch device|unknown"):
+        Device(name)
+
+
+def test_torch_backend_strings_and_transfers():
+    torch = pytest.importorskip("torch", reason="PyTorch is not installed: the torch backend is not tested")
+    device = Device("torch", seed=0)
+    assert device.name == "torch" and Device("torch:cpu").name == "torch"
+    x = device.to_device(np.arange(6.0).reshape(2, 3), "float32")
+    assert isinstance(x, torch.Tensor) and x.dtype == torch.float32 and device.owns(x)
+    np.testing.assert_array_equal(device.to_host(x), np.arange(6.0, dtype=np.float32).reshape(2, 3))
+    assert Device("cpu").to_device(x).dtype == np.float32  # a tensor moves to NumPy
+    if not torch.cuda.is_available():
+        with pytest.raises(DeviceError, match="PyTorch sees no CUDA GPU"):
+            Device("torch:cuda:0")
+    assert "PyTorch" in device.describe() and device.fast is None

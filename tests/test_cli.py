@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 from conftest import assert_one_line_error
 from typer.testing import CliRunner
+from xpnet.cli.app import app
+from xpnet.cli.main import main
 
 import xpnet
-from cli.app import app
-from cli.main import main
 from xpnet.data import load_dataset, write_idx
 from xpnet.io import load_checkpoint
 
@@ -82,7 +82,7 @@ def test_progress_degrades_to_plain_lines_and_quiet_prints_the_result(tmp_path):
 def test_progress_bar_on_a_terminal():
     import io
 
-    from cli.progress import ProgressBar
+    from xpnet.cli.progress import ProgressBar
 
     stream = io.StringIO()
     bar = ProgressBar(stream, interactive=True, refresh=0.0)
@@ -108,7 +108,7 @@ def test_resume_equals_an_uninterrupted_run(tmp_path, monkeypatch):
     args = [*WDBC, "--epochs", 4, "--early-stopping", 3, "--schedule", "cosine"]
     assert invoke("train", *args, "--out", tmp_path / "whole", "--quiet").exit_code == 0
 
-    from cli import run as run_module
+    from xpnet.cli import run as run_module
 
     original = run_module.RunRecorder.on_epoch_end
 
@@ -179,7 +179,7 @@ def test_resume_mid_epoch_while_early_stopping_waits(tmp_path, monkeypatch):
     whole = load_checkpoint(tmp_path / "whole" / "checkpoint.safetensors")
     assert whole.meta["stopped_early"] and whole.meta["epochs_done"] < 40
 
-    from cli import run as run_module
+    from xpnet.cli import run as run_module
 
     def ctrl_c_in_epoch_five(self, state):
         if state.epoch == 4 and state.step == 7:
@@ -205,7 +205,7 @@ def test_resume_mid_epoch_while_early_stopping_waits(tmp_path, monkeypatch):
 def test_interrupt_in_the_first_epoch_resumes_from_the_start(tmp_path, monkeypatch):
     args = [*WDBC, "--epochs", 2]
     assert invoke("train", *args, "--out", tmp_path / "whole", "--quiet").exit_code == 0
-    from cli import run as run_module
+    from xpnet.cli import run as run_module
 
     def ctrl_c(self, state):
         raise KeyboardInterrupt
@@ -534,6 +534,18 @@ def test_installed_console_script_runs(tmp_path):
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "Traceback" not in bad.stderr
 
 
+def test_the_command_line_installs_as_xpnet_cli_with_one_version(tmp_path):
+    """Outside the repository, the installed distribution gives xpnet.cli and no top-level `cli`
+    (a name other projects use too); its version is xpnet.__version__, written in one place."""
+    code = (
+        "import importlib.metadata, importlib.util, xpnet, xpnet.cli.app; "
+        "print(importlib.util.find_spec('cli') is None, importlib.metadata.version('xpnet') == xpnet.__version__)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["True", "True"]
+
+
 def test_the_library_imports_without_typer():
     code = "import sys; sys.modules['typer'] = None; import xpnet, xpnet.data, xpnet.io; print('ok')"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
@@ -551,7 +563,7 @@ def test_parity_against_the_strict_stand_in():
 
 
 def test_parity_fails_loudly_when_a_device_computes_differently(monkeypatch):
-    from cli import parity
+    from xpnet.cli import parity
 
     class Skewed(xpnet.Layer):
         """Identity on the CPU, ×1.001 elsewhere: a device bug parity must catch."""
@@ -579,7 +591,7 @@ def test_a_cuda_index_that_does_not_exist(tmp_path, monkeypatch):
 
 
 def test_bench_command_prints_a_table(monkeypatch):
-    from cli import bench
+    from xpnet.cli import bench
 
     monkeypatch.setattr(
         bench, "available", lambda name: "left out in this test" if name in ("pytorch", "sklearn") else None
@@ -599,14 +611,15 @@ def test_bench_command_prints_a_table(monkeypatch):
 def test_gpu_benchmark_runs_its_implementations_on_the_cpu_stand_in():
     """The GPU benchmark's code, run where there is no GPU: xpnet with and without its fast
     paths and PyTorch (when installed) on the CPU; CUDA graphs are skipped with the reason."""
-    from cli.bench_gpu import run_gpu_benchmark, table
+    from xpnet.cli.bench_gpu import run_gpu_benchmark, table
+
     from xpnet.data import load_dataset
 
     full = load_dataset("mnist")
     small = dataclasses.replace(full, train=full.train.take(slice(0, 3000)), test=full.test.take(slice(0, 1000)))
     logged = []
     rows = run_gpu_benchmark((500,), 2, device="cpu", data=small, log=logged.append)
-    from cli.bench import available
+    from xpnet.cli.bench import available
 
     # no graphs without a GPU; without torch, both PyTorch references say that instead
     why = "CUDA graphs need a GPU" if available("pytorch") is None else available("pytorch")

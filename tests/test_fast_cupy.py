@@ -35,7 +35,7 @@ def _close(fast, reference, rtol=1e-6):
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_adam_kernel_matches_the_reference_update(dtype):
     device = _gpu()
-    cp, fast = device._cupy, device.fast
+    cp, fast = device.backend.cupy, device.fast
     host = [np.random.default_rng(i).random(10_000).astype(dtype) for i in range(4)]
     p, g, m, v = (cp.asarray(a) for a in host)
     fast.adam_(p, g, m, v, None, 1e-3, 0.9, 0.999, 1e-8)
@@ -49,7 +49,7 @@ def test_adam_kernel_matches_the_reference_update(dtype):
 
 def test_layer_kernels_match_the_reference():
     device = _gpu()
-    cp, fast = device._cupy, device.fast
+    cp, fast = device.backend.cupy, device.fast
     x, W, b = _random(33, 20), _random(17, 20, seed=1), _random(17, seed=2)
     out = fast.linear(cp.asarray(x), cp.asarray(W), cp.asarray(b), cp.empty((33, 17), np.float32), relu=True)
     _close(cp.asnumpy(out), np.maximum(x @ W.T + b, 0), rtol=1e-5)  # cuBLAS sums in its own order
@@ -61,7 +61,7 @@ def test_layer_kernels_match_the_reference():
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_softmax_cross_entropy_kernel_matches_the_reference(dtype):
     device = _gpu()
-    cp, fast = device._cupy, device.fast
+    cp, fast = device.backend.cupy, device.fast
     z, labels = _random(300, 10, dtype=dtype) * 4, np.random.default_rng(1).integers(0, 10, 300)
     value, delta = fast.softmax_cross_entropy(cp.asarray(z), cp.asarray(labels), cp.empty((300, 10), dtype))
     reference_value, reference_delta = xn.SoftmaxCrossEntropy().value_and_grad(z, labels)

@@ -11,9 +11,9 @@ import zlib
 import numpy as np
 import pytest
 from test_data_limits import assert_refused_in_child, run_capped
+from xpnet.cli.images import MAX_PIXELS, load_array, load_image
+from xpnet.cli.run import CLIError
 
-from cli.images import MAX_PIXELS, load_array, load_image
-from cli.run import CLIError
 from xpnet.data import limits
 
 Image = pytest.importorskip("PIL.Image")
@@ -163,8 +163,8 @@ def test_an_array_beyond_the_memory_limit_is_refused_from_its_header(tmp_path, m
 
 LOAD_ARRAY_IN_CHILD = """
 import sys
-from cli.images import load_array
-from cli.run import CLIError
+from xpnet.cli.images import load_array
+from xpnet.cli.run import CLIError
 try:
     rows = load_array(sys.argv[1], 784)
 except CLIError as exc:

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from conftest import assert_on_device, host, on
 
+import xpnet as xn
 from xpnet import BinaryCrossEntropy, Device, MeanSquaredError, SoftmaxCrossEntropy, get_loss
 
 
@@ -135,3 +136,82 @@ def test_float_labels_for_cross_entropy_get_a_hint(backend):
     device = Device(backend)
     with pytest.raises(ValueError, match="class labels must be an integer array"):
         SoftmaxCrossEntropy().value(on(device, np.zeros((2, 3))), on(device, [0.0, 1.0]))
+
+
+def _soft_targets(rng, shape, totals):
+    """Probability rows of the given totals (a Dirichlet draw times each row's total)."""
+    rows = rng.dirichlet(np.ones(shape[1]), size=shape[0])
+    return rows * np.asarray(totals, dtype=np.float64)[:, None]
+
+
+def test_cross_entropy_gradient_for_rows_not_summing_to_one_matches_central_differences(backend64):
+    # L = −(1/B) Σ_i Σ_c y_ic log p_ic  ⇒  ∂L/∂z = (p · Σy − y) / B, not (p − y) / B
+    device = Device(backend64)
+    rng = np.random.default_rng(3)
+    z = rng.normal(size=(4, 3)) * 2
+    y = _soft_targets(rng, z.shape, [0.7, 1.3, 0.7, 1.3])
+    loss = SoftmaxCrossEntropy()
+    _, grad = loss.value_and_grad(on(device, z, "float64"), on(device, y, "float64"))
+    grad = host(device, grad)
+
+    eps, numeric = 1e-6, np.zeros_like(z)
+    for index in np.ndindex(*z.shape):
+        step = np.zeros_like(z)
+        step[index] = eps
+        up = float(host(device, loss.value(on(device, z + step, "float64"), on(device, y, "float64"))))
+        down = float(host(device, loss.value(on(device, z - step, "float64"), on(device, y, "float64"))))
+        numeric[index] = (up - down) / (2 * eps)
+    np.testing.assert_allclose(grad, numeric, rtol=1e-7, atol=1e-10)
+
+    p = np.exp(z - z.max(axis=1, keepdims=True))
+    p /= p.sum(axis=1, keepdims=True)
+    np.testing.assert_allclose(grad, (p * y.sum(axis=1, keepdims=True) - y) / 4, rtol=1e-12, atol=1e-15)
+    assert np.abs((p - y) / 4 - numeric).max() > 0.01  # the one-hot formula is wrong for these rows
+
+
+def test_cross_entropy_soft_targets_pass_gradcheck_through_a_model(backend64):
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(6, 3))
+    y = _soft_targets(rng, (6, 4), [0.7, 1.3, 1.0, 0.7, 1.3, 0.5])
+    model = xn.Sequential([xn.Dense(3, 5), xn.Tanh(), xn.Dense(5, 4)], device=backend64, dtype="float64", seed=0)
+    report = xn.gradcheck(model, "cross_entropy", x, y)
+    assert report.max_error < 1e-7, report.table()
+
+
+def test_one_hot_float_targets_give_exactly_the_integer_label_gradient(backend):
+    device = Device(backend)
+    rng = np.random.default_rng(5)
+    z = rng.normal(size=(7, 4)) * 3
+    labels = np.array([0, 3, 1, 1, 2, 0, 3])
+    loss = SoftmaxCrossEntropy()
+    value_int, grad_int = loss.value_and_grad(on(device, z), _labels(device, labels))
+    value_hot, grad_hot = loss.value_and_grad(on(device, z), on(device, np.eye(4)[labels]))
+    np.testing.assert_array_equal(host(device, grad_hot), host(device, grad_int))
+    assert float(host(device, value_hot)) == pytest.approx(float(host(device, value_int)), rel=1e-6)
+
+
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        ([[0.5, -0.1, 0.6], [0.2, 0.3, 0.5]], r"probability targets must be non-negative, got values from -0.1"),
+        ([[0.5, np.nan, 0.5], [0.2, 0.3, 0.5]], r"probability targets must be finite"),
+        ([[0.5, np.inf, 0.5], [0.2, 0.3, 0.5]], r"probability targets must be finite"),
+    ],
+    ids=["negative", "nan", "inf"],
+)
+def test_cross_entropy_refuses_negative_or_non_finite_probability_targets(backend, bad, message):
+    device = Device(backend)
+    loss, z, y = SoftmaxCrossEntropy(), on(device, np.zeros((2, 3))), on(device, bad)
+    with pytest.raises(ValueError, match=message):
+        loss.value_and_grad(z, y)
+    with pytest.raises(ValueError, match=message):
+        loss.value(z, y)
+    with pytest.raises(ValueError, match=message):
+        loss.check_targets(y, 3)
+
+
+def test_fit_refuses_negative_probability_targets_once_by_name():
+    model = xn.Sequential([xn.Dense(2, 3)])
+    y = np.array([[0.5, 0.5, 0.0], [1.2, -0.2, 0.0]], dtype=np.float32)
+    with pytest.raises(ValueError, match=r"^y: probability targets must be non-negative, got values from -0.2"):
+        xn.fit(model, "cross_entropy", "sgd", np.zeros((2, 2), dtype=np.float32), y)

@@ -18,18 +18,18 @@ import numpy as np
 import pytest
 from conftest import assert_one_line_error as one_line
 from typer.testing import CliRunner
+from xpnet.cli import run as run_module
+from xpnet.cli.app import app
+from xpnet.cli.folder import FolderLock
 
 import xpnet
-from cli import run as run_module
-from cli.app import app
-from cli.folder import FolderLock
 from xpnet.io import load_checkpoint, save_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 runner = CliRunner()
 WDBC = ["--dataset", "wdbc", "--hidden", "16,8", "--batch-size", "32"]
 # The console script's own code path, in a process of its own.
-SCRIPT = "import sys\nfrom cli.main import main\nsys.exit(main(sys.argv[1:]))"
+SCRIPT = "import sys\nfrom xpnet.cli.main import main\nsys.exit(main(sys.argv[1:]))"
 
 
 def invoke(*args):
@@ -321,7 +321,7 @@ def test_a_huge_network_is_refused_before_memory_is_taken(tmp_path):
     code = (
         "import resource, sys\n"
         "resource.setrlimit(resource.RLIMIT_AS, (2 << 30, 2 << 30))\n"
-        "from cli.main import main\n"
+        "from xpnet.cli.main import main\n"
         "sys.exit(main(sys.argv[1:]))\n"
     )
     env = {**os.environ, "XPNET_THREADS": "0", "OPENBLAS_NUM_THREADS": "1"}
@@ -354,7 +354,7 @@ def test_ctrl_c_at_any_moment_is_one_line_and_exit_130(tmp_path):
     ``main``), loading data, building the model, training. (Before that, Python's own start-up,
     such as the .pth files of site-packages, is not xpnet's to handle.)"""
     started = tmp_path / "started"
-    code = f"import pathlib, sys\nfrom cli.main import main\npathlib.Path({str(started)!r}).touch()\n"
+    code = f"import pathlib, sys\nfrom xpnet.cli.main import main\npathlib.Path({str(started)!r}).touch()\n"
     code += "sys.exit(main(sys.argv[1:]))"
     env = {**os.environ, "XPNET_THREADS": "0", "OPENBLAS_NUM_THREADS": "1"}
     for i, delay in enumerate((0.0, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.8, 1.2, 2.0)):

@@ -5,9 +5,29 @@ Python Array API so that the same code trains on NumPy (CPU), CuPy (CUDA) and ar
 from .backend import Device, DeviceError, available_devices, get_device
 from .gradcheck import GradcheckReport, gradcheck
 from .initializers import he_normal, he_uniform, xavier_normal, xavier_uniform, zeros
-from .layers import Dense, Dropout, Flatten, Layer, LeakyReLU, ReLU, Sigmoid, Softmax, Tanh
-from .losses import BinaryCrossEntropy, Loss, MeanSquaredError, SoftmaxCrossEntropy, get_loss
-from .metrics import Accuracy, BinaryAccuracy, Metric
+from .layers import (
+    Dense,
+    Dropout,
+    Flatten,
+    Layer,
+    LeakyReLU,
+    ReLU,
+    Sigmoid,
+    Softmax,
+    Tanh,
+    layer_registry,
+    register_layer,
+)
+from .losses import (
+    BinaryCrossEntropy,
+    Loss,
+    MeanSquaredError,
+    SoftmaxCrossEntropy,
+    get_loss,
+    loss_registry,
+    register_loss,
+)
+from .metrics import Accuracy, BinaryAccuracy, Metric, metric_registry, register_metric
 from .model import Sequential, mlp
 from .optim import (
     SGD,
@@ -23,7 +43,10 @@ from .optim import (
     Warmup,
     clip_by_global_norm,
     get_optimizer,
+    optimizer_registry,
+    register_optimizer,
 )
+from .registry import Registry
 from .train import (
     Callback,
     EarlyStopping,
@@ -64,6 +87,7 @@ __all__ = [
     "Momentum",
     "Optimizer",
     "ReLU",
+    "Registry",
     "SGD",
     "Schedule",
     "Sequential",
@@ -86,8 +110,16 @@ __all__ = [
     "gradcheck",
     "he_normal",
     "he_uniform",
+    "layer_registry",
+    "loss_registry",
+    "metric_registry",
     "mlp",
+    "optimizer_registry",
     "predict",
+    "register_layer",
+    "register_loss",
+    "register_metric",
+    "register_optimizer",
     "xavier_normal",
     "xavier_uniform",
     "zeros",

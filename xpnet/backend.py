@@ -1,9 +1,11 @@
-"""Devices: the one module that knows NumPy, CuPy and array-api-strict by name.
+"""Devices: a backend (``xpnet.backends``: NumPy, CuPy, array-api-strict or PyTorch) with the
+run's seeded random streams.
 
-Everything the Array API standard leaves out lives here:
+Everything the Array API standard leaves out lives here or in the backends:
 
 * resolving a device string (``cpu``, ``cuda``, ``cuda:N``, ``strict``, ``strict:device1``,
-  ``strict:no_float64``, ...) to an ``xp`` namespace and a native device object;
+  ``strict:no_float64``, ``torch``, ``torch:cuda:N``) to a backend: an ``xp`` namespace and a
+  native device object;
 * moving arrays between the host (NumPy) and the device, and waiting for the device;
 * randomness. The standard has no random number generator, so
 
@@ -11,7 +13,7 @@ Everything the Array API standard leaves out lives here:
     ``numpy.random.Generator`` streams and moved to the device once: one seed gives
     bit-identical weights and batch order on every backend;
   - dropout masks come from a counter-based hash computed on the device with ``xp`` integer
-    operations (``uniform``): the mask of the k-th draw depends only on the seed and k, so it is
+    operations (``random``): the mask of the k-th draw depends only on the seed and k, so it is
     reproducible on every backend and the same on all of them, without a host transfer.
 
 Every other module computes through ``device.xp`` only.
@@ -21,90 +23,35 @@ from __future__ import annotations
 
 import math
 import os
-import re
-import time
 from typing import Any
 
 import numpy as np
 
+from .backends import DeviceError, array_backend, available_names, resolve
+
 __all__ = ["Device", "DeviceError", "available_devices", "get_device"]
 
 _FLOAT_DTYPES = ("float32", "float64")
-_STRICT_NAMES = ("CPU_DEVICE", "device1", "device2", "no_float64")
 _U32 = 0xFFFFFFFF
 
 
-class DeviceError(ValueError):
-    """A device string that cannot be resolved here, with the reason in the message."""
+def _mul32(x, c: int):
+    """x · c mod 2³² for an int64 array x of values below 2³² and a constant c below 2³², without
+    overflow: c is split into 16-bit halves, so no product reaches 2⁴⁹ (every backend has int64;
+    not all have uint32 arithmetic, and Python ints above 2³¹ do not mix with int32 or uint32)."""
+    low, high = c & 0xFFFF, c >> 16
+    return (x * low + (((x * high) & 0xFFFF) << 16)) & _U32
 
 
 def _mix32(x):
-    """A 32-bit integer hash (Wellons' 'lowbias32'); works on Python ints and uint32 arrays."""
+    """A 32-bit integer hash (Wellons' 'lowbias32'); works on Python ints and int64 arrays of
+    values below 2³²."""
+    mul = (lambda v, c: (v * c) & _U32) if isinstance(x, int) else _mul32
     x = x ^ (x >> 16)
-    x = (x * 0x7FEB352D) & _U32 if isinstance(x, int) else x * 0x7FEB352D
+    x = mul(x, 0x7FEB352D)
     x = x ^ (x >> 15)
-    x = (x * 0x846CA68B) & _U32 if isinstance(x, int) else x * 0x846CA68B
+    x = mul(x, 0x846CA68B)
     return x ^ (x >> 16)
-
-
-def _parse(name: str) -> tuple[str, str | int | None]:
-    """Split a device string into (kind, detail); raise DeviceError for unknown strings."""
-    if not isinstance(name, str):
-        raise DeviceError(f"device must be a string such as 'cpu' or 'cuda:0', got {name!r}")
-    text = name.strip()
-    lowered = text.lower()
-    if lowered in ("cpu", "numpy"):
-        return "numpy", None
-    match = re.fullmatch(r"cuda(?::(\d+))?", lowered)
-    if match:
-        return "cupy", int(match.group(1) or 0)
-    if lowered == "strict":
-        return "strict", "CPU_DEVICE"
-    if lowered.startswith("strict:"):
-        detail = text.split(":", 1)[1]
-        if detail in _STRICT_NAMES:
-            return "strict", detail
-        raise DeviceError(
-            f"unknown array-api-strict device {detail!r} in {name!r}; choose one of: {', '.join(_STRICT_NAMES)}"
-        )
-    raise DeviceError(
-        f"unknown device {name!r}; use 'cpu', 'cuda', 'cuda:N', 'strict', 'strict:device1' or 'strict:no_float64'"
-    )
-
-
-def _load_cupy(index: int):
-    try:
-        import cupy
-    except ImportError as exc:
-        raise DeviceError(
-            "device 'cuda' needs CuPy, which is not installed: "
-            "pip install 'xpnet[cuda12]' (CUDA 12) or 'xpnet[cuda13]' (CUDA 13)"
-        ) from exc
-    try:
-        count = cupy.cuda.runtime.getDeviceCount()
-    except Exception as exc:  # CUDARuntimeError without a driver, among others
-        raise DeviceError(f"device 'cuda' is not usable: no CUDA driver or GPU found ({exc})") from exc
-    if count == 0:
-        raise DeviceError("device 'cuda' is not usable: CUDA reports no GPU")
-    if index >= count:
-        raise DeviceError(
-            f"device 'cuda:{index}' does not exist: this machine has {count} GPU(s), cuda:0 to cuda:{count - 1}"
-        )
-    return cupy
-
-
-def _load_strict(detail: str):
-    try:
-        import array_api_strict
-    except ImportError as exc:
-        raise DeviceError("the strict devices need array-api-strict: pip install 'array-api-strict>=2.6'") from exc
-    try:
-        return array_api_strict, array_api_strict.Device(detail)
-    except ValueError as exc:  # older releases lack some devices (no_float64 came in 2.6)
-        raise DeviceError(
-            f"array-api-strict {array_api_strict.__version__} has no device {detail!r}: "
-            "pip install 'array-api-strict>=2.6'"
-        ) from exc
 
 
 class Device:
@@ -116,37 +63,18 @@ class Device:
     """
 
     def __init__(self, name: str = "cpu", *, seed: int = 0, fast: bool | None = None):
-        self.kind, detail = _parse(name)
-        if self.kind == "numpy":
-            import array_api_compat.numpy
-
-            self.xp = array_api_compat.numpy
-            self.native = "cpu"
-            self.name = "cpu"
-        elif self.kind == "cupy":
-            self._cupy = _load_cupy(detail)
-            import array_api_compat.cupy
-
-            self.xp = array_api_compat.cupy
-            self.native = self._cupy.cuda.Device(detail)
-            self.name = f"cuda:{detail}"
-        else:
-            self.xp, self.native = _load_strict(detail)
-            self.name = "strict" if detail == "CPU_DEVICE" else f"strict:{detail}"
+        self.backend = resolve(name)
+        self.kind, self.xp, self.native, self.name = (
+            self.backend.kind,
+            self.backend.xp,
+            self.backend.native,
+            self.backend.name,
+        )
         self.seed(seed)
         if fast is None:
             fast = os.environ.get("XPNET_FAST", "1") != "0"
         #: Backend-specific fast paths (None: the Array API reference code runs everywhere).
-        self.fast = None
-        if fast and self.kind == "numpy":
-            from ._fast_numpy import NumpyFastPaths
-
-            self.fast = NumpyFastPaths()
-        elif fast and self.kind == "cupy":
-            from ._fast_cupy import CupyFastPaths
-
-            with self.native:
-                self.fast = CupyFastPaths(self._cupy)
+        self.fast = self.backend.fast_paths() if fast else None
 
     def __repr__(self) -> str:
         return f"Device({self.name!r})"
@@ -154,37 +82,16 @@ class Device:
     def __enter__(self) -> Device:
         """Make this the current device: CuPy creates new arrays on the current GPU whatever
         ``device=`` says, so the model, losses and training loop run their code inside this."""
-        if self.kind == "cupy":
-            self.native.__enter__()
+        self.backend.enter()
         return self
 
     def __exit__(self, *exc) -> None:
-        if self.kind == "cupy":
-            self.native.__exit__(*exc)
+        self.backend.exit(*exc)
 
     def describe(self) -> str:
-        """One line about the device: library version, and for a GPU its name and memory."""
-        if self.kind == "numpy":
-            if self.fast is None:
-                paths = "Array API code only (fast paths off)"
-            else:
-                paths = "fast paths on, Adam " + ("compiled" if self.fast.native is not None else "in NumPy passes")
-                if self.fast.threads > 1:
-                    paths += f"; OpenBLAS and the kernels on one pool of {self.fast.threads} threads"
-            return f"NumPy {np.__version__} on the CPU; {paths}"
-        if self.kind == "cupy":
-            cupy = self._cupy
-            props = cupy.cuda.runtime.getDeviceProperties(self.native.id)
-            free, total = self.native.mem_info
-            pool = cupy.get_default_memory_pool()
-            name = props["name"].decode() if isinstance(props["name"], bytes) else props["name"]
-            return (
-                f"{name}, {total / 2**30:.1f} GiB ({free / 2**30:.1f} GiB free); CuPy {cupy.__version__}, "
-                f"CUDA runtime {cupy.cuda.runtime.runtimeGetVersion()}; "
-                f"memory pool {pool.used_bytes() / 2**20:.1f} MiB used of {pool.total_bytes() / 2**20:.1f} MiB held; "
-                + ("fused CUDA kernels on" if self.fast is not None else "Array API code only (fast paths off)")
-            )
-        return f"array-api-strict {self.xp.__version__}, device {self.native} (a test stand-in)"
+        """One line about the device: library version, for a GPU its name and memory, and
+        whether the fast paths are on."""
+        return self.backend.describe(self.fast)
 
     def stopwatch(self) -> Stopwatch:
         """A started stopwatch on this device's clock: ``.stop()`` returns the seconds since."""
@@ -193,7 +100,7 @@ class Device:
     # ----------------------------------------------------------------- dtypes
     @property
     def supports_float64(self) -> bool:
-        return not (self.kind == "strict" and self.native == self.xp.Device("no_float64"))
+        return self.backend.supports_float64
 
     def dtype(self, name: Any, *, floating: bool = True):
         """The namespace's dtype for a name ('float32', 'float64', 'int64', ...) or a dtype.
@@ -210,12 +117,9 @@ class Device:
         return getattr(self.xp, text)
 
     # ------------------------------------------------------- moving arrays
-    def _owns(self, a) -> bool:
-        if self.kind == "numpy":
-            return isinstance(a, np.ndarray)
-        if self.kind == "cupy":
-            return isinstance(a, self._cupy.ndarray) and a.device.id == self.native.id
-        return isinstance(a, _strict_array_type()) and a.device == self.native
+    def owns(self, a) -> bool:
+        """Whether ``a`` is an array of this device's library on this device."""
+        return self.backend.owns(a)
 
     def to_device(self, a, dtype=None, *, copy: bool = False):
         """Move ``a`` (NumPy array, list, or any backend's array) here, cast to ``dtype``.
@@ -228,20 +132,14 @@ class Device:
     def _to_device(self, a, dtype, copy):
         xp = self.xp
         target = None if dtype is None else self.dtype(dtype, floating=False)
-        if self._owns(a):
+        if self.owns(a):
             if target is not None and a.dtype != target:
                 return xp.astype(a, target)
             return xp.asarray(a, copy=True) if copy else a
         host = self.to_host(a)
         if target is not None:
             host = host.astype(dtype_name(target), copy=False)
-        if self.kind == "numpy":
-            return np.array(host, copy=True) if copy else host
-        if self.kind == "cupy":
-            return self._cupy.asarray(host)
-        if host.dtype == np.float64 and not self.supports_float64:
-            raise ValueError(f"device {self.name!r} does not support float64; pass dtype='float32'")
-        return xp.asarray(host, device=self.native)
+        return self.backend.from_host(host, copy)
 
     def to_device_targets(self, y, float_dtype, *, class_labels: bool = True):
         """Targets to the device: integer class labels as int64 (with ``class_labels``), anything
@@ -251,15 +149,8 @@ class Device:
 
     def to_host(self, x) -> np.ndarray:
         """A NumPy copy (or view) of any backend's array. Forces a sync on a GPU: not per batch."""
-        if isinstance(x, np.ndarray):
-            return x
-        if _is_cupy_array(x):
-            return x.get()
-        if isinstance(x, _strict_array_type()):
-            import array_api_strict
-
-            return np.asarray(x.to_device(array_api_strict.Device("CPU_DEVICE")))
-        return np.asarray(x)
+        backend = array_backend(x)
+        return np.asarray(x) if backend is None else backend.host_copy(x)
 
     def item(self, x) -> float:
         """A 0-d device array as a Python float (one host read)."""
@@ -267,8 +158,7 @@ class Device:
 
     def sync(self) -> None:
         """Wait until the device has finished all queued work (a no-op on the CPU)."""
-        if self.kind == "cupy":
-            self.native.synchronize()
+        self.backend.sync()
 
     # ------------------------------------------------------------ randomness
     def seed(self, seed: int) -> None:
@@ -310,7 +200,7 @@ class Device:
         key = _mix32(k0 ^ _mix32((self._dropout_counter * 0x9E3779B9 + k1) & _U32))
         self._dropout_counter += 1
         n = math.prod(shape)
-        bits = xp.arange(n, dtype=xp.uint32, device=self.native) * 0x9E3779B9
+        bits = _mul32(xp.arange(n, dtype=xp.int64, device=self.native), 0x9E3779B9)
         bits = _mix32(_mix32(bits ^ key) ^ k1)
         # The top 24 bits give floats k / 2**24 exactly representable in float32.
         u = xp.astype(bits >> 8, self.dtype(dtype))
@@ -338,22 +228,10 @@ class Stopwatch:
 
     def __init__(self, device: Device):
         self.device = device
-        self._events = None
-        if device.kind == "cupy":
-            with device:
-                self._events = (device._cupy.cuda.Event(), device._cupy.cuda.Event())
-                self._events[0].record()
-        self._started = time.perf_counter()
+        self._token = device.backend.start_timer()
 
     def stop(self) -> float:
-        if self._events is None:
-            self.device.sync()
-            return time.perf_counter() - self._started
-        start, end = self._events
-        with self.device:
-            end.record()
-            end.synchronize()
-        return self.device._cupy.cuda.get_elapsed_time(start, end) / 1000
+        return self.device.backend.elapsed(self._token)
 
 
 def get_device(device: Device | str, *, seed: int | None = None) -> Device:
@@ -368,20 +246,7 @@ def get_device(device: Device | str, *, seed: int | None = None) -> Device:
 
 def available_devices() -> list[str]:
     """The device strings that resolve on this machine."""
-    names = ["cpu"]
-    try:
-        import cupy
-
-        names += [f"cuda:{i}" for i in range(cupy.cuda.runtime.getDeviceCount())]
-    except Exception:  # no CuPy, no driver: no CUDA devices
-        pass
-    for name in ("strict", "strict:device1", "strict:no_float64"):
-        try:
-            _load_strict(_parse(name)[1])
-        except DeviceError:
-            continue
-        names.append(name)
-    return names
+    return available_names()
 
 
 def dtype_name(dtype) -> str:
@@ -392,13 +257,7 @@ def dtype_name(dtype) -> str:
         return str(dtype).rsplit(".", 1)[-1]
 
 
-def _strict_array_type():
-    try:
-        from array_api_strict._array_object import Array
-    except ImportError:  # array-api-strict not installed: nothing is a strict array
-        return ()
-    return Array
-
-
-def _is_cupy_array(x) -> bool:
-    return type(x).__module__.startswith("cupy")
+def is_device_array(x) -> bool:
+    """Whether ``x`` is an array of a device library (any backend's but NumPy's host arrays)."""
+    backend = array_backend(x)
+    return backend is not None and backend.kind != "numpy"

@@ -49,7 +49,9 @@ class Checkpoint:
     meta: dict
 
     def build_model(self, device="cpu") -> Sequential:
-        """The saved architecture on ``device``, with the saved parameters."""
+        """The saved architecture on ``device``, with the saved parameters. Each layer is rebuilt
+        through the layer registry by the name it was saved under: a layer of your own must be
+        registered (``@xpnet.register_layer``) before the checkpoint is loaded."""
         try:
             model = Sequential.from_config(self.meta["model"], device=device)
         except (KeyError, TypeError, ValueError) as exc:
@@ -64,6 +66,8 @@ class Checkpoint:
             raise CheckpointError(f"{self.path} does not fit this model: {exc}") from exc
 
     def load_optimizer_into(self, optimizer, model: Sequential) -> None:
+        """The saved optimizer state into ``optimizer`` (whose registered name must be the one the
+        state was saved under, and its hyperparameters the saved ones), bound to ``model``."""
         state = dict(self.meta.get("optimizer", {}))
         state["slots"] = self.optimizer
         try:

@@ -11,6 +11,10 @@ math of one example (a column vector x) becomes a row of the batch. A layer
   (``reuse``), where Sequential.backward has checked the δ that enters the last layer.
 
 All computation goes through ``self.xp``, the namespace of the device the layer was built on.
+
+A layer class is saved and rebuilt by the name it is registered under: the built-in layers
+register themselves, and a layer of your own joins them with ``@xpnet.register_layer``. Its
+``config()`` returns the keyword arguments that rebuild it, as JSON values.
 """
 
 from __future__ import annotations
@@ -19,9 +23,12 @@ import math
 
 from . import functional as F
 from .initializers import get_initializer
+from .registry import Registry
 
 __all__ = [
     "Layer",
+    "layer_registry",
+    "register_layer",
     "Dense",
     "ReLU",
     "LeakyReLU",
@@ -75,7 +82,9 @@ class Layer:
         raise NotImplementedError
 
     def config(self) -> dict:
-        """The constructor arguments that rebuild this layer (for saved architectures)."""
+        """The constructor keyword arguments that rebuild this layer, as JSON values (numbers,
+        strings, booleans, None, lists, dicts): ``type(layer)(**layer.config())`` is the same
+        layer before training. Saved architectures are these and the registered name."""
         return {}
 
     def __repr__(self) -> str:
@@ -83,6 +92,21 @@ class Layer:
         return f"{type(self).__name__}({args})"
 
 
+#: Layer classes by name: what a model config's ``"type"`` names (``Sequential.from_config``).
+layer_registry = Registry("layer", Layer, noun="layer type", use="loaded")
+
+
+def register_layer(cls=None, *, name: str | None = None):
+    """Register a Layer subclass under ``name`` (by default its class name), so that saved
+    configs and checkpoints that name it rebuild it: ``@xpnet.register_layer`` or
+    ``@xpnet.register_layer(name="...")``. Returns the class unchanged.
+
+    A different class under a taken name is refused with a ValueError naming both; registering
+    the same class again does nothing."""
+    return layer_registry.register(cls, name=name)
+
+
+@register_layer
 class Dense(Layer):
     """A fully connected layer: z = W·x + b for each example, z = x Wᵀ + b for a batch.
 
@@ -180,6 +204,7 @@ class Dense(Layer):
         }
 
 
+@register_layer
 class ReLU(Layer):
     """a = max(z, 0); σ'(z) = 1 where z > 0, else 0."""
 
@@ -203,6 +228,7 @@ class ReLU(Layer):
         return self.xp.where(self.z > 0, da, 0.0)
 
 
+@register_layer
 class LeakyReLU(Layer):
     """a = z for z > 0, αz otherwise; σ'(z) = 1 or α."""
 
@@ -225,6 +251,7 @@ class LeakyReLU(Layer):
         return {"alpha": self.alpha}
 
 
+@register_layer
 class Sigmoid(Layer):
     """a = σ(z) = 1 / (1 + e^(−z)) (computed stably); σ'(z) = a (1 − a)."""
 
@@ -238,6 +265,7 @@ class Sigmoid(Layer):
         return da * self.a * (1.0 - self.a)
 
 
+@register_layer
 class Tanh(Layer):
     """a = tanh(z); σ'(z) = 1 − a²."""
 
@@ -251,6 +279,7 @@ class Tanh(Layer):
         return da * (1.0 - self.a * self.a)
 
 
+@register_layer
 class Softmax(Layer):
     """p = softmax(z) row by row, for inference. (Train on logits with SoftmaxCrossEntropy,
     whose fused gradient p − y is cheaper and more accurate than this layer's backward.)
@@ -269,6 +298,7 @@ class Softmax(Layer):
         return p * (dp - self.xp.sum(dp * p, axis=-1, keepdims=True))
 
 
+@register_layer
 class Dropout(Layer):
     """Inverted dropout: in training, each unit is kept with probability 1 − rate and scaled by
     1 / (1 − rate), so evaluation (which passes the input through unchanged) needs no rescaling.
@@ -305,6 +335,7 @@ class Dropout(Layer):
         return {"rate": self.rate}
 
 
+@register_layer
 class Flatten(Layer):
     """(B, d1, d2, ...) → (B, d1·d2·...); backward restores the input's shape."""
 
@@ -318,6 +349,3 @@ class Flatten(Layer):
         if not self.reuse and tuple(dy.shape) != (self.shape[0], math.prod(self.shape[1:])):
             _misshapen(self, dy, (self.shape[0], math.prod(self.shape[1:])))
         return self.xp.reshape(dy, self.shape)
-
-
-LAYERS = {cls.__name__: cls for cls in (Dense, ReLU, LeakyReLU, Sigmoid, Tanh, Softmax, Dropout, Flatten)}

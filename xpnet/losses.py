@@ -6,6 +6,9 @@
 Called directly, SoftmaxCrossEntropy checks that integer labels are class indices of the logits
 (a read of two numbers: a host sync on a GPU); ``fit`` and ``evaluate`` check the whole target
 array once with ``check_targets`` and run their batches inside ``targets_checked()``, which skips it.
+
+Losses are found by name (``get_loss("mse")``, ``fit(model, "cross_entropy", ...)``) in the loss
+registry; a loss of your own joins it with ``@xpnet.register_loss``.
 """
 
 from __future__ import annotations
@@ -16,8 +19,17 @@ import math
 import array_api_compat
 
 from . import functional as F
+from .registry import Registry
 
-__all__ = ["Loss", "SoftmaxCrossEntropy", "BinaryCrossEntropy", "MeanSquaredError", "get_loss"]
+__all__ = [
+    "Loss",
+    "SoftmaxCrossEntropy",
+    "BinaryCrossEntropy",
+    "MeanSquaredError",
+    "get_loss",
+    "loss_registry",
+    "register_loss",
+]
 
 
 def _like(xp, target, output):
@@ -59,6 +71,20 @@ class Loss:
         return f"{type(self).__name__}()"
 
 
+#: Loss classes by name (``get_loss``); a class is registered under its own ``name`` attribute
+#: when it sets one, else under its class name.
+loss_registry = Registry("loss", Loss, default_name=lambda cls: cls.__dict__.get("name") or cls.__name__)
+
+
+def register_loss(cls=None, *, name: str | None = None):
+    """Register a Loss subclass under ``name`` (by default the ``name`` the class sets, else its
+    class name), so that ``get_loss`` and ``fit(model, name, ...)`` find it: ``@xpnet.register_loss``
+    or ``@xpnet.register_loss(name="...")``. Returns the class unchanged; a different class under a
+    taken name is refused (ValueError naming both), the same class again does nothing."""
+    return loss_registry.register(cls, name=name)
+
+
+@register_loss
 class SoftmaxCrossEntropy(Loss):
     """Cross-entropy of softmax(z) against the true classes, from the logits z.
 
@@ -66,7 +92,12 @@ class SoftmaxCrossEntropy(Loss):
     computed as log-sum-exp(z_i) − z_{i, c_i} (never log of a rounded-to-zero p).
     The gradient fuses softmax and cross-entropy:  ∂L/∂z = (p − y) / B,
     where y is one-hot — subtracted through a boolean class mask, never built as a matrix.
-    Targets may also be (B, C) probabilities (one-hot or soft labels).
+
+    Targets may also be (B, C) probabilities y ≥ 0 (one-hot rows, soft labels, or rows of any
+    total): L = −(1/B) Σ_i Σ_c y_ic log p_ic. Since ∂ log p_ic / ∂z_ik = [c = k] − p_ik,
+        ∂L/∂z_ik = (1/B) (p_ik Σ_c y_ic − y_ik),   δ = (p · Σy − y) / B  (Σy: each row's total),
+    which is (p − y)/B exactly when each row sums to 1 (bit for bit for one-hot rows, whose sum
+    is exactly 1). Negative or non-finite probabilities are refused (ValueError).
     """
 
     name = "softmax_cross_entropy"
@@ -78,10 +109,15 @@ class SoftmaxCrossEntropy(Loss):
 
     def _check_labels(self, z, target) -> None:
         """Integer labels must index the logits' classes: checked before any compiled kernel reads
-        row[label] (out of range, it would read and write outside the arrays)."""
-        if getattr(z, "ndim", None) != 2 or not hasattr(target, "dtype") or getattr(target, "ndim", None) != 1:
+        row[label] (out of range, it would read and write outside the arrays). Probability targets
+        must be finite and non-negative. (Two numbers read from the device.)"""
+        if getattr(z, "ndim", None) != 2 or not hasattr(target, "dtype") or getattr(target, "ndim", None) not in (1, 2):
             return  # the shape checks that follow say what is wrong
         xp = array_api_compat.array_namespace(target)
+        if target.ndim == 2:
+            if xp.isdtype(target.dtype, "real floating") and target.shape[0]:
+                _check_probabilities(xp, target)
+            return
         if not xp.isdtype(target.dtype, "integral") or target.shape[0] == 0:
             return
         classes = z.shape[1]
@@ -123,7 +159,12 @@ class SoftmaxCrossEntropy(Loss):
 
     def check_targets(self, targets, num_outputs):
         xp = array_api_compat.array_namespace(targets)
-        if not xp.isdtype(targets.dtype, "integral") or math.prod(targets.shape) == 0:
+        if math.prod(targets.shape) == 0:
+            return
+        if targets.ndim == 2 and xp.isdtype(targets.dtype, "real floating"):
+            _check_probabilities(xp, targets)
+            return
+        if not xp.isdtype(targets.dtype, "integral"):
             return
         lo, hi = int(xp.min(targets)), int(xp.max(targets))
         if lo < 0 or hi >= num_outputs:
@@ -146,7 +187,11 @@ class SoftmaxCrossEntropy(Loss):
         xp, loss, log_p, is_true = self._terms(z, target)
         p = xp.exp(log_p)
         batch = z.shape[0]
-        delta = xp.where(is_true, p - 1.0, p) if is_true is not None else p - _like(xp, target, z)
+        if is_true is not None:  # integer labels: p − y with y one-hot, through the class mask
+            delta = xp.where(is_true, p - 1.0, p)
+        else:  # probabilities: p · Σy − y (p · 1.0 is p itself: one-hot rows give p − y exactly)
+            y = _like(xp, target, z)
+            delta = p * xp.sum(y, axis=1, keepdims=True) - y
         return loss, delta * (1.0 / batch)
 
 
@@ -154,6 +199,16 @@ def _integral(target) -> bool:
     return array_api_compat.array_namespace(target).isdtype(target.dtype, "integral")
 
 
+def _check_probabilities(xp, targets) -> None:
+    """ValueError unless every probability target is finite and ≥ 0 (a NaN shows in min and max)."""
+    lo, hi = float(xp.min(targets)), float(xp.max(targets))
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        raise ValueError(f"probability targets must be finite, got values from {lo} to {hi} (NaN or infinite values)")
+    if lo < 0:
+        raise ValueError(f"probability targets must be non-negative, got values from {lo} to {hi}")
+
+
+@register_loss
 class BinaryCrossEntropy(Loss):
     """Binary cross-entropy of σ(z) against targets y ∈ [0, 1], from the logits z.
 
@@ -194,6 +249,7 @@ class BinaryCrossEntropy(Loss):
         return loss, (F.sigmoid(xp, z) - y) * (1.0 / math.prod(z.shape))
 
 
+@register_loss
 class MeanSquaredError(Loss):
     """The quadratic cost: L = mean((a − y)²) over all elements; ∂L/∂a = 2 (a − y) / N."""
 
@@ -210,21 +266,14 @@ class MeanSquaredError(Loss):
         return xp.mean(diff * diff), diff * (2.0 / math.prod(a.shape))
 
 
-LOSSES = {
-    "softmax_cross_entropy": SoftmaxCrossEntropy,
-    "cross_entropy": SoftmaxCrossEntropy,
-    "binary_cross_entropy": BinaryCrossEntropy,
-    "bce": BinaryCrossEntropy,
-    "mean_squared_error": MeanSquaredError,
-    "mse": MeanSquaredError,
-}
+register_loss(SoftmaxCrossEntropy, name="cross_entropy")
+register_loss(BinaryCrossEntropy, name="bce")
+register_loss(MeanSquaredError, name="mse")
 
 
 def get_loss(name_or_loss) -> Loss:
-    """A loss by name ('cross_entropy', 'bce', 'mse') or a Loss instance as it is."""
+    """A loss by its registered name ('cross_entropy', 'bce', 'mse', or one of your own), made
+    with no arguments, or a Loss instance as it is."""
     if isinstance(name_or_loss, Loss):
         return name_or_loss
-    try:
-        return LOSSES[name_or_loss]()
-    except KeyError:
-        raise ValueError(f"unknown loss {name_or_loss!r}; choose one of {', '.join(sorted(LOSSES))}") from None
+    return loss_registry.lookup(name_or_loss)()

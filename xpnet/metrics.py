@@ -2,7 +2,8 @@
 
 ``count(output, target)`` returns (number correct as a 0-d device array, number judged);
 ``count_fast(output, target, fast)`` is the same count, fused where a device's fast paths have a
-kernel for it (what ``fit`` calls).
+kernel for it (what ``fit`` calls). Metrics are found by name in the metric registry
+(``fit(..., metrics=["accuracy"])``); one of your own joins it with ``@xpnet.register_metric``.
 """
 
 from __future__ import annotations
@@ -11,7 +12,17 @@ import math
 
 from array_api_compat import array_namespace
 
-__all__ = ["Metric", "Accuracy", "BinaryAccuracy", "get_metric", "default_metrics"]
+from .registry import Registry
+
+__all__ = [
+    "Metric",
+    "Accuracy",
+    "BinaryAccuracy",
+    "get_metric",
+    "default_metrics",
+    "metric_registry",
+    "register_metric",
+]
 
 
 class Metric:
@@ -25,6 +36,19 @@ class Metric:
         return self.count(output, target)
 
 
+#: Metric classes by name (``get_metric``); a class is registered under its own ``name``
+#: attribute when it sets one, else under its class name.
+metric_registry = Registry("metric", Metric, default_name=lambda cls: cls.__dict__.get("name") or cls.__name__)
+
+
+def register_metric(cls=None, *, name: str | None = None):
+    """Register a Metric subclass under ``name`` (by default the ``name`` the class sets, else its
+    class name), so that ``fit(..., metrics=[name])`` finds it. Returns the class unchanged; a
+    different class under a taken name is refused (ValueError naming both)."""
+    return metric_registry.register(cls, name=name)
+
+
+@register_metric
 class Accuracy(Metric):
     """Fraction of examples whose largest output is the true class (labels or one-hot rows)."""
 
@@ -43,6 +67,7 @@ class Accuracy(Metric):
         return self.count(output, target) if correct is None else (correct, output.shape[0])
 
 
+@register_metric
 class BinaryAccuracy(Metric):
     """Fraction of outputs on the right side of the threshold: logits > 0 ⇔ σ(z) > 0.5.
 
@@ -61,16 +86,11 @@ class BinaryAccuracy(Metric):
         return xp.count_nonzero((output > self.threshold) == truth), math.prod(output.shape)
 
 
-METRICS = {"accuracy": Accuracy, "binary_accuracy": BinaryAccuracy}
-
-
 def get_metric(name_or_metric) -> Metric:
+    """A metric by its registered name, made with no arguments, or a Metric instance as it is."""
     if isinstance(name_or_metric, Metric):
         return name_or_metric
-    try:
-        return METRICS[name_or_metric]()
-    except KeyError:
-        raise ValueError(f"unknown metric {name_or_metric!r}; choose one of {', '.join(METRICS)}") from None
+    return metric_registry.lookup(name_or_metric)()
 
 
 def default_metrics(loss) -> list[Metric]:

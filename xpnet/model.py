@@ -12,12 +12,13 @@ of the shape and dtype of the last output. Anything else is refused with a messa
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 
 from array_api_compat import array_namespace, is_writeable_array
 
-from .backend import Device, _is_cupy_array, _strict_array_type, dtype_name, get_device
-from .layers import LAYERS, Dense, Dropout, Flatten, Layer, LeakyReLU, ReLU, Sigmoid, Softmax, Tanh
+from .backend import Device, dtype_name, get_device, is_device_array
+from .layers import Dense, Dropout, Flatten, Layer, LeakyReLU, ReLU, Sigmoid, Softmax, Tanh, layer_registry
 
 #: Layers whose output has their input's shape (the model's input width can be seen through them).
 _SAME_SHAPE = (ReLU, LeakyReLU, Sigmoid, Tanh, Softmax, Dropout)
@@ -84,9 +85,9 @@ class Sequential:
         device, want = self.device, dtype_name(self.dtype)
         if x is None:
             raise TypeError("x must be an array of shape (batch, features) on the model's device, got None")
-        if device._owns(x):
+        if device.owns(x):
             host = x
-        elif _is_cupy_array(x) or isinstance(x, _strict_array_type()):
+        elif is_device_array(x):
             raise TypeError(
                 f"x is an array on another device; forward takes an array on the model's device "
                 f"({device.name}): move it with model.device.to_device(x, model.dtype)"
@@ -106,7 +107,7 @@ class Sequential:
                 f"x has dtype {dtype_name(host.dtype)}, which does not match the model's {want}; move data with "
                 "model.device.to_device(x, dtype=model.dtype) (xpnet never casts arrays silently)"
             )
-        return host if device._owns(host) else device.to_device(host)
+        return host if device.owns(host) else device.to_device(host)
 
     def check_input_shape(self, shape, name: str = "x") -> None:
         """ValueError (naming ``name``) unless ``shape`` is that of a batch the model takes: one
@@ -217,21 +218,53 @@ class Sequential:
 
     # -------------------------------------------------------- description
     def config(self) -> dict:
-        """The architecture as plain data: ``Sequential.from_config`` rebuilds it."""
-        return {
-            "layers": [{"type": type(layer).__name__, **layer.config()} for layer in self.layers],
-            "dtype": dtype_name(self.dtype),
-        }
+        """The architecture as plain data (JSON): ``Sequential.from_config`` rebuilds it.
+
+        Each layer is ``{"type": <the name its class is registered under>, **layer.config()}``.
+        A layer whose class is not registered, or whose config is not JSON constructor keyword
+        arguments, is refused here (ValueError), not when the saved model fails to load.
+        """
+        specs = []
+        for i, layer in enumerate(self.layers):
+            kind = layer_registry.name_of(type(layer))
+            if kind is None:
+                raise ValueError(
+                    f"layer {i} ({type(layer).__qualname__}) cannot be saved: its class is not registered, so "
+                    "a saved model could not rebuild it; decorate the class with @xpnet.register_layer"
+                )
+            args = layer.config()
+            if not isinstance(args, dict) or not all(isinstance(key, str) for key in args) or "type" in args:
+                raise ValueError(
+                    f"layer {i} ({kind}): config() must return a dict of constructor keyword arguments "
+                    f"(not including 'type'), got {args!r:.200}"
+                )
+            try:
+                json.dumps(args, allow_nan=False)
+            except (TypeError, ValueError) as exc:
+                raise ValueError(
+                    f"layer {i} ({kind}): config() must return JSON values (numbers, strings, booleans, None, "
+                    f"lists, dicts), got {args!r:.200} ({exc})"
+                ) from None
+            specs.append({"type": kind, **args})
+        return {"layers": specs, "dtype": dtype_name(self.dtype)}
 
     @classmethod
     def from_config(cls, config: dict, *, device: Device | str = "cpu", seed: int | None = None) -> Sequential:
+        """The model ``config`` describes (from ``Sequential.config``), each layer rebuilt through
+        the layer registry with fresh parameters: load saved ones with ``load_state_dict``."""
+        if not isinstance(config, dict) or not isinstance(config.get("layers"), list):
+            raise ValueError("a model config must be a dict with a list of layers under 'layers'")
         layers = []
-        for spec in config["layers"]:
+        for i, spec in enumerate(config["layers"]):
+            if not isinstance(spec, dict) or "type" not in spec:
+                raise ValueError(f"layer {i} of the model config must be a dict with a 'type', got {spec!r:.200}")
             spec = dict(spec)
             kind = spec.pop("type")
-            if kind not in LAYERS:
-                raise ValueError(f"unknown layer type {kind!r} in model config")
-            layers.append(LAYERS[kind](**spec))
+            layer_class = layer_registry.lookup(kind, where=" in the model config")
+            try:
+                layers.append(layer_class(**spec))
+            except TypeError as exc:
+                raise ValueError(f"layer {i} ({kind}) cannot be rebuilt from its config {spec!r:.200}: {exc}") from None
         return cls(layers, device=device, dtype=config.get("dtype", "float32"), seed=seed)
 
     def summary(self) -> str:
@@ -346,9 +379,9 @@ def mlp(
     layers: list[Layer] = []
     width = n_inputs
     for size in hidden:
-        layers += [LAYERS["Dense"](width, size), LAYERS[ACTIVATIONS[activation]]()]
+        layers += [Dense(width, size), layer_registry.lookup(ACTIVATIONS[activation])()]
         if dropout:
-            layers.append(LAYERS["Dropout"](dropout))
+            layers.append(Dropout(dropout))
         width = size
-    layers.append(LAYERS["Dense"](width, n_outputs))
+    layers.append(Dense(width, n_outputs))
     return Sequential(layers, device=device, dtype=dtype, seed=seed)

@@ -10,6 +10,11 @@ made in place when the namespace allows it (``is_writeable_array``) and rebound 
 * Clipping by global norm: if ‖g‖ = √(Σ_θ Σ g²) exceeds c, every g is scaled by c / ‖g‖
   (computed on the device: the norm is never read back).
 
+Optimizers are found by name (``get_optimizer("adam")``, ``fit(..., "sgd", ...)``) and saved
+states name theirs, through the optimizer registry; one of your own joins it with
+``@xpnet.register_optimizer``. ``optimizer.config()`` is its construction as JSON values and
+``Optimizer.from_config`` rebuilds it (the state, with ``state_dict``, goes beside it).
+
 An optimizer belongs to one model: the first one it steps or is loaded into (``bind``). Its slots
 and step count are that model's; stepping another model is refused (create one optimizer per model).
 Hyperparameters are checked when they are given, and again when a saved state is loaded.
@@ -27,6 +32,7 @@ from array_api_compat import array_namespace, is_writeable_array
 
 from .backend import dtype_name
 from .model import dtype_kind
+from .registry import Registry
 
 __all__ = [
     "Optimizer",
@@ -41,6 +47,8 @@ __all__ = [
     "CosineDecay",
     "Warmup",
     "get_optimizer",
+    "optimizer_registry",
+    "register_optimizer",
 ]
 
 
@@ -132,6 +140,11 @@ class Schedule:
     def __call__(self, step: int) -> float:
         raise NotImplementedError
 
+    def config(self) -> dict:
+        """The constructor keyword arguments that rebuild this schedule, as JSON values (the
+        built-in schedules; ``Optimizer.config`` records them)."""
+        raise NotImplementedError(f"{type(self).__name__} has no config(): it cannot be saved in an optimizer config")
+
 
 class Constant(Schedule):
     def __init__(self, lr: float):
@@ -139,6 +152,9 @@ class Constant(Schedule):
 
     def __call__(self, step):
         return self.lr
+
+    def config(self):
+        return {"lr": self.lr}
 
 
 class StepDecay(Schedule):
@@ -152,6 +168,9 @@ class StepDecay(Schedule):
     def __call__(self, step):
         return self.lr * self.gamma ** (step // self.step_size)
 
+    def config(self):
+        return {"lr": self.lr, "step_size": self.step_size, "gamma": self.gamma}
+
 
 class ExponentialDecay(Schedule):
     """η = η₀ · γ^step."""
@@ -162,6 +181,9 @@ class ExponentialDecay(Schedule):
 
     def __call__(self, step):
         return self.lr * self.gamma**step
+
+    def config(self):
+        return {"lr": self.lr, "gamma": self.gamma}
 
 
 class CosineDecay(Schedule):
@@ -181,6 +203,9 @@ class CosineDecay(Schedule):
         progress = min(step, self.total_steps) / self.total_steps
         return self.min_lr + 0.5 * (self.lr - self.min_lr) * (1.0 + math.cos(math.pi * progress))
 
+    def config(self):
+        return {"lr": self.lr, "total_steps": self.total_steps, "min_lr": self.min_lr}
+
 
 class Warmup(Schedule):
     """Linear warm-up over the first ``warmup_steps`` steps, then ``after`` (restarted at 0).
@@ -196,6 +221,40 @@ class Warmup(Schedule):
         if step < self.warmup_steps:
             return self.after(0) * (step + 1) / self.warmup_steps
         return self.after(step - self.warmup_steps)
+
+    def config(self):
+        return {"after": _schedule_config(self.after), "warmup_steps": self.warmup_steps}
+
+
+_SCHEDULES = {cls.__name__: cls for cls in (Constant, StepDecay, ExponentialDecay, CosineDecay, Warmup)}
+
+
+def _schedule_config(schedule: Schedule):
+    """A learning rate for a config: the number of a Constant, else {"schedule": name, **args}."""
+    if type(schedule) is Constant:
+        return schedule.lr
+    if _SCHEDULES.get(type(schedule).__name__) is not type(schedule):
+        raise ValueError(
+            f"the schedule {type(schedule).__qualname__} cannot be saved in an optimizer config (only "
+            f"{', '.join(_SCHEDULES)} can)"
+        )
+    return {"schedule": type(schedule).__name__, **schedule.config()}
+
+
+def _schedule_from_config(spec):
+    """The learning rate or Schedule that ``_schedule_config`` recorded."""
+    if not isinstance(spec, dict):
+        return spec  # a number: checked by the optimizer as any lr is
+    spec = dict(spec)
+    name = spec.pop("schedule", None)
+    if name not in _SCHEDULES:
+        raise ValueError(f"unknown schedule {shown(name)} in the optimizer config; known: {', '.join(_SCHEDULES)}")
+    if name == "Warmup" and "after" in spec:
+        spec["after"] = _schedule_from_config(spec["after"])
+    try:
+        return _SCHEDULES[name](**spec)
+    except TypeError as exc:
+        raise ValueError(f"the schedule {name} cannot be rebuilt from its config: {exc}") from None
 
 
 # ----------------------------------------------------------------- optimizers
@@ -347,7 +406,46 @@ class Optimizer:
 
     # --------------------------------------------------------------- state
     def hyperparameters(self) -> dict:
+        """Every constructor keyword argument but ``lr``, as JSON values: saved with the state
+        (a loaded state must match them) and in ``config``. A subclass with arguments of its own
+        adds them."""
         return {"weight_decay": self.weight_decay, "clip_norm": self.clip_norm}
+
+    def config(self) -> dict:
+        """``{"type": <registered name>, "lr": <number or schedule>, **hyperparameters()}``, JSON
+        values from which ``Optimizer.from_config`` builds a fresh optimizer like this one (its
+        slots and step count are the state: ``state_dict``, checkpoints). ValueError for a class
+        that is not registered or a schedule of one's own, which could not be rebuilt."""
+        kind = optimizer_registry.name_of(type(self))
+        if kind is None:
+            raise ValueError(
+                f"{type(self).__qualname__} cannot be saved in a config: its class is not registered; "
+                "decorate it with @xpnet.register_optimizer"
+            )
+        return {"type": kind, "lr": _schedule_config(self.schedule), **self.hyperparameters()}
+
+    @classmethod
+    def from_config(cls, config: dict) -> Optimizer:
+        """A new optimizer from ``config()``'s output, its class found in the optimizer registry."""
+        if not isinstance(config, dict) or "type" not in config:
+            raise ValueError(f"an optimizer config must be a dict with a 'type', got {shown(config)}")
+        args = dict(config)
+        kind = args.pop("type")
+        found = optimizer_registry.lookup(kind, where=" in the optimizer config")
+        if not issubclass(found, cls):
+            raise ValueError(
+                f"the optimizer config is for {found.__name__}, not for {cls.__name__} or a subclass of it"
+            )
+        if "lr" in args:
+            args["lr"] = _schedule_from_config(args["lr"])
+        try:
+            return found(**args)
+        except TypeError as exc:
+            raise ValueError(f"{kind} cannot be rebuilt from its config: {exc}") from None
+
+    def _saved_name(self) -> str:
+        """What a state dict's "type" holds: the registered name (the class name if unregistered)."""
+        return optimizer_registry.name_of(type(self)) or type(self).__name__
 
     def state_dict(self, *, copy: bool = True) -> dict:
         """{"type", "steps", "hyperparameters", "slots": {key: {slot: array on the device}}}.
@@ -361,7 +459,7 @@ class Optimizer:
                 xp = array_namespace(*arrays.values())
                 slots[key] = {name: xp.asarray(a, copy=True) if copy else a for name, a in arrays.items()}
         return {
-            "type": type(self).__name__,
+            "type": self._saved_name(),
             "steps": self.steps,
             "hyperparameters": self.hyperparameters(),
             "slots": slots,
@@ -378,12 +476,18 @@ class Optimizer:
             raise TypeError(f"optimizer state must be a dict (from state_dict()), got {shown(state)}")
         if not callable(getattr(model, "named_parameters", None)):
             raise TypeError(f"optimizer state loads into an xpnet Sequential, got {shown(model)}")
-        name = type(self).__name__
+        name = self._saved_name()
         kind = state.get("type")
         if not isinstance(kind, str):
-            raise ValueError(f"optimizer state field type must be the optimizer's class name, got {shown(kind)}")
+            raise ValueError(f"optimizer state field type must be the optimizer's registered name, got {shown(kind)}")
         if kind != name:
-            raise ValueError(f"optimizer state is for {shown(kind)}, not {name}")
+            hint = (
+                ""
+                if kind in optimizer_registry
+                else " (an optimizer of your own is saved under the name it is registered under: "
+                "@xpnet.register_optimizer)"
+            )
+            raise ValueError(f"optimizer state is for {shown(kind)}, not {name}{hint}")
         for field in ("steps", "slots"):
             if field not in state:
                 raise ValueError(f"optimizer state has no field {field}")
@@ -453,6 +557,19 @@ class Optimizer:
         """What else a saved slot must satisfy (Adam's second moment: never negative)."""
 
 
+#: Optimizer classes by name, matched ignoring case ("adamw" finds AdamW): ``get_optimizer``,
+#: ``Optimizer.from_config`` and the "type" of a saved state.
+optimizer_registry = Registry("optimizer", Optimizer)
+
+
+def register_optimizer(cls=None, *, name: str | None = None):
+    """Register an Optimizer subclass under ``name`` (by default its class name), so that
+    ``get_optimizer``, ``fit(..., name, ...)``, ``Optimizer.from_config`` and saved states find it:
+    ``@xpnet.register_optimizer`` or ``@xpnet.register_optimizer(name="...")``. Returns the class
+    unchanged; a different class under a taken name is refused (ValueError naming both)."""
+    return optimizer_registry.register(cls, name=name)
+
+
 def clip_by_global_norm(grads, max_norm: float):
     """Scale all gradients by min(1, c / ‖g‖) where ‖g‖ is the norm of all of them together."""
     xp = array_namespace(*grads)
@@ -461,6 +578,7 @@ def clip_by_global_norm(grads, max_norm: float):
     return [g * scale for g in grads]
 
 
+@register_optimizer
 class SGD(Optimizer):
     """Plain gradient descent, θ ← θ − η g; with ``momentum`` μ > 0 (PyTorch's convention):
 
@@ -494,6 +612,7 @@ class SGD(Optimizer):
         return {**super().hyperparameters(), "momentum": self.momentum, "nesterov": self.nesterov}
 
 
+@register_optimizer
 class Momentum(SGD):
     """SGD with momentum 0.9 by default (``nesterov=True`` for Nesterov's variant)."""
 
@@ -501,6 +620,7 @@ class Momentum(SGD):
         super().__init__(lr, momentum=momentum, nesterov=nesterov, **kwargs)
 
 
+@register_optimizer
 class Adam(Optimizer):
     """Adam (Kingma & Ba): moment estimates m, v of g and g², bias-corrected.
 
@@ -564,6 +684,7 @@ class Adam(Optimizer):
             raise ValueError(f"optimizer slot {label} holds negative values (v, a mean of squared gradients, cannot)")
 
 
+@register_optimizer
 class AdamW(Adam):
     """Adam with decoupled weight decay (Loshchilov & Hutter): θ ← θ − η λ θ − (Adam step).
 
@@ -586,13 +707,7 @@ class AdamW(Adam):
         return _subtract(p, direction)
 
 
-OPTIMIZERS = {"sgd": SGD, "momentum": Momentum, "adam": Adam, "adamw": AdamW}
-
-
 def get_optimizer(name: str, **kwargs) -> Optimizer:
-    """An optimizer by name: 'sgd', 'momentum', 'adam' or 'adamw'."""
-    try:
-        cls = OPTIMIZERS[name.lower()]
-    except KeyError:
-        raise ValueError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}") from None
-    return cls(**kwargs)
+    """An optimizer by its registered name, any case: 'sgd', 'momentum', 'adam', 'adamw' or one
+    of your own, made with ``kwargs``."""
+    return optimizer_registry.lookup(name)(**kwargs)

@@ -1,0 +1,113 @@
+"""CuPy on an NVIDIA GPU: ``cuda`` (GPU 0) or ``cuda:N``."""
+
+from __future__ import annotations
+
+import re
+import sys
+
+from .base import Backend, DeviceError
+
+
+def _load(index: int):
+    try:
+        import cupy
+    except ImportError as exc:
+        raise DeviceError(
+            "device 'cuda' needs CuPy, which is not installed: "
+            "pip install 'xpnet[cuda12]' (CUDA 12) or 'xpnet[cuda13]' (CUDA 13)"
+        ) from exc
+    try:
+        count = cupy.cuda.runtime.getDeviceCount()
+    except Exception as exc:  # CUDARuntimeError without a driver, among others
+        raise DeviceError(f"device 'cuda' is not usable: no CUDA driver or GPU found ({exc})") from exc
+    if count == 0:
+        raise DeviceError("device 'cuda' is not usable: CUDA reports no GPU")
+    if index >= count:
+        raise DeviceError(
+            f"device 'cuda:{index}' does not exist: this machine has {count} GPU(s), cuda:0 to cuda:{count - 1}"
+        )
+    return cupy
+
+
+class CupyBackend(Backend):
+    kind = "cupy"
+    forms = ("'cuda'", "'cuda:N'")
+
+    def __init__(self, index: int):
+        self.cupy = _load(index)
+        import array_api_compat.cupy
+
+        self.xp = array_api_compat.cupy
+        self.native = self.cupy.cuda.Device(index)
+        self.name = f"cuda:{index}"
+
+    @classmethod
+    def claims(cls, text):
+        match = re.fullmatch(r"cuda(?::(\d+))?", text.lower())
+        return int(match.group(1) or 0) if match else None
+
+    @classmethod
+    def available(cls):
+        try:
+            import cupy
+
+            return [f"cuda:{i}" for i in range(cupy.cuda.runtime.getDeviceCount())]
+        except Exception:  # no CuPy, no driver: no CUDA devices
+            return []
+
+    @classmethod
+    def is_array(cls, x):
+        cupy = sys.modules.get("cupy")
+        return cupy is not None and isinstance(x, cupy.ndarray)
+
+    def owns(self, a):
+        return isinstance(a, self.cupy.ndarray) and a.device.id == self.native.id
+
+    def from_host(self, host, copy):
+        return self.cupy.asarray(host)
+
+    @classmethod
+    def host_copy(cls, x):
+        return x.get()
+
+    def enter(self):
+        self.native.__enter__()
+
+    def exit(self, *exc):
+        self.native.__exit__(*exc)
+
+    def sync(self):
+        self.native.synchronize()
+
+    def start_timer(self):
+        """CUDA events recorded on the current stream: no sync until ``elapsed``."""
+        with self.native:
+            events = (self.cupy.cuda.Event(), self.cupy.cuda.Event())
+            events[0].record()
+        return events
+
+    def elapsed(self, token):
+        start, end = token
+        with self.native:
+            end.record()
+            end.synchronize()
+        return self.cupy.cuda.get_elapsed_time(start, end) / 1000
+
+    def fast_paths(self):
+        from .._fast_cupy import CupyFastPaths
+
+        with self.native:
+            return CupyFastPaths(self.cupy)
+
+    def describe(self, fast):
+        cupy = self.cupy
+        props = cupy.cuda.runtime.getDeviceProperties(self.native.id)
+        free, total = self.native.mem_info
+        pool = cupy.get_default_memory_pool()
+        name = props["name"].decode() if isinstance(props["name"], bytes) else props["name"]
+        return (
+            f"{name}, {total / 2**30:.1f} GiB ({free / 2**30:.1f} GiB free); CuPy {cupy.__version__}, "
+            f"CUDA runtime {cupy.cuda.runtime.runtimeGetVersion()}; "
+            f"memory pool {pool.used_bytes() / 2**20:.1f} MiB used of {pool.total_bytes() / 2**20:.1f} MiB held; "
+            + ("fused CUDA kernels on" if fast is not None else "Array API code only (fast paths off)")
+        )
