@@ -3,6 +3,8 @@
     nox -s tests-numpy      NumPy on the CPU
     nox -s tests-strict     array-api-strict: its CPU device, device1 and no_float64
     nox -s tests-cuda       CuPy on a CUDA GPU (skips itself when no GPU is present)
+    nox -s tests-reference  every backend here with the fast paths off (XPNET_FAST=0): the Array
+                            API reference code alone (tests of the fast paths themselves skip)
     nox -s parity           CPU against GPU (`nox -s parity -- strict:device1` without a GPU)
     nox -s lint             ruff
 
@@ -24,7 +26,7 @@ BACKENDS = {
     "strict": ["--backend", "strict", "--backend", "strict:device1", "--backend", "strict:no_float64"],
     "cuda": ["--backend", "cuda"],
 }
-nox.options.sessions = [*(f"tests-{b}" for b in BACKENDS), "parity", "lint"]
+nox.options.sessions = [*(f"tests-{b}" for b in BACKENDS), "tests-reference", "parity", "lint"]
 
 
 def _installing(session) -> bool:
@@ -32,12 +34,15 @@ def _installing(session) -> bool:
     return not isinstance(session.virtualenv, nox.virtualenv.PassthroughEnv)
 
 
+def _cupy_extra() -> str:
+    return "cuda13" if os.environ.get("XPNET_CUDA") == "13" else "cuda12"
+
+
 def _tests(session, backend):
     if backend == "cuda" and shutil.which("nvidia-smi") is None:
         session.skip("no CUDA device here (nvidia-smi not found): the cuda backend is not tested")
     if _installing(session):
-        cupy_extra = "cuda13" if os.environ.get("XPNET_CUDA") == "13" else "cuda12"
-        extras = f"dev,{cupy_extra}" if backend == "cuda" else "dev"
+        extras = f"dev,{_cupy_extra()}" if backend == "cuda" else "dev"
         session.install("-e", f".[{extras}]")
     if backend == "cuda":
         session.run("python", "-c", "import xpnet; xpnet.Device('cuda')")  # fails loudly if CuPy cannot see a GPU
@@ -56,6 +61,17 @@ for _backend in BACKENDS:
     _tests_session(_backend)
 
 
+@nox.session(name="tests-reference")
+def tests_reference(session):
+    """pytest with the fast paths off (XPNET_FAST=0), on every backend available here
+
+    (CuPy too where there is a GPU): the Array API reference code alone must pass the whole suite."""
+    if _installing(session):
+        gpu = shutil.which("nvidia-smi") is not None
+        session.install("-e", f".[dev,{_cupy_extra()}]" if gpu else ".[dev]")
+    session.run("python", "-m", "pytest", *session.posargs, env={"XPNET_FAST": "0"})
+
+
 @nox.session
 def parity(session):
     """xpnet parity: the same seeded training on the CPU and on a device (default cuda; pass
@@ -64,8 +80,7 @@ def parity(session):
     if device.startswith("cuda") and shutil.which("nvidia-smi") is None:
         session.skip("no CUDA device here (nvidia-smi not found): run `nox -s parity -- strict:device1` instead")
     if _installing(session):
-        cupy_extra = "cuda13" if os.environ.get("XPNET_CUDA") == "13" else "cuda12"
-        session.install("-e", f".[dev,{cupy_extra}]" if device.startswith("cuda") else ".[dev]")
+        session.install("-e", f".[dev,{_cupy_extra()}]" if device.startswith("cuda") else ".[dev]")
     session.run("xpnet", "parity", "--device", device)
 
 

@@ -237,7 +237,7 @@ def test_an_epoch_that_raises_leaves_no_gather_running(pooled):
 
     x = _random(2000, 50)
     y = (x[:, 0] > 0).astype(int)
-    model = xn.mlp(50, [16], 2, seed=0)
+    model = xn.mlp(50, [16], 2, device=xn.Device("cpu", fast=True), seed=0)  # the pool is a fast path
     assert model.device.fast.gathers_ahead(x, 100)
     with pytest.raises(Stop):
         xn.fit(model, "cross_entropy", "adam", x, y, batch_size=100, callbacks=[RaiseOnThirdBatch()])
@@ -282,7 +282,7 @@ print("same", threads)
 def test_openblas_products_on_the_pool_equal_its_own_threads(tmp_path):
     script = tmp_path / "products.py"
     script.write_text(_PRODUCTS)
-    env = {**os.environ, "OPENBLAS_NUM_THREADS": "2"}
+    env = {**os.environ, "OPENBLAS_NUM_THREADS": "2", "XPNET_FAST": "1"}  # the pool is a fast path
     own = subprocess.run(
         [sys.executable, str(script), str(tmp_path)],
         env={**env, "XPNET_THREADS": "0"},
@@ -323,7 +323,7 @@ def test_training_on_the_pool_equals_training_on_one_thread(tmp_path):
     for flag in ("0", "1"):
         done = subprocess.run(
             [sys.executable, str(script), str(tmp_path / f"w{flag}.npy")],
-            env={**os.environ, "XPNET_THREADS": flag, "OPENBLAS_NUM_THREADS": "2"},
+            env={**os.environ, "XPNET_THREADS": flag, "OPENBLAS_NUM_THREADS": "2", "XPNET_FAST": "1"},
             capture_output=True,
             text=True,
             timeout=300,

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import shlex
+import shutil
+
 import numpy as np
 import pytest
 
@@ -9,6 +13,30 @@ import xpnet as xn
 from xpnet._fast_numpy import NumpyFastPaths, _native_library
 
 RTOL = 1e-6
+
+#: Tests of what the default device does with its fast paths skip in a run with them off.
+needs_fast = pytest.mark.skipif(
+    os.environ.get("XPNET_FAST", "1") == "0",
+    reason="XPNET_FAST=0: the default device has no fast paths, and this tests them",
+)
+
+
+def _compiler() -> str | None:
+    """The C compiler the fused kernels are built with (as _fast_numpy looks for it), if it is here."""
+    command = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    return command if command and shutil.which(shlex.split(command)[0]) else None
+
+
+def _require_native(fast) -> None:
+    """Skip without a C compiler (or with XPNET_NATIVE=0); fail where there is one and the compiled
+    kernels still did not build or load, which the fast paths would otherwise hide by running NumPy."""
+    if fast.native is not None:
+        return
+    if os.environ.get("XPNET_NATIVE", "1") == "0":
+        pytest.skip("XPNET_NATIVE=0: the compiled kernels are off")
+    if _compiler() is None:
+        pytest.skip("no C compiler here")
+    pytest.fail(f"a C compiler is here ({_compiler()}) but the fused kernels did not build or load")
 
 
 @pytest.fixture(scope="module")
@@ -35,6 +63,8 @@ def test_linear_forward_and_backward_match_the_reference(fast):
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
 def test_linear_with_relu_is_max_of_the_reference(native, dtype, bias):
     fast = NumpyFastPaths(native=native)
+    if native:
+        _require_native(fast)
     x, W, b = _random(9, 5, dtype=dtype), _random(6, 5, seed=1, dtype=dtype), _random(6, seed=2, dtype=dtype)
     x[0, 0] = np.nan  # NaN goes through max(z, 0) as it does through NumPy's maximum
     reference = np.maximum(x @ W.T + b if bias else x @ W.T, 0)
@@ -46,8 +76,7 @@ def test_linear_with_relu_is_max_of_the_reference(native, dtype, bias):
 
 
 def test_kernel_addresses_follow_new_arrays_and_refuse_strided_ones(fast):
-    if fast.native is None:
-        pytest.skip("no C compiler here")
+    _require_native(fast)
     for seed in range(20):  # fresh arrays, some of which reuse a freed one's id: each gets its own address
         a, da = _random(4, 8, seed=seed), _random(4, 8, seed=seed + 100)
         out = fast.relu_backward(da, a, np.empty_like(a))
@@ -60,6 +89,7 @@ def test_kernel_addresses_follow_new_arrays_and_refuse_strided_ones(fast):
     assert fast._kernel("xpnet_relu_backward", 0, (a, a.astype(np.float64))) is None  # mixed dtypes
 
 
+@needs_fast
 def test_dense_then_relu_is_fused_only_while_fit_reuses_buffers():
     model = xn.mlp(5, [7, 6], 3, seed=0)
     x = _random(4, 5)
@@ -84,6 +114,8 @@ def test_relu_and_its_backward_match_the_reference(fast):
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_softmax_cross_entropy_matches_the_reference(native, dtype):
     fast = NumpyFastPaths(native=native)
+    if native:
+        _require_native(fast)
     z, labels = _random(11, 10, dtype=dtype) * 4, np.random.default_rng(1).integers(0, 10, 11)
     value, delta = fast.softmax_cross_entropy(z, labels, np.empty_like(z))
     reference_value, reference_delta = xn.SoftmaxCrossEntropy().value_and_grad(z, labels)
@@ -101,22 +133,26 @@ def test_take_rows_matches_take(fast):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_compiled_adam_equals_the_numpy_passes(fast, dtype):
-    if fast.native is None:
-        pytest.skip("no C compiler here: the NumPy passes are the fast path")
+def test_compiled_adam_equals_the_numpy_passes(fast, dtype, monkeypatch):
+    _require_native(fast)
+    calls = []  # the compiled kernel runs (else this would compare the NumPy passes with themselves)
+    suffix = "f32" if dtype == np.float32 else "f64"
+    for name in (f"xpnet_adam_{suffix}", f"xpnet_adam_{suffix}_split"):
+        kernel = getattr(fast.native, name)
+        monkeypatch.setattr(fast.native, name, lambda *args, kernel=kernel: calls.append(1) or kernel(*args))
     arrays = [np.random.default_rng(i).random(5000).astype(dtype) for i in range(5)]
     one, two = [a.copy() for a in arrays], [a.copy() for a in arrays]
     for step in range(1, 4):
         fast.adam_(*one, 1e-3 * step, 0.9, 0.999, 1e-8)
         fast.adam_passes(*two, 1e-3 * step, 0.9, 0.999, 1e-8)
+    assert len(calls) == 3
     for a, b in zip(one[:4], two[:4]):  # p, g, m, v bit for bit (the fifth is the passes' scratch)
         np.testing.assert_array_equal(a, b)
     assert not np.array_equal(one[0], arrays[0])
 
 
 def test_compiled_adam_flushes_subnormal_moments_to_zero(fast):
-    if fast.native is None:
-        pytest.skip("no C compiler here")
+    _require_native(fast)
     p, g, m, v, t = (np.zeros(4, np.float32) for _ in range(5))
     m[:] = 1e-39  # subnormal in float32: it would decay through the slow subnormal range
     fast.adam_(p, g, m, v, t, 1e-3, 0.9, 0.999, 1e-8)
@@ -153,6 +189,7 @@ def test_training_with_fast_paths_matches_the_reference(make):
     assert fast_history["loss"] == pytest.approx(slow_history["loss"], rel=1e-5)
 
 
+@needs_fast
 def test_flat_parameters_are_views_and_stay_views():
     model = xn.mlp(4, [3], 2, seed=0)
     flat = model.flat
@@ -168,22 +205,25 @@ def test_optimizer_state_moves_between_fast_and_reference_models():
     fast_model, _ = _train(True, optimizer := xn.Adam(0.01), epochs=1)
     state, params = optimizer.state_dict(), fast_model.state_dict()
     assert set(state["slots"]) == {"0.W", "0.b", "2.W", "2.b", "4.W", "4.b"}
+    x = np.random.default_rng(5).normal(size=(32, 6)).astype(np.float32)
+    fast_model.backward(fast_model.forward(x, training=True))
+    optimizer.step(fast_model)  # the step the saved optimizer takes next, without a save and load
+    unbroken = fast_model.state_dict()
     for target_fast in (True, False):
         model = xn.mlp(6, [16, 8], 3, device=xn.Device("cpu", fast=target_fast), seed=9)
         model.load_state_dict(params)
         restored = xn.Adam(0.01)
         restored.load_state_dict(state, model)
-        x = np.random.default_rng(5).normal(size=(32, 6)).astype(np.float32)
         model.backward(model.forward(x, training=True))
         restored.step(model)
-        if target_fast:
-            fast_next = model.state_dict()
-        else:
-            for key, value in model.state_dict().items():
-                np.testing.assert_allclose(fast_next[key], value, rtol=1e-5, atol=1e-7)
+        assert (model.flat is not None) == target_fast
+        for key, value in model.state_dict().items():
+            np.testing.assert_allclose(value, unbroken[key], rtol=1e-5, atol=1e-7, err_msg=key)
 
 
 def test_fast_paths_switch_off_with_one_flag(monkeypatch):
+    monkeypatch.delenv("XPNET_FAST", raising=False)  # this test sets the flag itself
+    monkeypatch.delenv("XPNET_NATIVE", raising=False)
     assert xn.Device("cpu").fast is not None
     assert xn.Device("cpu", fast=False).fast is None
     assert xn.Device("strict").fast is None
@@ -204,19 +244,20 @@ def test_training_without_a_compiler_uses_the_numpy_passes(monkeypatch):
 
 
 def test_the_kernel_restores_the_floating_point_state(fast):
-    if fast.native is None:
-        pytest.skip("no C compiler here")
+    _require_native(fast)
     arrays = [np.ones(8, np.float32) for _ in range(5)]
     fast.adam_(*arrays, 1e-3, 0.9, 0.999, 1e-8)
     assert np.float32(1e-38) * np.float32(0.01) != 0  # subnormals work again outside the kernel
 
 
 def test_kernel_refuses_mismatched_arrays_and_falls_back(fast):
+    _require_native(fast)
     p, g, m, v, t = (np.zeros(6, np.float32) for _ in range(5))
     with pytest.raises(ValueError):  # the NumPy passes complain about the shapes, nothing is overrun
         fast.adam_(p, g, m[:3], v, t, 1e-3, 0.9, 0.999, 1e-8)
 
 
+@needs_fast
 def test_outputs_outside_fit_are_new_arrays():
     model = xn.mlp(4, [5], 3, seed=0)
     x = np.ones((2, 4), np.float32)
@@ -250,7 +291,7 @@ def test_a_loss_subclass_is_not_replaced_by_the_fused_kernel():
     y = (x[:, 0] > 0).astype(int)
     losses = []
     for loss in (xn.SoftmaxCrossEntropy(), Doubled()):
-        model = xn.mlp(4, [5], 2, seed=0)
+        model = xn.mlp(4, [5], 2, seed=0, device=xn.Device("cpu", fast=True))  # where the fused kernel is
         losses.append(xn.fit(model, loss, xn.SGD(0.0001), x, y, epochs=1, batch_size=64)["loss"][0])
     assert losses[1] == pytest.approx(2 * losses[0], rel=1e-5)
 
@@ -272,9 +313,10 @@ def test_a_broken_toolchain_or_cache_falls_back(tmp_path, setup):
         env.pop("HOME", None)
         env.pop("XDG_CACHE_HOME", None)
     else:
+        if _compiler() is None or env.get("XPNET_NATIVE") == "0":
+            pytest.skip("no C compiler here (or XPNET_NATIVE=0): there is no library to damage")
         first = subprocess.run([sys.executable, "-c", _PROBE], env=env, capture_output=True, text=True, timeout=300)
-        if "CDLL" not in first.stdout:
-            pytest.skip("no C compiler here")
+        assert "CDLL" in first.stdout, (first.stdout, first.stderr)  # built: a compiler is here
         library = next((tmp_path / "cache").glob("fused-*.so"))
         if setup == "truncated-library":
             library.write_bytes(library.read_bytes()[: library.stat().st_size // 2])
@@ -291,6 +333,8 @@ def test_a_broken_toolchain_or_cache_falls_back(tmp_path, setup):
 @pytest.mark.parametrize("native", [True, False], ids=["compiled", "numpy"])
 def test_relu_backward_keeps_where_semantics_for_non_finite_gradients(native):
     fast = NumpyFastPaths(native=native)
+    if native:
+        _require_native(fast)
     a = np.array([[0.0, 2.0, 0.0, 1.0]], np.float32)
     da = np.array([[np.nan, 3.0, np.inf, -1.0]], np.float32)
     out = fast.relu_backward(da, a, np.empty_like(a))
@@ -299,8 +343,7 @@ def test_relu_backward_keeps_where_semantics_for_non_finite_gradients(native):
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_compiled_accuracy_count_is_numpys_argmax(fast, dtype):
-    if fast.native is None:
-        pytest.skip("no C compiler here")
+    _require_native(fast)
     z = _random(300, 10, dtype=dtype)
     z[:20] = np.round(z[:20])  # ties: the first maximum wins, as in np.argmax
     z[20, 3], z[21, 0], z[22, [2, 7]] = np.nan, np.nan, np.nan  # NaN: the first NaN wins
@@ -343,7 +386,7 @@ def test_an_accuracy_subclass_with_its_own_count_is_not_replaced_by_the_kernel()
 
     x = _random(200, 6)
     y = np.random.default_rng(3).integers(0, 5, 200)
-    model = xn.mlp(6, [8], 5, seed=0)
+    model = xn.mlp(6, [8], 5, seed=0, device=xn.Device("cpu", fast=True))  # where the fused count is
     out = model.forward(x, training=False)
     expected = np.count_nonzero((np.argsort(out, axis=1)[:, -2:] == y[:, None]).any(axis=1)) / 200
     top1 = np.count_nonzero(out.argmax(axis=1) == y) / 200

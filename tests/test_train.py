@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import numpy as np
@@ -17,6 +18,7 @@ from xpnet import (
     Dense,
     Dropout,
     EarlyStopping,
+    Flatten,
     ReLU,
     Sequential,
     Tanh,
@@ -91,12 +93,13 @@ def _blobs(n=300, seed=0):
 def test_training_is_identical_on_every_backend(backend):
     x, y = _blobs()
 
-    def run(name):
-        model = Sequential([Dense(2, 16), ReLU(), Dropout(0.2), Dense(16, 3)], device=name, seed=3)
+    def run(device):
+        model = Sequential([Dense(2, 16), ReLU(), Dropout(0.2), Dense(16, 3)], device=device, seed=3)
         history = fit(model, "cross_entropy", Adam(0.01), x, y, epochs=3, batch_size=32, validation_split=0.2)
         return history, {k: host(model.device, v) for k, v in model.named_parameters().items()}
 
-    (h_ref, w_ref), (h, w) = run("cpu"), run(backend)
+    # against the Array API code on NumPy, fast paths off (on numpy, the fast paths are the difference)
+    (h_ref, w_ref), (h, w) = run(xpnet.Device("cpu", fast=False)), run(backend)
     for key in w_ref:
         np.testing.assert_allclose(w[key], w_ref[key], rtol=1e-5, atol=1e-6)
     assert h["loss"] == pytest.approx(h_ref["loss"], rel=1e-5)
@@ -394,11 +397,72 @@ def test_predict_and_evaluate_outputs(backend):
         predict(model, XOR_X[:0])
 
 
+def _spy_on_backward(model) -> list:
+    """(layer index, need_input_grad, shape of what it returned or None) for each layer's backward
+    call from now on, in the order of the calls."""
+    calls = []
+    for i, layer in enumerate(model.layers):
+
+        def spy(delta, need_input_grad=True, i=i, backward=layer.backward):
+            result = backward(delta, need_input_grad=need_input_grad)
+            calls.append((i, need_input_grad, None if result is None else tuple(result.shape)))
+            return result
+
+        layer.backward = spy
+    return calls
+
+
 def test_first_layer_input_gradient_is_skipped(backend):
-    model = Sequential([Dense(2, 3), ReLU(), Dense(3, 1)], device=backend)
-    out = model.forward(model.device.to_device(XOR_X, model.dtype))
-    assert model.backward(out) is None
-    assert tuple(model.backward(out, input_grad=True).shape) == (4, 2)
+    model = Sequential([Flatten(), Dense(2, 3), ReLU(), Dense(3, 1)], device=backend, seed=0)
+    calls = _spy_on_backward(model)
+    device = model.device
+    model.forward(device.to_device(XOR_X, model.dtype), training=True)
+    delta = device.to_device(np.ones((4, 1)), model.dtype)
+    assert model.backward(delta) is None
+    # the Dense that takes the input is told not to compute ∂L/∂x and returns none; the Flatten
+    # before it (no parameters) is not run at all
+    assert calls == [(3, True, (4, 3)), (2, True, (4, 3)), (1, False, None)]
+    calls.clear()
+    dx = model.backward(delta, input_grad=True)
+    assert calls == [(3, True, (4, 3)), (2, True, (4, 3)), (1, True, (4, 2)), (0, True, (4, 2))]
+    W1, b1, W2 = (host(device, model.named_parameters()[key]) for key in ("1.W", "1.b", "3.W"))
+    delta1 = (np.ones((4, 1)) @ W2) * (XOR_X @ W1.T + b1 > 0)  # through the ReLU, by hand
+    assert np.count_nonzero(delta1) > 0
+    np.testing.assert_allclose(host(device, dx), delta1 @ W1, rtol=1e-5, atol=1e-6)
+    # fit never asks for it either: every step's backward of the first Dense returns None
+    calls.clear()
+    fit(model, "mse", SGD(0.1), XOR_X, np.zeros((4, 1), np.float32), epochs=2, batch_size=2, shuffle=False)
+    assert [call for call in calls if call[0] <= 1] == [(1, False, None)] * 4
+
+
+class _CountedProducts:
+    """Stands in for a weight matrix in backward: counts the matrix products it takes part in
+    (the only product with W in Dense.backward is ∂L/∂x = δ W)."""
+
+    def __init__(self, W):
+        self.W, self.products = W, 0
+
+    def __array_ufunc__(self, ufunc, method, *inputs, **kwargs):  # `delta @ W` and np.matmul(..., out=)
+        self.products += ufunc is np.matmul
+        return getattr(ufunc, method)(*(self.W if a is self else a for a in inputs), **kwargs)
+
+
+@pytest.mark.parametrize("in_fit", [False, True], ids=["outside-fit", "fit-buffers"])
+@pytest.mark.parametrize("fast", [True, False], ids=["fast", "reference"])
+def test_first_layer_computes_no_input_gradient_product(fast, in_fit):
+    model = Sequential([Dense(2, 3), ReLU(), Dense(3, 1)], device=xpnet.Device("cpu", fast=fast), seed=0)
+    first = model.layers[0]
+    delta = np.ones((4, 1), np.float32)
+    for input_grad, products in ((False, 0), (True, 1)):
+        with model.reusing_buffers() if in_fit else contextlib.nullcontext():  # as fit's loop runs it
+            model.forward(XOR_X, training=True)
+            W = first.params["W"]
+            first.params["W"] = counted = _CountedProducts(W)
+            try:
+                model.backward(delta, input_grad=input_grad)
+            finally:
+                first.params["W"] = W
+        assert counted.products == products, (input_grad, counted.products)
 
 
 def test_the_training_set_moves_to_the_device_once(monkeypatch):
