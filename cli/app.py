@@ -192,8 +192,13 @@ def _load_input(path: Path, data) -> np.ndarray:
     from .images import load_array, load_image
 
     ds = data.dataset
-    if not path.is_file():
-        raise CLIError(f"{path}: no such file")
+    try:
+        if not path.exists():
+            raise CLIError(f"{path}: no such file")
+        if not path.is_file():
+            raise CLIError(f"{path}: not a regular file (a folder, a device or a pipe cannot be read as input)")
+    except OSError as exc:
+        raise CLIError(f"{path}: cannot look at the file ({exc.strerror or exc})") from exc
     if path.suffix.lower() == ".npy":
         rows = load_array(path, ds.num_features)
     else:

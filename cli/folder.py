@@ -11,7 +11,9 @@ Holding the lock, a writer removes the temporary files that a killed writer left
 
 from __future__ import annotations
 
+import json
 import os
+import stat
 from pathlib import Path
 
 from .errors import CLIError
@@ -44,10 +46,17 @@ class FolderLock:
 
     def acquire(self) -> FolderLock:
         path = self.folder / LOCK
+        # never through a link (it would overwrite what it points to), and only a regular file
+        flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = os.open(path, flags, 0o644)
         except OSError as exc:
+            if path.is_symlink():
+                raise CLIError(f"{path} is a symbolic link: xpnet's lock file must be a plain file") from exc
             raise CLIError(f"{self.folder}: cannot write to the run folder ({_os_reason(exc)})") from exc
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise CLIError(f"{path} is not a plain file: it cannot be xpnet's lock file")
         if not _try_lock(fd):
             os.close(fd)
             raise CLIError(
@@ -118,18 +127,57 @@ def remove_leftovers(folder: Path) -> list[Path]:
 
 
 def describe(folder: Path) -> str:
-    """What a run folder holds: 'empty', 'run' (a checkpoint), 'started' (a config written by a run
-    interrupted before its first checkpoint: nothing to lose), or 'partial' (results or epochs
-    without a checkpoint: files of some run, never overwritten)."""
-    if not folder.is_dir():
-        return "empty"
-    if (folder / CHECKPOINT).exists():
-        return "run"
-    metrics = folder / METRICS
+    """What a run folder holds:
+
+    * 'empty': nothing of a run (or no folder);
+    * 'run': a checkpoint;
+    * 'started': the config.json of an xpnet run interrupted before its first checkpoint, and no
+      epochs (nothing to lose);
+    * 'partial': results or epochs without a checkpoint (files of some run, never overwritten);
+    * 'foreign': a config.json that is not an xpnet run's, or a folder where a run's file would be
+      (never touched).
+
+    Raises CLIError when the folder cannot be looked into.
+    """
     try:
-        has_epochs = metrics.exists() and metrics.stat().st_size > 0
-    except OSError:
-        has_epochs = True
-    if (folder / RESULTS).exists() or has_epochs:
+        if not folder.exists():
+            return "empty"
+        if not folder.is_dir():
+            return "foreign"
+        kinds = {name: _kind(folder / name) for name in WRITTEN}
+    except OSError as exc:
+        raise CLIError(f"{folder}: cannot look into the folder ({_os_reason(exc)})") from exc
+    if any(kind not in ("file", None) for kind in kinds.values()):
+        return "foreign"
+    if kinds[CHECKPOINT]:
+        return "run"
+    has_epochs = kinds[METRICS] and (folder / METRICS).stat().st_size > 0
+    if kinds[RESULTS] or has_epochs:
         return "partial"
-    return "started" if (folder / CONFIG).exists() else "empty"
+    if kinds[CONFIG]:
+        return "started" if is_xpnet_config(folder / CONFIG) else "foreign"
+    return "empty"
+
+
+def _kind(path: Path) -> str | None:
+    """'file' for a regular file, 'other' for anything else (a folder, a link to nothing), None if absent."""
+    try:
+        info = path.stat()
+    except FileNotFoundError:
+        return "other" if path.is_symlink() else None
+    return "file" if stat.S_ISREG(info.st_mode) else "other"
+
+
+#: The largest config.json xpnet reads (its own are under 1 KB).
+MAX_CONFIG_BYTES = 1 << 20
+
+
+def is_xpnet_config(path: Path) -> bool:
+    """Whether ``path`` is a JSON object written by xpnet (it names the xpnet version)."""
+    try:
+        if path.stat().st_size > MAX_CONFIG_BYTES:
+            return False
+        document = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return False
+    return isinstance(document, dict) and isinstance(document.get("xpnet_version"), str)

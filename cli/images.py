@@ -101,6 +101,16 @@ def _read_npy_header(path, handle) -> tuple[tuple[int, ...], bool, np.dtype]:
         raise CLIError(f"{path}: the .npy header cannot be read ({exc})") from exc
 
 
+def _check_shape(path, shape) -> None:
+    """Every dimension a non-negative int: NumPy's header reader lets a negative one (or a bool)
+    through, and the size computed from it would be nonsense ("needs -120 bytes")."""
+    for dimension in shape:
+        if isinstance(dimension, bool) or not isinstance(dimension, int) or dimension < 0:
+            raise CLIError(
+                f"{path}: the .npy header declares shape {shape}: dimension {dimension!r} is not a non-negative integer"
+            )
+
+
 def _check_dtype(path, dtype: np.dtype) -> None:
     """Only real numbers: bool, integer or float (complex would lose its imaginary part)."""
     if dtype.hasobject:
@@ -164,16 +174,17 @@ def _check_finite(path, rows: np.ndarray, array: np.ndarray) -> None:
 def load_array(path, num_features: int) -> np.ndarray:
     """Rows (N, num_features) float32 from a .npy file, everything checked from the header first.
 
-    Refused: a file that is not .npy (an .npz archive is named as one), a dtype that is not
-    bool, integer or float, a data size other than the header declares (truncated or extra
-    bytes), more than the memory limit, no values, a size that does not divide into rows of
-    ``num_features``, NaN or infinite values. uint8 pixels become float32 / 255; bool, integer
-    and float arrays become float32.
+    Refused: a file that is not .npy (an .npz archive is named as one), a dimension that is not
+    a non-negative integer, a dtype that is not bool, integer or float, a data size other than
+    the header declares (truncated or extra bytes), more than the memory limit, no values, a size
+    that does not divide into rows of ``num_features``, NaN or infinite values. uint8 pixels
+    become float32 / 255; bool, integer and float arrays become float32.
     """
     path = Path(path)
     try:
         with open(path, "rb") as handle:
             shape, fortran, dtype = _read_npy_header(path, handle)
+            _check_shape(path, shape)
             _check_dtype(path, dtype)
             available = os.fstat(handle.fileno()).st_size - handle.tell()
             nbytes = _check_size(path, shape, dtype, num_features, available)

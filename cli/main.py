@@ -6,16 +6,21 @@ and a reader that closes the output early (``xpnet evaluate RUN | head -1``: exi
 
 from __future__ import annotations
 
+import signal  # imported with the module: a Ctrl-C inside main() finds it ready
 import sys
 
 
 def main(argv: list[str] | None = None) -> int:
+    previous = None
     try:
+        previous = signal.getsignal(signal.SIGINT)
+        _streams_present()
         from .errors import forget_reports
 
         forget_reports()
         return _run(argv)
     except KeyboardInterrupt:
+        _ignore_interrupts(signal)  # a second Ctrl-C now cannot cut the report short
         _say("interrupted")
         return 130
     except BrokenPipeError:
@@ -24,6 +29,32 @@ def main(argv: list[str] | None = None) -> int:
         stdout_closed()
         _say(BROKEN_PIPE)
         return 2
+    finally:
+        if previous is not None:
+            _restore_interrupts(signal, previous)
+
+
+def _ignore_interrupts(signal) -> None:
+    try:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    except (ValueError, OSError):  # not the main thread
+        pass
+
+
+def _restore_interrupts(signal, handler) -> None:
+    try:
+        signal.signal(signal.SIGINT, handler)
+    except (ValueError, OSError, TypeError):
+        pass
+
+
+def _streams_present() -> None:
+    """A closed stdout or stderr (``xpnet evaluate RUN >&-``) is None in Python: write to /dev/null."""
+    import os
+
+    for name in ("stdout", "stderr"):
+        if getattr(sys, name) is None:
+            setattr(sys, name, open(os.devnull, "w"))  # noqa: SIM115 - for the life of the process
 
 
 def _run(argv: list[str] | None) -> int:
@@ -44,7 +75,8 @@ def _run(argv: list[str] | None) -> int:
         message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
         _say(f"{message} (see xpnet --help)")
         return getattr(exc, "exit_code", 2)
-    if result == 130:  # typer turns a Ctrl-C outside a command's body into exit 130, silently
+    if result == 130:  # a Ctrl-C: typer turns one outside a command's body into exit 130, silently
+        _ignore_interrupts(signal)
         _say("interrupted")
     return result if isinstance(result, int) else 0
 

@@ -15,8 +15,9 @@ leaves a run that ``xpnet train --resume`` continues. A folder where a run was i
 its first checkpoint holds nothing to lose: ``--out`` reuses it and ``--resume`` starts it afresh.
 
 ``config.json`` is for people to read; the checkpoint is the record. Every field of the two must
-agree (but the device, which a resume may change), and the model's architecture must be the one
-the checkpoint embeds: a contradiction is one clear error, never a silent fallback to defaults.
+agree but ``LOCATIONS`` (the device, the data folder, and the epochs, whose count the checkpoint's
+copy decides), and the model's architecture must be the one the checkpoint embeds: a
+contradiction is one clear error, never a silent fallback to defaults.
 """
 
 from __future__ import annotations
@@ -33,8 +34,8 @@ import xpnet as xn
 from xpnet.data import load_dataset
 from xpnet.io import CheckpointError, load_checkpoint, save_checkpoint, write_json_atomic, write_text_atomic
 
-from .errors import CLIError
-from .folder import CHECKPOINT, CONFIG, METRICS, RESULTS, FolderLock, describe, make_folder
+from .errors import BROKEN_PIPE, CLIError, stdout_closed
+from .folder import CHECKPOINT, CONFIG, MAX_CONFIG_BYTES, METRICS, RESULTS, FolderLock, describe, make_folder
 
 __all__ = ["CLIError", "CHECKPOINT", "CONFIG", "METRICS", "RESULTS"]
 
@@ -101,6 +102,15 @@ def resolve_config(options: dict, saved: dict | None = None, *, source: str = "t
     config = {**DEFAULTS, **(saved or {})}
     config.update({key: value for key, value in options.items() if value is not None})
     config.pop("xpnet_version", None)
+    try:
+        return _resolved(config, options, saved)
+    except CLIError as exc:  # name the file a bad saved value came from
+        if source != "the command line" and not str(exc).startswith(source):
+            raise CLIError(f"{source}: {exc}") from None
+        raise
+
+
+def _resolved(config: dict, options: dict, saved: dict | None) -> dict:
     config["hidden"] = parse_hidden(config["hidden"])
     if config["lr"] is None:  # the optimizer's own default; an unknown optimizer is reported below
         config["lr"] = DEFAULT_LR.get(config["optimizer"], 1e-3)
@@ -108,13 +118,14 @@ def resolve_config(options: dict, saved: dict | None = None, *, source: str = "t
         if key == "val_split" and config[key] is None:
             continue  # wdbc: checked by _check_val_split
         if not isinstance(config[key], kind) or isinstance(config[key], bool):
-            raise CLIError(
-                f"{source}: {key} must be of type {getattr(kind, '__name__', 'number')}, got {config[key]!r}"
-            )
+            raise CLIError(f"{key} must be of type {getattr(kind, '__name__', 'number')}, got {config[key]!r}")
+    config["dataset"] = config["dataset"].lower()  # as load_dataset reads it
     if config["data_dir"] is not None:
-        if not config["data_dir"]:
+        if not isinstance(config["data_dir"], str):
+            raise CLIError(f"data_dir must be a folder name or null, got {config['data_dir']!r}")
+        if not config["data_dir"].strip():
             raise CLIError("--data-dir needs a folder, got an empty string")
-        config["data_dir"] = str(Path(config["data_dir"]).expanduser().resolve())
+        config["data_dir"] = str(expand(config["data_dir"], "--data-dir").resolve())
     _check_val_split(config, options, saved)
     checks = [
         (config["epochs"] >= 1, f"--epochs must be a positive integer, got {config['epochs']}"),
@@ -166,6 +177,10 @@ def _check_saved_fields(saved, source: str) -> None:
         raise CLIError(f"{source} lacks {', '.join(missing)}: it is damaged or not an xpnet run configuration")
     if unknown:
         raise CLIError(f"{source} has unknown fields {', '.join(unknown)}: it is damaged or from another program")
+    if not isinstance(saved.get("xpnet_version", ""), str):
+        raise CLIError(f"{source}: xpnet_version must be a string, got {saved['xpnet_version']!r}")
+    if not isinstance(saved["hidden"], list):
+        raise CLIError(f"{source}: hidden must be a list of layer sizes, got {saved['hidden']!r}")
 
 
 def _check_val_split(config: dict, options: dict, saved: dict | None) -> None:
@@ -214,7 +229,7 @@ def load_data(config: dict) -> Data:
 def class_probabilities(model, data: Data, x) -> np.ndarray:
     """(N, C) class probabilities on the host: softmax of the logits, or [1 − σ, σ] for a binary
     model's single logit."""
-    logits = model.device.to_host(xn.predict(model, x))
+    logits = model.device.to_host(xn.predict(model, x)).astype(np.float64)  # float32 exp overflows above ~88
     if data.dataset.task == "binary":
         p = 1.0 / (1.0 + np.exp(-np.clip(logits[:, 0], -500, 500)))
         return np.stack([1.0 - p, p], axis=1)
@@ -359,18 +374,35 @@ def save_run_checkpoint(
     save_checkpoint(Path(run_dir) / CHECKPOINT, model, optimizer, extra=extra, meta=meta)
 
 
+def expand(value: str, option: str) -> Path:
+    """``value`` as a path with ``~`` and ``~user`` expanded, or one line saying why it cannot be."""
+    try:
+        return Path(value).expanduser()
+    except RuntimeError as exc:  # ~nouser, or no home folder at all
+        raise CLIError(f"{option} {value}: cannot expand ~ ({exc})") from None
+
+
 def folder_option(value: str, option: str) -> Path:
     """A run folder named on the command line: ``~`` expanded, an empty name refused."""
     if not value or not value.strip():
         raise CLIError(f"{option} needs a run folder, got an empty name")
-    return Path(value).expanduser()
+    return expand(value, option)
 
 
 def read_config(run_dir) -> dict:
+    """The run's configuration from config.json, or, where config.json is gone but the checkpoint
+    is there, from the copy the checkpoint carries (it holds the whole configuration)."""
     path = Path(run_dir) / CONFIG
-    if not path.is_file():
-        raise CLIError(f"{run_dir} is not an xpnet run folder (no {CONFIG})")
     try:
+        exists = path.exists()
+        if exists and not path.is_file():
+            raise CLIError(f"{path} is not a file: {run_dir} is not an xpnet run folder")
+        if not exists:
+            if (Path(run_dir) / CHECKPOINT).is_file():
+                return resolve_config({}, _recorded(read_checkpoint(run_dir)), source=f"the copy in {CHECKPOINT}")
+            raise CLIError(f"{run_dir} is not an xpnet run folder (no {CONFIG})")
+        if path.stat().st_size > MAX_CONFIG_BYTES:
+            raise CLIError(f"{path} is {path.stat().st_size:,} bytes: too large to be a run configuration")
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise CLIError(f"cannot read {path} ({exc.strerror or exc})") from exc
@@ -386,6 +418,13 @@ def read_config(run_dir) -> dict:
     return resolve_config({}, saved, source=str(path))
 
 
+def _recorded(checkpoint) -> dict:
+    recorded = checkpoint.meta.get("run")
+    if not isinstance(recorded, dict):
+        raise CLIError(f"{checkpoint.path} holds no run configuration: it was not written by xpnet train")
+    return {**recorded, "xpnet_version": recorded.get("xpnet_version", xn.__version__)}
+
+
 def read_checkpoint(run_dir):
     try:
         return load_checkpoint(Path(run_dir) / CHECKPOINT)
@@ -393,19 +432,26 @@ def read_checkpoint(run_dir):
         raise CLIError(str(exc)) from exc
 
 
-def check_agreement(config: dict, checkpoint, *, given=()) -> None:
-    """config.json and the configuration the checkpoint was saved with must agree on every field
-    but the device (and those ``given`` on the command line, which override both)."""
-    recorded = checkpoint.meta.get("run")
-    if not isinstance(recorded, dict):
-        raise CLIError(f"{checkpoint.path} holds no run configuration: it was not written by xpnet train")
-    recorded = resolve_config({}, recorded, source=f"the run configuration in {checkpoint.path}")
+#: Fields config.json may hold apart from the checkpoint's copy: the device (any loads any
+#: checkpoint), the data folder (a location: data may move), and the epochs (rewritten in
+#: config.json just after the checkpoint of a resume that changed them: the checkpoint's count wins).
+LOCATIONS = ("device", "data_dir", "epochs")
+
+
+def check_agreement(config: dict, checkpoint) -> None:
+    """config.json and the configuration the checkpoint was saved with agree on every field that
+    says what the run is (all but ``LOCATIONS``)."""
+    recorded = resolve_config({}, _recorded(checkpoint), source=f"the run configuration in {checkpoint.path}")
     for key in DEFAULTS:
-        if key != "device" and key not in given and config[key] != recorded[key]:
+        if key not in LOCATIONS and config[key] != recorded[key]:
             raise CLIError(
                 f"{checkpoint.path} does not fit this run: {CONFIG} has {key} {config[key]!r}, the checkpoint was "
                 f"made with {recorded[key]!r} (one of the two was edited or copied from another run)"
             )
+
+
+def recorded_epochs(checkpoint) -> int:
+    return int(_recorded(checkpoint)["epochs"])
 
 
 def _network(spec) -> str:
@@ -444,7 +490,7 @@ def load_run(run_dir, device_name: str | None = None):
     check_agreement(config, checkpoint)
     data = load_data(config)
     if "data_mean" in checkpoint.extra:  # the statistics the model was trained with
-        data.extra = {"data_mean": checkpoint.extra["data_mean"], "data_std": checkpoint.extra["data_std"]}
+        data.extra = _statistics(checkpoint, data)
     device = make_device(device_name or config["device"], config["seed"])
     model = build_model(config, data, device)
     check_architecture(model, checkpoint)
@@ -453,6 +499,20 @@ def load_run(run_dir, device_name: str | None = None):
     except ValueError as exc:
         raise CLIError(f"{checkpoint.path} does not fit this model: {exc}") from exc
     return config, data, model, checkpoint
+
+
+def _statistics(checkpoint, data: Data) -> dict:
+    """The standardization the model was trained with, checked: one finite mean and one finite
+    positive std per feature."""
+    mean, std = checkpoint.extra.get("data_mean"), checkpoint.extra.get("data_std")
+    features = data.dataset.num_features
+    for name, value in (("data_mean", mean), ("data_std", std)):
+        if value is None or value.shape not in ((features,), (1, features)):
+            shape = None if value is None else value.shape
+            raise CLIError(f"{checkpoint.path}: {name} has shape {shape}, expected ({features},) for this data")
+    if not (np.all(np.isfinite(mean)) and np.all(std > 0)):
+        raise CLIError(f"{checkpoint.path}: data_std must be positive (and data_mean finite) in every feature")
+    return {"data_mean": mean, "data_std": std}
 
 
 RESUME_OVERRIDES = ("epochs", "device", "data_dir")
@@ -471,18 +531,21 @@ def _resume_config(run_dir: Path, options: dict) -> tuple[dict, dict]:
                 f"{saved[key]!r}); only --epochs, --device and --data-dir can"
             )
     config = resolve_config({k: options[k] for k in RESUME_OVERRIDES if options.get(k) is not None}, saved)
-    if config["epochs"] != saved["epochs"] and config["schedule"] in ("cosine", "warmup"):
-        raise CLIError(
-            f"--epochs cannot change when resuming a run with the {config['schedule']} schedule, "
-            f"which spans its {saved['epochs']} epochs"
-        )
     return config, saved
 
 
-def _restore(run_dir: Path, config, model, optimizer, early_stopping, given):
+def _check_epochs_change(config: dict, previous: int) -> None:
+    if config["epochs"] != previous and config["schedule"] in ("cosine", "warmup"):
+        raise CLIError(
+            f"--epochs cannot change when resuming a run with the {config['schedule']} schedule, "
+            f"which spans its {previous} epochs"
+        )
+
+
+def _restore(run_dir: Path, config, model, optimizer, early_stopping):
     """Load the checkpoint into model, optimizer, random state and early stopping."""
     checkpoint = read_checkpoint(run_dir)
-    check_agreement(config, checkpoint, given=given)
+    check_agreement(config, checkpoint)
     check_architecture(model, checkpoint)
     try:
         checkpoint.load_model_into(model)
@@ -518,6 +581,11 @@ def _check_new_folder(run_dir: Path) -> None:
     state = describe(run_dir)
     if state == "run":
         raise CLIError(f"{run_dir} already holds a run: resume it with --resume {run_dir}, or choose another --out")
+    if state == "foreign":
+        raise CLIError(
+            f"{run_dir} holds a {CONFIG} that is not an xpnet run's, or a folder where a run's file goes: "
+            "it is left as it is; choose another --out"
+        )
     if state == "partial":
         raise CLIError(
             f"{run_dir} holds the {METRICS} or {RESULTS} of a run but no checkpoint: it is left as it is; "
@@ -540,14 +608,26 @@ def train_run(options: dict, *, out: str | None, resume: str | None, callbacks_f
     try:
         return _train_run(options, out, resume, callbacks_for, where)
     except KeyboardInterrupt:
-        if where["epoch"] is None:
-            written = f"; resume with: xpnet train --resume {where['dir']}" if where["dir"] else ": nothing was written"
-            raise CLIError(f"interrupted before training started{written}", code=130) from None
-        raise CLIError(
-            f"interrupted: the checkpoint holds epoch {where['epoch']()} of {where['epochs']}; "
-            f"resume with: xpnet train --resume {where['dir']}",
-            code=130,
-        ) from None
+        raise CLIError(f"interrupted{_what_is_kept(where)}", code=130) from None
+    except BrokenPipeError:  # `xpnet train | head -1`: the display has nowhere to go
+        stdout_closed()
+        raise CLIError(f"{BROKEN_PIPE}{_what_is_kept(where)}", code=2) from None
+    except OSError as exc:  # a full disk, a file that cannot be replaced
+        place = f" {exc.filename}" if getattr(exc, "filename", None) else f" in {where['dir']}"
+        raise CLIError(f"cannot write{place} ({exc.strerror or exc}){_what_is_kept(where)}", code=1) from None
+
+
+def _what_is_kept(where) -> str:
+    """What an interrupted run leaves, and how to go on."""
+    folder = where["dir"]
+    if folder is None or not (Path(folder) / CONFIG).is_file():
+        return " before training started: nothing that needs keeping was written"
+    if where["epoch"] is None:
+        return f" before training started; resume with: xpnet train --resume {folder}"
+    return (
+        f": the checkpoint holds epoch {where['epoch']()} of {where['epochs']}; "
+        f"resume with: xpnet train --resume {folder}"
+    )
 
 
 def _train_run(options, out, resume, callbacks_for, where) -> dict:
@@ -557,10 +637,16 @@ def _train_run(options, out, resume, callbacks_for, where) -> dict:
         if not run_dir.is_dir():
             raise CLIError(f"{run_dir} is not an xpnet run folder (no such folder)")
         config, saved = _resume_config(run_dir, options)
+        previous = saved["epochs"]
         if describe(run_dir) == "run":  # early, before the data loads; again under the lock
-            check_agreement(config, read_checkpoint(run_dir), given=given)
+            checkpoint = read_checkpoint(run_dir)
+            check_agreement(config, checkpoint)
+            previous = recorded_epochs(checkpoint)  # the checkpoint's count wins over config.json's
+            if "epochs" not in given:
+                config["epochs"] = previous
+        _check_epochs_change(config, previous)
     else:
-        config, saved = resolve_config(options), None
+        config, saved, previous = resolve_config(options), None, None
         run_dir = (
             folder_option(out, "--out")
             if out is not None
@@ -579,18 +665,19 @@ def _train_run(options, out, resume, callbacks_for, where) -> dict:
     if resume is None:
         make_folder(run_dir, "--out")
     with FolderLock(run_dir):
+        where["dir"] = run_dir
         checkpoint = None
         state = describe(run_dir)
-        if resume is not None and state == "partial":
+        if resume is not None and state in ("partial", "foreign"):
             raise CLIError(
-                f"{run_dir} holds the {METRICS} or {RESULTS} of a run but no checkpoint: nothing to resume from"
+                f"{run_dir} holds files of a run but no checkpoint, or a folder where a run's file goes: "
+                "nothing to resume from"
             )
         if resume is not None and state == "run":
-            where["dir"] = run_dir
-            checkpoint, history = _restore(run_dir, config, model, optimizer, early_stopping, given)
+            checkpoint, history = _restore(run_dir, config, model, optimizer, early_stopping)
             done = len(history)
             if checkpoint.meta.get("stopped_early"):
-                if (run_dir / RESULTS).exists() or config["epochs"] != saved["epochs"]:
+                if (run_dir / RESULTS).exists() or config["epochs"] != previous:
                     raise CLIError(
                         f"{run_dir} stopped early after epoch {done} (no better validation loss "
                         f"for {config['early_stopping']} epochs): there is nothing to resume"
@@ -601,16 +688,35 @@ def _train_run(options, out, resume, callbacks_for, where) -> dict:
                 )
             if config["epochs"] < done:
                 raise CLIError(f"{run_dir} has {done} epochs done: --epochs must be at least {done}")
-            kept = (run_dir / METRICS).read_text().splitlines()[:done] if (run_dir / METRICS).exists() else []
-            write_text_atomic(run_dir / METRICS, "".join(line + "\n" for line in kept))
+            if "epochs" not in given and saved["epochs"] != previous:  # killed between the two writes
+                write_config(run_dir, {**config, "data_dir": saved["data_dir"]})
+                saved = {**saved, "epochs": previous}
+            _keep_epochs(run_dir, done)
+            if done < config["epochs"] and not checkpoint.meta.get("stopped_early"):
+                (run_dir / RESULTS).unlink(missing_ok=True)  # it tested fewer epochs than the run will have
         else:  # a new run, or one interrupted before its first checkpoint: start from epoch 0
             if resume is None:
                 _check_new_folder(run_dir)
-            where["dir"] = run_dir
             history = _start(run_dir, config, model, optimizer, data, early_stopping)
         return _train(
             run_dir, config, saved, data, model, optimizer, early_stopping, checkpoint, history, callbacks_for, where
         )
+
+
+def _keep_epochs(run_dir: Path, done: int) -> None:
+    """metrics.jsonl cut to the epochs the checkpoint holds (a killed run may have written one more)."""
+    path = run_dir / METRICS
+    try:
+        if path.exists() and path.stat().st_size > MAX_METRICS_BYTES:
+            raise CLIError(f"{path} is {path.stat().st_size:,} bytes: too large to be this run's metrics")
+        kept = path.read_text(encoding="utf-8").splitlines()[:done] if path.exists() else []
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CLIError(f"cannot read {path} ({getattr(exc, 'strerror', None) or exc})") from exc
+    write_text_atomic(path, "".join(line + "\n" for line in kept))
+
+
+#: The largest metrics.jsonl xpnet reads: some 200,000 epochs of lines.
+MAX_METRICS_BYTES = 64 << 20
 
 
 def _train(run_dir, config, saved, data, model, optimizer, early_stopping, checkpoint, history, callbacks_for, where):

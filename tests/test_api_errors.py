@@ -8,6 +8,7 @@ damaged optimizer state. The messages are matched on the argument's name and the
 from __future__ import annotations
 
 import math
+import re
 import subprocess
 import sys
 
@@ -15,6 +16,7 @@ import numpy as np
 import pytest
 
 import xpnet as xn
+from xpnet.data import load_dataset, load_idx_folder, load_wdbc, split_indices
 
 X = np.random.default_rng(0).normal(size=(8, 4)).astype(np.float32)
 Y = np.array([0, 1, 2, 0, 1, 2, 0, 1])
@@ -216,7 +218,8 @@ for bad in (3, -1, 10**9, -10**9):
     y = np.zeros(300, np.int64)
     y[7] = bad
     try:
-        loss.value_and_grad(z, y, fast=device.fast, buffers={})
+        with device.ops.reusing(), device.ops.active():  # as in fit: the compiled kernel's path
+            loss.value_and_grad(z, y)
         print("accepted", bad, flush=True)
     except ValueError as exc:
         print("refused", bad, exc, flush=True)
@@ -365,3 +368,96 @@ def test_damaged_optimizer_state_is_refused_naming_the_field(change, message):
 def test_optimizer_state_must_be_a_dict():
     with pytest.raises(TypeError, match=r"^optimizer state must be a dict"):
         xn.Adam().load_state_dict([("steps", 1)], _small())
+
+
+# ------------------------------------------------- 7. datasets, callbacks and seeds
+@pytest.mark.parametrize("name", [None, 3, ["mnist"]])
+def test_load_dataset_names_a_name_that_is_not_a_str(name):
+    with pytest.raises(TypeError, match=r"^name must be a dataset name, a str \(mnist, wdbc, fashion-mnist, kmnist\)"):
+        load_dataset(name)
+
+
+@pytest.mark.parametrize("name", ["mnist", "fashion-mnist", "kmnist", "wdbc"])
+def test_an_empty_data_dir_is_refused_not_read_as_the_current_folder(name, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # a current folder that holds a dataset would load, silently
+    with pytest.raises(ValueError, match=r"^data_dir is an empty string"):
+        load_dataset(name, data_dir="")
+
+
+def test_data_dir_and_paths_of_another_type_are_named():
+    with pytest.raises(TypeError, match=r"^data_dir must be a str or path, or None, got 3"):
+        load_dataset("mnist", data_dir=3)
+    with pytest.raises(ValueError, match=r"^folder is an empty string"):
+        load_idx_folder("")
+    with pytest.raises(ValueError, match=r"^path is an empty string"):
+        load_wdbc("")
+
+
+@pytest.mark.parametrize("seed", [-1, 2.5, True, "0"])
+@pytest.mark.parametrize(
+    "load",
+    [
+        lambda seed: load_dataset("mnist", validation=0.1, seed=seed),
+        lambda seed: load_dataset("wdbc", seed=seed),
+        lambda seed: load_wdbc(seed=seed),
+        lambda seed: split_indices(np.arange(10), 0.5, seed=seed),
+    ],
+    ids=["load_dataset", "load_dataset-wdbc", "load_wdbc", "split_indices"],
+)
+def test_dataset_seeds_are_named(load, seed):
+    """NumPy's own message ("expected non-negative integer") named no argument."""
+    with pytest.raises(ValueError, match=rf"^seed must be a non-negative integer, got {re.escape(repr(seed))}$"):
+        load(seed)
+
+
+@pytest.mark.parametrize("validation", [-0.1, 1.0, math.nan, "0.1", True])
+def test_load_dataset_names_a_bad_validation_fraction(validation):
+    with pytest.raises(ValueError, match=r"^validation must be a fraction in \[0, 1\)"):
+        load_dataset("mnist", validation=validation)
+
+
+@pytest.mark.parametrize(
+    "callbacks, message",
+    [
+        ("abc", r"^callbacks must be a list or tuple of xn\.Callback objects, got 'abc'"),
+        (xn.EarlyStopping(), r"^callbacks must be a list or tuple of xn\.Callback objects, got an EarlyStopping"),
+        ([object()], r"^callbacks\[0\] must be an xn\.Callback \(an instance of a subclass\), got an object"),
+        ([xn.EarlyStopping], r"^callbacks\[0\] must be an xn\.Callback \(an instance of a subclass\), got a type"),
+    ],
+)
+def test_fit_names_bad_callbacks_before_training(callbacks, message):
+    model = _small()
+    before = {name: np.array(value) for name, value in model.named_parameters().items()}
+    with pytest.raises(TypeError, match=message):
+        _fit(model, callbacks=callbacks)
+    for name, value in model.named_parameters().items():
+        np.testing.assert_array_equal(np.asarray(value), before[name])
+
+
+def test_fit_takes_callbacks_as_a_list_a_tuple_or_none():
+    for callbacks in ([xn.Callback()], (xn.Callback(),), None, ()):
+        assert len(_fit(callbacks=callbacks)) == 1
+
+
+@pytest.mark.parametrize("seed", [-1, 2.5, True, "0", 1.0])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda seed: xn.mlp(4, [3], 2, seed=seed),
+        lambda seed: xn.Sequential([xn.Dense(4, 2)], seed=seed),
+        lambda seed: xn.Device("cpu", seed=seed),
+        lambda seed: xn.Device("cpu").seed(seed),
+    ],
+    ids=["mlp", "Sequential", "Device", "Device.seed"],
+)
+def test_model_and_device_seeds_are_named(make, seed):
+    with pytest.raises(ValueError, match=rf"^seed must be a non-negative integer, got {re.escape(repr(seed))}"):
+        make(seed)
+
+
+def test_numpy_integer_seeds_are_seeds():
+    a = xn.mlp(4, [3], 2, seed=np.int64(7)).named_parameters()
+    b = xn.mlp(4, [3], 2, seed=7).named_parameters()
+    for name in a:
+        np.testing.assert_array_equal(np.asarray(a[name]), np.asarray(b[name]))
+    assert len(load_dataset("wdbc", seed=np.int32(1)).train) == 341

@@ -398,7 +398,8 @@ def test_cuda_without_a_gpu_is_a_clear_error(tmp_path, monkeypatch):
         (lambda config: {}, "lacks device, dataset, data_dir"),
         (lambda config: {k: v for k, v in config.items() if k != "data_dir"}, "lacks data_dir: it is damaged"),
         (lambda config: {**config, "batch_size": "big"}, "batch_size must be of type int"),
-        (lambda config: {**config, "hidden": None}, "--hidden must be positive integers"),
+        (lambda config: {**config, "hidden": None}, "config.json: hidden must be a list of layer sizes, got None"),
+        (lambda config: {**config, "hidden": [16, 0]}, "config.json: --hidden must be positive integers"),
         (lambda config: {**config, "colour": "blue"}, "unknown fields colour"),
         (lambda config: "{not json", "is not valid JSON"),
     ],
@@ -430,7 +431,7 @@ def test_malformed_data_folder(tmp_path):
     for stem in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte"):
         write_idx(folder / stem, np.zeros((3, 28, 28) if "images" in stem else 3, dtype=np.uint8))
     (folder / "t10k-labels-idx1-ubyte").write_bytes(b"\x01\x02\x08\x01junk")
-    result = invoke("train", "--data-dir", folder, "--out", tmp_path / "run")
+    result = invoke("train", "--data-dir", folder, "--val-split", "0", "--out", tmp_path / "run")
     assert_one_line_error(result, 2, "t10k-labels-idx1-ubyte: wrong magic number 01020801")
 
 

@@ -355,11 +355,14 @@ def test_compiled_accuracy_count_is_numpys_argmax(fast, dtype):
     assert 30 <= expected < 300
     assert fast.count_correct(z[:, :1], labels) is None  # strided rows: the metric's own code
     assert fast.count_correct(z, labels.astype(np.int32)) is None
-    accuracy = xn.Accuracy()
-    assert accuracy.count_fast(z, labels, fast) == (expected, 300)
-    assert int(accuracy.count_fast(z, labels.astype(np.int32), fast)[0]) == expected
-    one_hot = np.eye(10, dtype=dtype)[labels]
-    assert int(accuracy.count_fast(z, one_hot, fast)[0]) == expected
+    accuracy, ops = xn.Accuracy(), xn.Device("cpu", fast=True).ops
+    with ops.active():  # as fit and evaluate run it: through the NumPy Ops, the compiled count
+        assert accuracy.count(z, labels) == (expected, 300)
+        assert type(accuracy.count(z, labels)[0]) is int  # the kernel's count, not NumPy's
+        assert int(accuracy.count(z, labels.astype(np.int32))[0]) == expected
+        one_hot = np.eye(10, dtype=dtype)[labels]
+        assert int(accuracy.count(z, one_hot)[0]) == expected
+    assert int(accuracy.count(z, labels)[0]) == expected  # outside: the reference
 
 
 def test_a_metric_without_a_fused_count_is_counted_as_written():

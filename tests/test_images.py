@@ -192,4 +192,22 @@ def test_a_header_claiming_a_huge_array_is_refused_before_allocating(tmp_path):
     with open(sparse, "r+b") as handle:
         handle.truncate(len(_npy_header((10**6, 784), "<f8")) + 10**6 * 784 * 8)
     result = run_capped(LOAD_ARRAY_IN_CHILD, sparse)
-    assert_refused_in_child(result, str(sparse), "needs", "more than the 1.0 GiB of memory available")
+    assert_refused_in_child(result, str(sparse), "needs", "iB of memory available")
+
+
+@pytest.mark.parametrize(
+    "shape, shown",
+    [((-30, 1), r"-30"), ((2, -784), r"-784"), ((True, 784), r"True"), ((-1, -784), r"-1")],
+)
+def test_a_header_with_a_negative_or_non_integer_dimension_is_named(tmp_path, shape, shown):
+    """NumPy's header reader lets a negative (or bool) dimension through; the size it gives is
+    nonsense ("needs -120 bytes"): refused by name, before the size is computed."""
+    path = tmp_path / "bad.npy"
+    path.write_bytes(_npy_header(shape) + bytes(16))
+    _refused(path, 784, rf"the \.npy header declares shape \(.*\): dimension {shown} is not a non-negative integer")
+
+
+def test_a_header_with_a_float_dimension_is_named(tmp_path):
+    path = tmp_path / "float.npy"
+    path.write_bytes(_npy_header((2.0, 784)) + bytes(16))
+    _refused(path, 784, r"the \.npy header cannot be read \(shape is not valid: \(2\.0, 784\)\)")

@@ -135,7 +135,7 @@ def test_a_killed_writer_leaves_no_lock_and_the_run_resumes(tmp_path):
 # ------------------------------------------------- config.json and the checkpoint agree
 @pytest.mark.parametrize(
     "key, value",
-    [("activation", "tanh"), ("dtype", "float64"), ("data_dir", "/elsewhere"), ("seed", 7), ("lr", 0.5)],
+    [("activation", "tanh"), ("dtype", "float64"), ("seed", 7), ("lr", 0.5), ("optimizer", "sgd")],
 )
 def test_an_edited_config_is_refused_not_run_as_another_network(two_epochs, tmp_path, key, value):
     copy = copy_of(two_epochs, tmp_path)
@@ -386,3 +386,184 @@ def test_a_closed_output_pipe_is_one_line(two_epochs):
     assert err.strip().splitlines() == [
         "xpnet: the standard output was closed before everything was written (broken pipe)"
     ]
+
+
+# ------------------------------------------------------------ what the review found
+def test_a_config_json_of_another_program_is_never_overwritten(tmp_path):
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "config.json").write_text('{"name": "mine"}')
+    one_line(invoke("train", *WDBC, "--epochs", 1, "--out", folder), 2, "holds a config.json that is not an xpnet run")
+    assert (folder / "config.json").read_text() == '{"name": "mine"}'
+    (folder / "config.json").unlink()
+    (folder / "config.json").mkdir()  # a folder where a run's file goes
+    one_line(invoke("train", *WDBC, "--epochs", 1, "--out", folder), 2, "or a folder where a run's file goes")
+    one_line(invoke("evaluate", folder), 2, "config.json is not a file")
+
+
+def test_a_linked_lock_file_is_refused_and_its_target_untouched(tmp_path):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("mine")
+    folder = tmp_path / "linked"
+    folder.mkdir()
+    (folder / ".xpnet.lock").symlink_to(notes)
+    one_line(invoke("train", *WDBC, "--epochs", 1, "--out", folder), 2, r"\.xpnet\.lock is a symbolic link")
+    assert notes.read_text() == "mine"
+
+
+def test_a_moved_data_folder_is_followed_by_editing_config_json(tmp_path):
+    from xpnet.data import load_dataset
+
+    data = tmp_path / "data"
+    data.mkdir()
+    shutil.copy(load_dataset.__globals__["_embedded"]("wdbc.csv"), data / "wdbc.csv")
+    run = tmp_path / "run"
+    assert invoke("train", *WDBC, "--epochs", 1, "--data-dir", data, "--out", run, "--quiet").exit_code == 0
+    data.rename(tmp_path / "moved")
+    one_line(invoke("evaluate", run), 2, "wdbc.csv: cannot read the file")
+    config = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps({**config, "data_dir": str(tmp_path / "moved")}))
+    assert invoke("evaluate", run).exit_code == 0  # the data's place is not part of what the run is
+
+
+def test_a_kill_between_a_resumes_checkpoint_and_its_config_is_repaired(two_epochs, tmp_path, monkeypatch):
+    copy = copy_of(two_epochs, tmp_path)
+    (copy / "results.json").unlink()
+
+    def killed(run_dir, config):  # the checkpoint with epochs 5 is saved; config.json is not rewritten
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(run_module, "write_config", killed)
+    one_line(invoke("train", "--resume", copy, "--epochs", 5), 130, "holds epoch 3 of 5")
+    monkeypatch.undo()
+    assert json.loads((copy / "config.json").read_text())["epochs"] == 2
+    assert load_checkpoint(copy / "checkpoint.safetensors").meta["run"]["epochs"] == 5
+    assert invoke("evaluate", copy).exit_code == 0
+    result = invoke("train", "--resume", copy, "--json")  # the checkpoint's 5 epochs win
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["epochs"] == 5
+    assert json.loads((copy / "config.json").read_text())["epochs"] == 5  # and config.json follows it
+
+
+def test_a_resume_removes_the_results_of_fewer_epochs(two_epochs, tmp_path, monkeypatch):
+    copy = copy_of(two_epochs, tmp_path)
+    original = run_module.RunRecorder.on_epoch_end
+
+    def stop_after_epoch_three(self, state, logs):
+        original(self, state, logs)
+        if state.epoch == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(run_module.RunRecorder, "on_epoch_end", stop_after_epoch_three)
+    one_line(invoke("train", "--resume", copy, "--epochs", 5), 130, "holds epoch 3 of 5")
+    monkeypatch.undo()
+    assert not (copy / "results.json").exists()  # it tested epoch 2's weights
+    result = invoke("train", "--resume", copy, "--epochs", 3, "--json")
+    assert result.exit_code == 0 and json.loads(result.stdout)["epochs"] == 3
+    assert json.loads((copy / "results.json").read_text())["epochs"] == 3
+
+
+def test_a_run_with_its_checkpoint_but_no_config_json_goes_on(two_epochs, tmp_path):
+    copy = copy_of(two_epochs, tmp_path)
+    (copy / "config.json").unlink()
+    assert invoke("evaluate", copy).exit_code == 0  # the checkpoint carries the whole configuration
+    result = invoke("train", "--resume", copy, "--epochs", 3, "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads((copy / "config.json").read_text())["epochs"] == 3
+
+
+def test_padded_or_huge_run_files_are_refused_unread(two_epochs, tmp_path):
+    copy = copy_of(two_epochs, tmp_path)
+    with open(copy / "checkpoint.safetensors", "r+b") as handle:  # 2 GB of holes after the tensors
+        handle.truncate(2 << 30)
+    started = time.monotonic()
+    one_line(invoke("evaluate", copy), 2, "its header accounts for .* bytes, the file has 2,147,483,648")
+    assert time.monotonic() - started < 20
+    shutil.copy(two_epochs / "checkpoint.safetensors", copy)
+    with open(copy / "config.json", "r+b") as handle:
+        handle.truncate(8 << 30)
+    one_line(invoke("evaluate", copy), 2, "too large to be a run configuration")
+
+
+@pytest.mark.parametrize(
+    "edit, pattern",
+    [
+        (lambda c: {**c, "data_dir": 5}, "config.json: data_dir must be a folder name or null, got 5"),
+        (lambda c: {**c, "xpnet_version": 3}, "config.json: xpnet_version must be a string"),
+        (lambda c: {**c, "hidden": "16,8"}, "config.json: hidden must be a list"),
+        (lambda c: {**c, "lr": -1}, "config.json: --lr must be a finite positive number"),
+        (lambda c: {**c, "data_dir": "~nobody-here/x"}, "cannot expand ~"),
+    ],
+)
+def test_bad_values_in_config_json_name_the_file(two_epochs, tmp_path, edit, pattern):
+    copy = copy_of(two_epochs, tmp_path)
+    config = json.loads((copy / "config.json").read_text())
+    (copy / "config.json").write_text(json.dumps(edit(config)))
+    one_line(invoke("evaluate", copy), 2, pattern)
+
+
+def test_dataset_names_in_any_case_and_paths_that_cannot_expand(tmp_path):
+    result = invoke("train", "--dataset", "WDBC", "--hidden", "8", "--epochs", 1, "--out", tmp_path / "r", "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "r" / "config.json").read_text())["dataset"] == "wdbc"
+    one_line(invoke("train", *WDBC, "--out", "~nobody-here/x"), 2, "--out ~nobody-here/x: cannot expand ~")
+    one_line(invoke("evaluate", "~nobody-here/x"), 2, "cannot expand ~")
+
+
+def test_predict_on_a_folder_says_so(two_epochs, tmp_path):
+    one_line(invoke("predict", two_epochs, tmp_path), 2, "not a regular file")
+
+
+def test_large_logits_give_no_overflow_warnings(two_epochs, tmp_path):
+    copy = copy_of(two_epochs, tmp_path)
+    saved = load_checkpoint(copy / "checkpoint.safetensors")
+    model = saved.build_model()
+    last = model.layers[-1]
+    last.params["W"][...] *= 1e4  # logits far beyond float32's exp range
+    meta = {k: v for k, v in saved.meta.items() if k not in ("format", "model", "optimizer", "sha256")}
+    save_checkpoint(copy / "checkpoint.safetensors", model, extra=saved.extra, meta=meta)
+    np.save(tmp_path / "rows.npy", load_checkpoint(copy / "checkpoint.safetensors").extra["data_mean"][None, :] + 3)
+    for command in (["evaluate", copy], ["predict", copy, tmp_path / "rows.npy"]):
+        process = xpnet_process(*command)
+        _, err = process.communicate(timeout=120)
+        assert process.returncode == 0 and err == "", err
+
+
+def test_damaged_standardization_statistics_are_refused(two_epochs, tmp_path):
+    copy = copy_of(two_epochs, tmp_path)
+    saved = load_checkpoint(copy / "checkpoint.safetensors")
+    model = saved.build_model()
+    meta = {k: v for k, v in saved.meta.items() if k not in ("format", "model", "optimizer", "sha256")}
+    np.save(tmp_path / "row.npy", np.zeros(30))
+    for extra, pattern in (
+        ({**saved.extra, "data_std": np.zeros(30, np.float32)}, "data_std must be positive"),
+        ({**saved.extra, "data_mean": np.zeros(7, np.float32)}, r"data_mean has shape \(7,\), expected \(30,\)"),
+    ):
+        save_checkpoint(copy / "checkpoint.safetensors", model, extra=extra, meta=meta)
+        one_line(invoke("predict", copy, tmp_path / "row.npy"), 2, pattern)
+
+
+def test_ctrl_c_before_the_config_is_written_says_nothing_needs_keeping(tmp_path, monkeypatch):
+    def interrupted(run_dir, config):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(run_module, "write_config", interrupted)
+    out = tmp_path / "early"
+    one_line(invoke("train", *WDBC, "--out", out), 130, "before training started: nothing that needs keeping")
+    monkeypatch.undo()
+    assert invoke("train", *WDBC, "--epochs", 1, "--out", out, "--quiet").exit_code == 0
+
+
+def test_a_closed_pipe_while_training_says_how_to_resume(tmp_path):
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    out = tmp_path / "piped"
+    try:
+        process = xpnet_process("train", *WDBC, "--epochs", 3, "--out", out, stdout=write_end)
+    finally:
+        os.close(write_end)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "(broken pipe)" in lines[0], err
+    assert "nothing that needs keeping" in lines[0] or f"resume with: xpnet train --resume {out}" in lines[0]

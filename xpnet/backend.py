@@ -22,6 +22,7 @@ Every other module computes through ``device.xp`` only.
 from __future__ import annotations
 
 import math
+import operator
 import os
 from typing import Any
 
@@ -75,6 +76,9 @@ class Device:
             fast = os.environ.get("XPNET_FAST", "1") != "0"
         #: Backend-specific fast paths (None: the Array API reference code runs everywhere).
         self.fast = self.backend.fast_paths() if fast else None
+        #: The primitives fit, losses and metrics compute with (xpnet.ops): the reference, or
+        #: the backend's faster subclass where it has fast paths.
+        self.ops = self.backend.ops(self.fast)
 
     def __repr__(self) -> str:
         return f"Device({self.name!r})"
@@ -162,10 +166,15 @@ class Device:
 
     # ------------------------------------------------------------ randomness
     def seed(self, seed: int) -> None:
-        """Restart the three random streams (initial weights, shuffling, dropout) from ``seed``."""
-        if not isinstance(seed, int) or seed < 0:
-            raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
-        init, shuffle, dropout = np.random.SeedSequence(seed).spawn(3)
+        """Restart the three random streams (initial weights, shuffling, dropout) from ``seed``, a
+        non-negative integer (a NumPy integer too; not a bool, which NumPy would take as 0 or 1)."""
+        try:
+            value = None if isinstance(seed, bool) else operator.index(seed)
+        except TypeError:
+            value = None
+        if value is None or value < 0:
+            raise ValueError(f"seed must be a non-negative integer, got {seed!r:.60}")
+        init, shuffle, dropout = np.random.SeedSequence(value).spawn(3)
         self._init_rng = np.random.Generator(np.random.PCG64(init))
         self._shuffle_rng = np.random.Generator(np.random.PCG64(shuffle))
         self._dropout_key = [int(k) for k in dropout.generate_state(2, np.uint32)]

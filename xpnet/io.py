@@ -121,7 +121,49 @@ def save_checkpoint(path, model: Sequential, optimizer=None, *, extra: dict | No
     tensors = {name: np.ascontiguousarray(value) for name, value in tensors.items()}
     document["sha256"] = _digest(tensors, document)
     metadata = {"xpnet": json.dumps(document)}
-    _atomic_write(Path(path), lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    _atomic_write(Path(path), lambda tmp: _save_file(save_file, tensors, tmp, metadata))
+
+
+def _save_file(save_file, tensors, tmp, metadata) -> None:
+    """safetensors' writer, its failures (a full disk among them) as OSError."""
+    from safetensors import SafetensorError
+
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+    except SafetensorError as exc:
+        raise OSError(f"could not write the checkpoint ({exc})") from exc
+
+
+#: The largest safetensors header xpnet reads (its own hold a few kilobytes of metadata).
+_MAX_HEADER = 64 << 20
+
+
+def _check_layout(path: Path, handle) -> None:
+    """Before any tensor is read: the header's length, and the tensors it declares, must account
+    for the file's size exactly, and fit in memory (a sparse or padded file is refused unread)."""
+    from .data.limits import format_bytes, memory_limit
+
+    size = os.fstat(handle.fileno()).st_size
+    prefix = handle.read(8)
+    length = int.from_bytes(prefix, "little") if len(prefix) == 8 else -1
+    if not 0 < length <= min(_MAX_HEADER, size - 8):
+        raise CheckpointError(f"{path} is corrupted or truncated (no safetensors header of a sane length)")
+    try:
+        header = json.loads(handle.read(length))
+        ends = [int(entry["data_offsets"][1]) for name, entry in header.items() if name != "__metadata__"]
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError, RecursionError) as exc:
+        raise CheckpointError(f"{path} is corrupted or truncated (its safetensors header is not readable)") from exc
+    data = max(ends, default=0)
+    if 8 + length + data != size:
+        raise CheckpointError(
+            f"{path} is corrupted or truncated: its header accounts for {8 + length + data:,} bytes, "
+            f"the file has {size:,}"
+        )
+    limit = memory_limit()
+    if limit is not None and data > limit:
+        raise CheckpointError(
+            f"{path}: its tensors need {format_bytes(data)}, more than the {format_bytes(limit)} here"
+        )
 
 
 def _digest(tensors: dict, document: dict) -> str:
@@ -150,8 +192,8 @@ def load_checkpoint(path) -> Checkpoint:
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at {path}")
     try:
-        with open(path, "rb"):  # a clear reason for an unreadable file, before safetensors' own
-            pass
+        with open(path, "rb") as handle:  # a clear reason for an unreadable file, before safetensors' own
+            _check_layout(path, handle)
         with safe_open(str(path), framework="numpy") as handle:
             metadata = handle.metadata() or {}
             tensors = {name: handle.get_tensor(name) for name in handle.keys()}

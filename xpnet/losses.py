@@ -19,6 +19,7 @@ import math
 import array_api_compat
 
 from . import functional as F
+from .ops import ops_for
 from .registry import Registry
 
 __all__ = [
@@ -174,24 +175,18 @@ class SoftmaxCrossEntropy(Loss):
                 f"{num_outputs} outputs, so labels 0 to {num_outputs - 1})"
             )
 
-    def value_and_grad(self, z, target, *, fast=None, buffers=None):
-        """With ``fast`` (a device's fast paths) and integer labels, δ goes into a buffer in
-        ``buffers``: the same L and (p − y)/B, fused."""
-        if not self._targets_checked:  # (fit checked its labels once, and passes ``fast`` for integers only)
+    def value_and_grad(self, z, target):
+        """(L, δ). Integer labels: ``Ops.softmax_cross_entropy`` (the reference in xpnet/ops.py;
+        a backend may fuse it into one pass). Probabilities: δ = (p · Σy − y) / B here."""
+        if not self._targets_checked:  # (fit and evaluate check the whole target array once)
             self._check_labels(z, target)
-            if fast is not None and not _integral(target):
-                fast = None  # the fused kernel takes class labels only
-        if fast is not None and z.ndim == 2 and target.shape == (z.shape[0],):
-            delta = fast.buffer({} if buffers is None else buffers, "delta", tuple(z.shape), z.dtype)
-            return fast.softmax_cross_entropy(z, target, delta)
-        xp, loss, log_p, is_true = self._terms(z, target)
+        if _integral(target) and z.ndim == 2 and target.shape == (z.shape[0],):
+            return ops_for(z).softmax_cross_entropy(z, target)
+        xp, loss, log_p, _ = self._terms(z, target)
         p = xp.exp(log_p)
         batch = z.shape[0]
-        if is_true is not None:  # integer labels: p − y with y one-hot, through the class mask
-            delta = xp.where(is_true, p - 1.0, p)
-        else:  # probabilities: p · Σy − y (p · 1.0 is p itself: one-hot rows give p − y exactly)
-            y = _like(xp, target, z)
-            delta = p * xp.sum(y, axis=1, keepdims=True) - y
+        y = _like(xp, target, z)
+        delta = p * xp.sum(y, axis=1, keepdims=True) - y  # p · 1.0 is p itself: one-hot rows give p − y exactly
         return loss, delta * (1.0 / batch)
 
 

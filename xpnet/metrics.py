@@ -12,6 +12,7 @@ import math
 
 from array_api_compat import array_namespace
 
+from .ops import ops_for
 from .registry import Registry
 
 __all__ = [
@@ -30,10 +31,6 @@ class Metric:
 
     def count(self, output, target):
         raise NotImplementedError
-
-    def count_fast(self, output, target, fast):
-        """``count``, through ``fast`` (a device's fast paths, or None) where it has a fused pass."""
-        return self.count(output, target)
 
 
 #: Metric classes by name (``get_metric``); a class is registered under its own ``name``
@@ -55,16 +52,10 @@ class Accuracy(Metric):
     name = "accuracy"
 
     def count(self, output, target):
+        """(correct, judged): argmax(output) == label, through ``Ops.count_correct``."""
         xp = array_namespace(output, target)
-        predicted = xp.argmax(output, axis=1)
-        truth = target if target.ndim == 1 else xp.argmax(target, axis=1)
-        return xp.count_nonzero(predicted == truth), output.shape[0]
-
-    def count_fast(self, output, target, fast):
-        if type(self).count is not Accuracy.count:  # a subclass counts its own way
-            return self.count(output, target)
-        correct = None if fast is None or target.ndim != 1 else fast.count_correct(output, target)
-        return self.count(output, target) if correct is None else (correct, output.shape[0])
+        labels = target if target.ndim == 1 else xp.argmax(target, axis=1)
+        return ops_for(output).count_correct(output, labels), output.shape[0]
 
 
 @register_metric

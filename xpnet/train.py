@@ -19,10 +19,11 @@ loss's own label check (``Loss.targets_checked``).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import operator
 
-from .losses import SoftmaxCrossEntropy, get_loss
+from .losses import get_loss
 from .metrics import default_metrics, get_metric
 from .model import _KINDS, dtype_kind
 from .optim import Optimizer, _real, checked_count, get_optimizer, shown
@@ -253,14 +254,14 @@ def _batches(n: int, batch_size: int):
 class _MetricTally:
     """Metric counts summed on the device batch by batch, read to the host once at the end."""
 
-    def __init__(self, metrics, fast=None):
-        self.metrics, self.fast = metrics, fast
+    def __init__(self, metrics):
+        self.metrics = metrics
         self.correct = [0] * len(metrics)
         self.judged = [0] * len(metrics)
 
     def add(self, output, target) -> None:
         for i, metric in enumerate(self.metrics):
-            correct, judged = metric.count_fast(output, target, self.fast)
+            correct, judged = metric.count(output, target)
             self.correct[i], self.judged[i] = self.correct[i] + correct, self.judged[i] + judged
 
     def logs(self, device) -> dict:
@@ -268,8 +269,8 @@ class _MetricTally:
 
 
 def _evaluate_on_device(model, loss, X, Y, batch_size, metrics) -> dict:
-    loss_sum, tally = 0.0, _MetricTally(metrics, model.device.fast)
-    with model.device:
+    loss_sum, tally = 0.0, _MetricTally(metrics)
+    with model.device, model.device.ops.active():
         for start, stop in _batches(X.shape[0], batch_size):
             out = model.forward(X[start:stop, ...], training=False)
             yb = Y[start:stop, ...]
@@ -280,6 +281,19 @@ def _evaluate_on_device(model, loss, X, Y, batch_size, metrics) -> dict:
 
 def _check_batch_size(batch_size) -> int:
     return checked_count("batch_size", batch_size)
+
+
+def _checked_callbacks(callbacks) -> tuple:
+    """``callbacks`` as a tuple of Callback instances (None for none); TypeError naming the
+    argument, or the entry, otherwise. Checked once per fit, before any data moves."""
+    if callbacks is None:
+        return ()
+    if not isinstance(callbacks, (list, tuple)):
+        raise TypeError(f"callbacks must be a list or tuple of xn.Callback objects, got {shown(callbacks)}")
+    for i, callback in enumerate(callbacks):
+        if not isinstance(callback, Callback):
+            raise TypeError(f"callbacks[{i}] must be an xn.Callback (an instance of a subclass), got {shown(callback)}")
+    return tuple(callbacks)
 
 
 # ------------------------------------------------------------------ public API
@@ -342,6 +356,7 @@ def fit(
             f"initial_epoch must be between 0 and epochs={epochs} (an integer), got {shown(initial_epoch)}"
         )
     initial_epoch = first_epoch
+    callbacks = _checked_callbacks(callbacks)
     if isinstance(optimizer, str):
         optimizer = get_optimizer(optimizer)
     if not isinstance(optimizer, Optimizer):
@@ -406,44 +421,20 @@ def fit(
 
 def _train_epoch(model, loss, optimizer, X, Y, state, epoch, batch_size, shuffle, metrics, callbacks, all_targets):
     """One pass over (X, Y) in shuffled mini-batches; returns the epoch's logs (one host read each)."""
-    device, xp, n = model.device, model.xp, X.shape[0]
+    device, n = model.device, X.shape[0]
     state.epoch, state.samples_seen, state._loss_sum = epoch, 0, 0.0
     for cb in callbacks:
         cb.on_epoch_begin(state)
     order = device.permutation(n) if shuffle else None
-    fast, buffers = device.fast, {}
-    tally = _MetricTally(metrics, fast)
-    # the fused softmax-CE only stands in for exactly SoftmaxCrossEntropy on integer labels
-    fast_loss = fast is not None and type(loss) is SoftmaxCrossEntropy and xp.isdtype(Y.dtype, "integral")
-    # each next batch's rows copied ahead by CPU threads that would wait otherwise (two buffers in turn)
-    ahead = order is not None and fast is not None and fast.gathers_ahead(X, batch_size)
-    try:
-        for step, (start, stop) in enumerate(_batches(n, batch_size)):
-            if order is None:
-                xb, yb = X[start:stop, ...], Y[start:stop, ...]
-            elif fast is not None:  # gathered into buffers reused every step
-                name = f"x{step % 2}" if ahead else "x"
-                xb = fast.take_rows(
-                    X, order, start, stop, fast.buffer(buffers, name, (stop - start, *X.shape[1:]), X.dtype)
-                )
-                yb = fast.take_rows(
-                    Y, order, start, stop, fast.buffer(buffers, "y", (stop - start, *Y.shape[1:]), Y.dtype)
-                )
-                if ahead and stop < n:
-                    after = min(stop + batch_size, n)
-                    following = fast.buffer(buffers, f"x{(step + 1) % 2}", (after - stop, *X.shape[1:]), X.dtype)
-                    fast.take_rows_ahead(X, order, stop, after, following)
-            else:
-                idx = order[start:stop]
-                xb, yb = xp.take(X, idx, axis=0), xp.take(Y, idx, axis=0)
+    tally = _MetricTally(metrics)
+    ops = device.ops
+    with ops.reusing(), ops.active(), contextlib.closing(ops.batches(X, Y, order, batch_size)) as batches:
+        for step, (start, stop, xb, yb) in enumerate(batches):
             out = model.forward(xb, training=True)
             if step == 0 and epoch == state.first_epoch:  # the targets, training and validation, checked once
                 for targets, name in all_targets:
                     _check_targets(loss, targets, out.shape[-1], name)
-            if fast_loss:
-                value, delta = loss.value_and_grad(out, yb, fast=fast, buffers=buffers)
-            else:
-                value, delta = loss.value_and_grad(out, yb)
+            value, delta = loss.value_and_grad(out, yb)
             model.backward(delta)
             optimizer.step(model)
             state._loss_sum = state._loss_sum + value * (stop - start)
@@ -451,9 +442,6 @@ def _train_epoch(model, loss, optimizer, X, Y, state, epoch, batch_size, shuffle
             state.step, state.samples_seen = step, stop
             for cb in callbacks:
                 cb.on_batch_end(state)
-    finally:  # however the epoch ends, no copy may still be writing into a buffer
-        if ahead:
-            fast.finish_ahead()
     logs = {"loss": state.running_loss()}
     if not math.isfinite(logs["loss"]):
         raise TrainingDiverged(

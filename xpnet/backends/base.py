@@ -87,6 +87,13 @@ class Backend:
         """This backend's fast paths (buffered and fused operations), or None."""
         return None
 
+    def ops(self, fast):
+        """The Ops this backend computes with: the Array API reference (``xpnet.ops.Ops``) by
+        default; a backend with fast paths returns its subclass when ``fast`` holds them."""
+        from ..ops import Ops
+
+        return Ops(self.xp, self.native)
+
     def describe(self, fast) -> str:
         """One line about the device and whether ``fast`` (its fast paths, or None) are on."""
         raise NotImplementedError

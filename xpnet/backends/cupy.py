@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import sys
 
+from ..ops import BufferedOps
 from .base import Backend, DeviceError
 
 
@@ -98,6 +99,9 @@ class CupyBackend(Backend):
 
         with self.native:
             return CupyFastPaths(self.cupy)
+
+    def ops(self, fast):
+        return super().ops(fast) if fast is None else BufferedOps(self.xp, self.native, fast)
 
     def describe(self, fast):
         cupy = self.cupy

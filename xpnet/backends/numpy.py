@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..ops import BufferedOps
 from .base import Backend
 
 
@@ -45,6 +46,9 @@ class NumpyBackend(Backend):
 
         return NumpyFastPaths()
 
+    def ops(self, fast):
+        return super().ops(fast) if fast is None else NumpyOps(self.xp, self.native, fast)
+
     def describe(self, fast):
         if fast is None:
             paths = "Array API code only (fast paths off)"
@@ -53,3 +57,16 @@ class NumpyBackend(Backend):
             if fast.threads > 1:
                 paths += f"; OpenBLAS and the kernels on one pool of {fast.threads} threads"
         return f"NumPy {np.__version__} on the CPU; {paths}"
+
+
+class NumpyOps(BufferedOps):
+    """The NumPy overrides: batches gathered by compiled row copies into reused buffers, the next
+    batch's rows copied ahead by the pool's idle workers; softmax cross-entropy and the count of
+    correct predictions in one compiled pass each."""
+
+    def count_correct(self, z, labels):
+        if labels.ndim == 1 and z.ndim == 2:
+            correct = self.fast.count_correct(z, labels)
+            if correct is not None:
+                return correct
+        return super().count_correct(z, labels)

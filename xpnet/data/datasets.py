@@ -12,15 +12,17 @@ import csv
 import dataclasses
 import importlib.resources
 import io
+import math
+import numbers
 import os
 from pathlib import Path
 
 import numpy as np
 
 from .download import cache_dir, download, md5_of
-from .errors import DataError, os_reason
+from .errors import DataError, os_reason, shown
 from .idx import read_idx_pair
-from .preprocess import _standardization_stats, scale_pixels, split_indices
+from .preprocess import _PIXEL_SCALE, _standardization_stats, checked_seed, scale_pixels, split_indices
 
 __all__ = [
     "Split",
@@ -125,8 +127,8 @@ class Dataset:
 
 @dataclasses.dataclass(frozen=True)
 class _Options:
-    """How image sets are prepared: flattened or not, and a validation split made on the uint8
-    pixels, before scaling (a quarter of the memory a split of float32 images would take)."""
+    """How image sets are prepared: flattened or not, and a validation split made from the uint8
+    pixels as they are scaled (no copy of the pixels is made for it)."""
 
     flatten: bool = True
     validation: float = 0.0
@@ -134,29 +136,82 @@ class _Options:
     stratify: bool = True
 
 
-def _images_dataset(name, train, test, classes, options: _Options) -> Dataset:
-    (train_images, train_labels), (test_images, test_labels) = train, test
-    shape = tuple(train_images.shape[1:])
-    if tuple(test_images.shape[1:]) != shape:
-        raise DataError(f"{name}: training images are {shape} but test images are {tuple(test_images.shape[1:])}")
+#: What an image loader makes of an images file: the float32 copy of its pixels. Counted with
+#: the uint8 pixels in the file's memory check, from its header (``read_idx``).
+_FLOAT32_COPY = (("float32 copy", 4),)
 
-    def prepare(images, labels):
-        x = scale_pixels(images)
-        return Split(x.reshape(x.shape[0], -1) if options.flatten else x, labels)
+#: The uint8 pixels gathered at a time when a split is scaled (a block of rows, copied once).
+_SCALE_BLOCK_BYTES = 1 << 24
 
+
+def _scaled(path, images: np.ndarray, rows=None) -> np.ndarray:
+    """float32 pixels in [0, 1] of ``images[rows]`` (all of them when ``rows`` is None), the
+    values of ``scale_pixels``. A selection is gathered a block of rows at a time into the float32
+    result, so the loader holds no more than the uint8 pixels and their float32 copy, the two
+    sizes the header check counted."""
+    if rows is None:
+        try:
+            return scale_pixels(images)
+        except MemoryError as exc:
+            raise DataError(f"{path}: cannot allocate the float32 copy of images of shape {images.shape}") from exc
+    try:
+        out = np.empty((rows.shape[0], *images.shape[1:]), dtype=np.float32)
+    except MemoryError as exc:
+        raise DataError(f"{path}: cannot allocate the float32 copy of {rows.shape[0]} images") from exc
+    per_block = max(1, _SCALE_BLOCK_BYTES // max(1, math.prod(images.shape[1:])))
+    for start in range(0, rows.shape[0], per_block):
+        stop = min(start + per_block, rows.shape[0])
+        np.multiply(images[rows[start:stop]], _PIXEL_SCALE, out=out[start:stop], dtype=np.float32)
+    return out
+
+
+def _images_dataset(name, paths: dict, classes, options: _Options) -> Dataset:
+    """A dataset from the four IDX files in ``paths`` (keyed as IDX_FILES). The training images are
+    read, split and scaled first and their uint8 pixels let go; then the test images are read, so
+    the two files' uint8 pixels are never held together."""
+    classes = tuple(classes)
+
+    def split(images, labels, rows, path):
+        x = _scaled(path, images, rows)
+        return Split(x.reshape(x.shape[0], -1) if options.flatten else x, labels if rows is None else labels[rows])
+
+    def read(images_key, labels_key):
+        return read_idx_pair(paths[images_key], paths[labels_key], num_classes=len(classes), image_copies=_FLOAT32_COPY)
+
+    images, labels = read("train_images", "train_labels")
+    shape = tuple(images.shape[1:])
     val = None
     if options.validation:
-        kept, held = split_indices(train_labels, options.validation, seed=options.seed, stratify=options.stratify)
-        val = prepare(train_images[held], train_labels[held])
-        train_images, train_labels = train_images[kept], train_labels[kept]
+        kept, held = split_indices(labels, options.validation, seed=options.seed, stratify=options.stratify)
+        val = split(images, labels, held, paths["train_images"])
+        train = split(images, labels, kept, paths["train_images"])
+    else:
+        train = split(images, labels, None, paths["train_images"])
+    del images, labels  # the training pixels as uint8: not needed while the test images are read
+    test_images, test_labels = read("test_images", "test_labels")
+    if tuple(test_images.shape[1:]) != shape:
+        raise DataError(f"{name}: training images are {shape} but test images are {tuple(test_images.shape[1:])}")
     return Dataset(
         name=name,
-        train=prepare(train_images, train_labels),
-        test=prepare(test_images, test_labels),
+        train=train,
+        test=split(test_images, test_labels, None, paths["test_images"]),
         val=val,
-        classes=tuple(classes),
+        classes=classes,
         image_shape=shape,
     )
+
+
+def _checked_path(path, name: str, *, optional: bool = True):
+    """``path`` as given when it is a str or path (or None, when ``optional``): TypeError naming
+    ``name`` for another type, DataError for an empty string (which would read the current folder)."""
+    if path is None and optional:
+        return None
+    if not isinstance(path, (str, os.PathLike)):
+        allowed = "a str or path, or None" if optional else "a str or path"
+        raise TypeError(f"{name} must be {allowed}, got {shown(path)}")
+    if os.fspath(path) in ("", b""):
+        raise DataError(f"{name} is an empty string: name a folder (or file), or leave it out (None)")
+    return path
 
 
 def _folder_entries(folder: Path) -> set[str]:
@@ -185,13 +240,10 @@ def load_idx_folder(
     """A dataset from a folder with the four standard IDX files (gz or raw), read as they are:
     no checksums, nothing written."""
     options = options or _Options(flatten=flatten)
-    folder = Path(folder)
+    folder = Path(_checked_path(folder, "folder", optional=False))
     entries = _folder_entries(folder)
     paths = {key: _find_idx(folder, entries, stem) for key, stem in IDX_FILES.items()}
-    classes = classes or [str(i) for i in range(10)]
-    train = read_idx_pair(paths["train_images"], paths["train_labels"], num_classes=len(classes))
-    test = read_idx_pair(paths["test_images"], paths["test_labels"], num_classes=len(classes))
-    return _images_dataset(name or folder.name, train, test, classes, options)
+    return _images_dataset(name or folder.name, paths, classes or [str(i) for i in range(10)], options)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -302,13 +354,8 @@ def _embedded(*parts) -> Path:
 
 
 def _load_mnist(options: _Options) -> Dataset:
-    train = read_idx_pair(
-        _embedded("mnist", "train-images-idx3-ubyte.gz"), _embedded("mnist", "train-labels-idx1-ubyte.gz")
-    )
-    test = read_idx_pair(
-        _embedded("mnist", "t10k-images-idx3-ubyte.gz"), _embedded("mnist", "t10k-labels-idx1-ubyte.gz")
-    )
-    return _images_dataset("mnist", train, test, [str(i) for i in range(10)], options)
+    paths = {key: _embedded("mnist", f"{stem}.gz") for key, stem in IDX_FILES.items()}
+    return _images_dataset("mnist", paths, [str(i) for i in range(10)], options)
 
 
 def _read_text(path) -> str:
@@ -370,7 +417,9 @@ def load_wdbc(path=None, *, seed: int = 0) -> Dataset:
 
     The default split is seeded and stratified: 341 train / 114 validation / 114 test.
     """
-    path = path or _embedded("wdbc.csv")
+    path = _checked_path(path, "path")
+    seed = checked_seed(seed)
+    path = _embedded("wdbc.csv") if path is None else path
     x, target, names = read_table(path, "malignant")
     if not np.all((target == 0) | (target == 1)):
         raise DataError(f"{path}: the 'malignant' column must hold 0 or 1")
@@ -409,9 +458,20 @@ def load_dataset(
     or 'kmnist' each .gz there must have the published MD5.
     Images come as float32 in [0, 1], flattened to (N, H·W) unless ``flatten=False``.
     ``validation``: the fraction of the training images held out (seeded by ``seed``, stratified
-    unless told otherwise), split before the pixels are scaled to save memory; the same split as
-    ``with_validation``. 'wdbc' has its own fixed split (seeded by ``seed``).
+    unless told otherwise), split from the uint8 pixels as they are scaled (no extra copy); the
+    same split as ``with_validation``. 'wdbc' has its own fixed split (seeded by ``seed``).
+    An images file is refused from its header when its uint8 pixels and their float32 copy
+    would not fit in the memory available (``xpnet.data.limits.memory_limit``).
+    Refused by name: a ``name`` that is not a str (TypeError), a ``data_dir`` that is not a str or
+    path (TypeError) or is an empty string, a ``seed`` that is not a non-negative integer, a
+    ``validation`` outside [0, 1) (ValueError; DataError is one).
     """
+    if not isinstance(name, str):
+        raise TypeError(f"name must be a dataset name, a str ({', '.join(NAMES)}), got {shown(name)}")
+    data_dir = _checked_path(data_dir, "data_dir")
+    seed = checked_seed(seed)
+    if isinstance(validation, bool) or not isinstance(validation, numbers.Real) or not 0 <= validation < 1:
+        raise ValueError(f"validation must be a fraction in [0, 1) (0 for none), got {shown(validation)}")
     key = name.lower()
     if key == "wdbc":
         if validation:

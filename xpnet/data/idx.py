@@ -5,7 +5,9 @@ dimensions d, then d uint32 sizes, then the values row-major. Files may be gzip-
 
 The reader streams: it reads (and inflates) the header alone first, computes the payload size
 the header declares, refuses a size beyond the memory limit (``limits.memory_limit``) before
-allocating anything, then reads exactly that many bytes into one preallocated buffer. A raw file's
+allocating anything (counting the copies the caller says it will make, such as the image
+loaders' float32 copy of the pixels), then reads exactly that many bytes into one preallocated
+buffer. A raw file's
 length is compared with the declared size from ``os.stat`` before any of the payload is read; a
 gzip stream is inflated no further than one byte past the declared payload. So neither a lying
 header nor a decompression bomb can take more memory than the array it declares.
@@ -158,11 +160,18 @@ def _length_error(path, shape, expected: int, found) -> DataError:
     return DataError(f"{path}: {problem}: shape {shape} needs {expected} bytes of data, found {found}")
 
 
-def _read_payload(path, stream, shape, expected: int, header: int) -> np.ndarray:
-    """Exactly ``expected`` bytes into a preallocated buffer, after checking that they fit."""
+def _read_payload(path, stream, dtype, shape, header: int, copies) -> np.ndarray:
+    """Exactly the bytes ``shape`` declares into a preallocated buffer, after checking that they
+    fit in memory together with the ``copies`` the caller will make of them."""
+    count = math.prod(shape)
+    expected = count * dtype.itemsize
     if stream.size is not None and stream.size - header != expected:
         raise _length_error(path, shape, expected, stream.size - header)
-    limits.check_fits(path, expected, f"shape {shape}")
+    if copies:
+        made = [(name, count * per_element) for name, per_element in copies]
+        limits.check_fits(path, expected, f"shape {shape} {dtype.name}", copies=made)
+    else:
+        limits.check_fits(path, expected, f"shape {shape}")
     try:
         buffer = np.empty(expected, dtype=np.uint8)
     except MemoryError as exc:
@@ -178,9 +187,13 @@ def _read_payload(path, stream, shape, expected: int, header: int) -> np.ndarray
     return buffer
 
 
-def read_idx(path) -> np.ndarray:
+def read_idx(path, *, copies=()) -> np.ndarray:
     """The array stored in an IDX file (gzip-compressed or raw), after checking its header, its
-    declared size against memory and its payload length."""
+    declared size against memory and its payload length.
+
+    ``copies``: what the caller will make of the array, as pairs (description, bytes per
+    element), e.g. ``(("float32 copy", 4),)``; they are counted with the payload in the memory
+    check, which is made from the header, before any of the payload is read."""
     try:
         handle = open(path, "rb")
     except OSError as exc:
@@ -189,7 +202,7 @@ def read_idx(path) -> np.ndarray:
         with handle:
             stream = _open(path, handle)
             dtype, shape, header = _read_header(path, stream)
-            buffer = _read_payload(path, stream, shape, math.prod(shape) * dtype.itemsize, header)
+            buffer = _read_payload(path, stream, dtype, shape, header, tuple(copies))
     except OSError as exc:
         raise DataError(f"{path}: cannot read the file ({os_reason(exc, path)})") from exc
     if not dtype.isnative:
@@ -211,11 +224,14 @@ def write_idx(path, array: np.ndarray, *, compress: bool | None = None) -> None:
         handle.write(content)
 
 
-def read_idx_pair(images_path, labels_path, *, num_classes: int = 10) -> tuple[np.ndarray, np.ndarray]:
+def read_idx_pair(images_path, labels_path, *, num_classes: int = 10, image_copies=()) -> tuple[np.ndarray, np.ndarray]:
     """Images (N, H, W) uint8 and labels (N,) int64 from two IDX files, checked against each other
-    (N ≥ 1, one label per image, each label in 0..num_classes−1)."""
-    images = read_idx(images_path)
-    labels = read_idx(labels_path)
+    (N ≥ 1, one label per image, each label in 0..num_classes−1).
+
+    ``image_copies``: the copies the caller will make of the images (see ``read_idx``), counted
+    in the images file's memory check; the labels' int64 copy is counted in theirs."""
+    images = read_idx(images_path, copies=image_copies)
+    labels = read_idx(labels_path, copies=(("int64 copy", 8),))
     if images.ndim != 3 or images.dtype != np.uint8:
         raise DataError(
             f"{images_path}: expected uint8 images of shape (N, rows, cols), got {images.dtype} {images.shape}"

@@ -4,18 +4,34 @@ and the statistics of standardization.
 
 from __future__ import annotations
 
+import operator
+
 import numpy as np
 
-from .errors import DataError
+from .errors import DataError, shown
 
 __all__ = ["scale_pixels", "one_hot", "split_indices"]
+
+_PIXEL_SCALE = np.float32(1.0 / 255.0)
+
+
+def checked_seed(seed, name: str = "seed") -> int:
+    """``seed`` as an int when it is a non-negative integer (NumPy integers too, bools not);
+    ValueError naming ``name`` otherwise (never NumPy's own message, which names nothing)."""
+    try:
+        value = None if isinstance(seed, bool) else operator.index(seed)
+    except TypeError:
+        value = None
+    if value is None or value < 0:
+        raise ValueError(f"{name} must be a non-negative integer, got {shown(seed)}")
+    return value
 
 
 def scale_pixels(images: np.ndarray) -> np.ndarray:
     """uint8 pixels 0..255 to float32 in [0, 1], in one pass."""
     if images.dtype != np.uint8:
         raise DataError(f"scale_pixels expects uint8 pixels, got {images.dtype}")
-    return np.multiply(images, np.float32(1.0 / 255.0), dtype=np.float32)
+    return np.multiply(images, _PIXEL_SCALE, dtype=np.float32)
 
 
 def one_hot(labels, num_classes: int, dtype="float32") -> np.ndarray:
@@ -37,6 +53,7 @@ def split_indices(labels, fraction: float, *, seed: int = 0, stratify: bool = Fa
     With ``stratify`` each class is split on its own, so the held-out part has the class
     proportions of the whole (to within one example per class).
     """
+    seed = checked_seed(seed)
     labels = np.asarray(labels)
     n = labels.shape[0]
     if n == 0:

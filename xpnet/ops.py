@@ -1,0 +1,154 @@
+"""Ops: the one seam between the math and the backends.
+
+``Ops`` holds the Array API reference implementation of the primitives that ``fit``'s loop, the
+losses and the metrics use: taking the batches, softmax cross-entropy with its gradient, and
+counting correct predictions. A backend's Ops subclass (``NumpyOps``, ``CupyOps``) overrides
+what it can do faster; each override is tested equal to the reference (tests/test_ops.py).
+Callers never branch on whether a faster version exists.
+
+Within ``reusing()`` (fit's loop, which consumes each step's arrays before the next) an Ops may
+return arrays that live in buffers reused every step; outside it every call returns new arrays,
+as the reference does.
+
+Losses and metrics find the Ops of the call through ``ops_for(array)``: the Ops that ``fit`` or
+``evaluate`` made current (``active()``) when it computes in the array's namespace, else the
+reference for that namespace. So a loss called directly runs the reference code.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+
+import array_api_compat
+
+from . import functional as F
+
+__all__ = ["Ops", "BufferedOps", "ops_for"]
+
+_CURRENT: contextvars.ContextVar = contextvars.ContextVar("xpnet_ops", default=None)
+
+
+class Ops:
+    """The reference: plain Array API code, on any backend."""
+
+    def __init__(self, xp, native=None):
+        self.xp = xp
+        self.native = native  # the device arrays are created on (None: the namespace's default)
+        self.reusing_buffers = False
+
+    # ------------------------------------------------------------ modes
+    @contextlib.contextmanager
+    def reusing(self):
+        """Within this, outputs may live in buffers reused every step."""
+        before = self.reusing_buffers
+        self.reusing_buffers = True
+        try:
+            yield self
+        finally:
+            self.reusing_buffers = before
+
+    @contextlib.contextmanager
+    def active(self):
+        """Make this the Ops that losses and metrics use for arrays of its namespace."""
+        token = _CURRENT.set(self)
+        try:
+            yield self
+        finally:
+            _CURRENT.reset(token)
+
+    # ------------------------------------------------------------ batches
+    def batches(self, X, Y, order, batch_size: int):
+        """(start, stop, xb, yb) for each mini-batch: rows order[start:stop] of X and Y (rows
+        start:stop when ``order`` is None). A generator: close it (``contextlib.closing``) when
+        the loop ends early, so that a faster Ops can finish any copy it runs ahead."""
+        xp, n = self.xp, X.shape[0]
+        for start in range(0, n, batch_size):
+            stop = min(start + batch_size, n)
+            if order is None:
+                yield start, stop, X[start:stop, ...], Y[start:stop, ...]
+            else:
+                idx = order[start:stop]
+                yield start, stop, xp.take(X, idx, axis=0), xp.take(Y, idx, axis=0)
+
+    # ------------------------------------------------------------ losses
+    def softmax_cross_entropy(self, z, labels):
+        """(L, δ) for logits z (B, C) and integer labels (B,), already checked to be in range:
+        L = −(1/B) Σᵢ log softmax(zᵢ)[cᵢ], δ = (softmax(z) − onehot(c)) / B, the one-hot never built
+        (a boolean class mask stands in for it)."""
+        xp = self.xp
+        log_p = F.log_softmax(xp, z)
+        is_true = F.class_mask(xp, labels, z.shape[1], array_api_compat.device(z))
+        loss = -xp.mean(xp.sum(xp.where(is_true, log_p, 0.0), axis=1))
+        p = xp.exp(log_p)
+        delta = xp.where(is_true, p - 1.0, p)
+        return loss, delta * (1.0 / z.shape[0])
+
+    # ------------------------------------------------------------ metrics
+    def count_correct(self, z, labels):
+        """How many rows of z (B, C) have their largest value (the first, among equals) at the
+        integer label: a 0-d device array, or a Python int."""
+        xp = self.xp
+        return xp.count_nonzero(xp.argmax(z, axis=1) == labels)
+
+
+class BufferedOps(Ops):
+    """Overrides shared by the backends with fast paths (``fast``: NumPy's or CuPy's): within
+    ``reusing()``, batches gathered into reused buffers (the next one copied ahead where the
+    fast paths can) and softmax cross-entropy fused into one pass, δ in a reused buffer."""
+
+    def __init__(self, xp, native, fast):
+        super().__init__(xp, native)
+        self.fast = fast
+        self._buffers: dict = {}
+
+    def batches(self, X, Y, order, batch_size):
+        if order is None or not self.reusing_buffers:
+            yield from super().batches(X, Y, order, batch_size)
+            return
+        fast, n, buffers = self.fast, X.shape[0], {}
+        ahead = fast.gathers_ahead(X, batch_size)  # two input buffers in turn
+        try:
+            for step, start in enumerate(range(0, n, batch_size)):
+                stop = min(start + batch_size, n)
+                name = f"x{step % 2}" if ahead else "x"
+                xb = fast.take_rows(
+                    X, order, start, stop, fast.buffer(buffers, name, (stop - start, *X.shape[1:]), X.dtype)
+                )
+                yb = fast.take_rows(
+                    Y, order, start, stop, fast.buffer(buffers, "y", (stop - start, *Y.shape[1:]), Y.dtype)
+                )
+                if ahead and stop < n:
+                    after = min(stop + batch_size, n)
+                    following = fast.buffer(buffers, f"x{(step + 1) % 2}", (after - stop, *X.shape[1:]), X.dtype)
+                    fast.take_rows_ahead(X, order, stop, after, following)
+                yield start, stop, xb, yb
+        finally:  # however the loop ends, no copy may still be writing into a buffer
+            if ahead:
+                fast.finish_ahead()
+
+    def softmax_cross_entropy(self, z, labels):
+        if not self.reusing_buffers or z.ndim != 2 or labels.shape != (z.shape[0],):
+            return super().softmax_cross_entropy(z, labels)
+        delta = self.fast.buffer(self._buffers, "delta", tuple(z.shape), z.dtype)
+        return self.fast.softmax_cross_entropy(z, labels, delta)
+
+
+def ops_for(x) -> Ops:
+    """The Ops for computing on ``x``: the active one if it computes in x's namespace, else the
+    reference for that namespace."""
+    current = _CURRENT.get()
+    xp = array_api_compat.array_namespace(x)
+    if current is not None and current.xp is xp:
+        return current
+    return _reference(xp)
+
+
+_REFERENCE: dict = {}
+
+
+def _reference(xp) -> Ops:
+    ops = _REFERENCE.get(xp)
+    if ops is None:
+        ops = _REFERENCE[xp] = Ops(xp)
+    return ops
