@@ -48,6 +48,19 @@ def _restore_interrupts(signal, handler) -> None:
         pass
 
 
+def _stdout_was_closed() -> bool:
+    """Whether click (which wraps stdout) or rich (which points it at /dev/null) has just seen
+    stdout's reader go away."""
+    import os
+
+    if type(sys.stdout).__name__ == "PacifyFlushWrapper":
+        return True
+    try:
+        return os.path.samestat(os.fstat(sys.stdout.fileno()), os.stat(os.devnull))
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def _streams_present() -> None:
     """A closed stdout or stderr (``xpnet evaluate RUN >&-``) is None in Python: write to /dev/null."""
     import os
@@ -71,6 +84,13 @@ def _run(argv: list[str] | None) -> int:
     except typer.Abort:
         _say("interrupted")
         return 130
+    except SystemExit as exc:  # how click and rich end a write to a closed pipe (`xpnet --help | head -1`)
+        if exc.code == 1 and _stdout_was_closed():
+            from .errors import BROKEN_PIPE
+
+            _say(BROKEN_PIPE)
+            return 2
+        raise exc
     except typer.TyperException as exc:  # usage errors: unknown option, a value of the wrong type
         message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
         _say(f"{message} (see xpnet --help)")

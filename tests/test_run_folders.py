@@ -374,11 +374,13 @@ def test_ctrl_c_at_any_moment_is_one_line_and_exit_130(tmp_path):
         assert len(lines) == 1 and lines[0].startswith("xpnet: interrupted"), (delay, err)
 
 
-def test_a_closed_output_pipe_is_one_line(two_epochs):
+@pytest.mark.parametrize("command", ["evaluate", "--help"])
+def test_a_closed_output_pipe_is_one_line(two_epochs, command):
     read_end, write_end = os.pipe()
     os.close(read_end)  # as `| head -1` does once it has its line
     try:
-        process = xpnet_process("evaluate", two_epochs, stdout=write_end)
+        args = ["evaluate", two_epochs] if command == "evaluate" else ["--help"]
+        process = xpnet_process(*args, stdout=write_end)
     finally:
         os.close(write_end)
     _, err = process.communicate(timeout=120)

@@ -180,18 +180,15 @@ class SoftmaxCrossEntropy(Loss):
         a backend may fuse it into one pass). Probabilities: δ = (p · Σy − y) / B here."""
         if not self._targets_checked:  # (fit and evaluate check the whole target array once)
             self._check_labels(z, target)
-        if _integral(target) and z.ndim == 2 and target.shape == (z.shape[0],):
-            return ops_for(z).softmax_cross_entropy(z, target)
+        ops = ops_for(z)
+        if z.ndim == 2 and target.shape == (z.shape[0],) and ops.integral(target.dtype):
+            return ops.softmax_cross_entropy(z, target)
         xp, loss, log_p, _ = self._terms(z, target)
         p = xp.exp(log_p)
         batch = z.shape[0]
         y = _like(xp, target, z)
         delta = p * xp.sum(y, axis=1, keepdims=True) - y  # p · 1.0 is p itself: one-hot rows give p − y exactly
         return loss, delta * (1.0 / batch)
-
-
-def _integral(target) -> bool:
-    return array_api_compat.array_namespace(target).isdtype(target.dtype, "integral")
 
 
 def _check_probabilities(xp, targets) -> None:

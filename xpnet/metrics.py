@@ -53,9 +53,9 @@ class Accuracy(Metric):
 
     def count(self, output, target):
         """(correct, judged): argmax(output) == label, through ``Ops.count_correct``."""
-        xp = array_namespace(output, target)
-        labels = target if target.ndim == 1 else xp.argmax(target, axis=1)
-        return ops_for(output).count_correct(output, labels), output.shape[0]
+        ops = ops_for(output)
+        labels = target if target.ndim == 1 else ops.xp.argmax(target, axis=1)
+        return ops.count_correct(output, labels), output.shape[0]
 
 
 @register_metric

@@ -36,6 +36,8 @@ class Ops:
         self.xp = xp
         self.native = native  # the device arrays are created on (None: the namespace's default)
         self.reusing_buffers = False
+        self._own_types: set = set()  # array types of this namespace (``ops_for``)
+        self._integral: dict = {}
 
     # ------------------------------------------------------------ modes
     @contextlib.contextmanager
@@ -56,6 +58,14 @@ class Ops:
             yield self
         finally:
             _CURRENT.reset(token)
+
+    def integral(self, dtype) -> bool:
+        """Whether ``dtype`` is an integer dtype of this namespace (remembered per dtype: asked
+        every step)."""
+        known = self._integral.get(dtype)
+        if known is None:
+            known = self._integral[dtype] = bool(self.xp.isdtype(dtype, "integral"))
+        return known
 
     # ------------------------------------------------------------ batches
     def batches(self, X, Y, order, batch_size: int):
@@ -136,10 +146,14 @@ class BufferedOps(Ops):
 
 def ops_for(x) -> Ops:
     """The Ops for computing on ``x``: the active one if it computes in x's namespace, else the
-    reference for that namespace."""
+    reference for that namespace. (Called twice a training step: the array types seen to be the
+    active Ops' own are remembered, so the namespace is looked up once, not per call.)"""
     current = _CURRENT.get()
+    if current is not None and type(x) in current._own_types:
+        return current
     xp = array_api_compat.array_namespace(x)
     if current is not None and current.xp is xp:
+        current._own_types.add(type(x))
         return current
     return _reference(xp)
 

@@ -78,7 +78,8 @@ def _fetch(url: str, destination: Path, md5: str, timeout: float) -> None:
         if isinstance(exc, urllib.error.HTTPError):
             reason = f"HTTP {exc.code} {exc.reason}"
         else:
-            reason = f"{type(exc).__name__}: {getattr(exc, 'reason', None) or exc}"
+            cause = getattr(exc, "reason", None) or exc  # URLError wraps the socket's error
+            reason = getattr(cause, "strerror", None) or str(cause)
         raise DataError(f"{url}: download failed ({reason})") from exc
     except BaseException:
         temporary.unlink(missing_ok=True)

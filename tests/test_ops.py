@@ -1,0 +1,106 @@
+"""The seam: every Ops override equals the Array API reference (``xpnet.ops.Ops``), and the
+reference computes the same on every backend as on NumPy."""
+
+from __future__ import annotations
+
+import contextlib
+
+import numpy as np
+import pytest
+from conftest import host, on
+
+import xpnet as xn
+from xpnet.ops import Ops, ops_for
+
+
+def _logits(n=300, c=10, dtype=np.float32, seed=0):
+    rng = np.random.default_rng(seed)
+    z = (rng.normal(size=(n, c)) * 3).astype(dtype)
+    z[:20] = np.round(z[:20])  # ties
+    return z, rng.integers(0, c, n)
+
+
+def _fast_ops():
+    ops = xn.Device("cpu", fast=True).ops
+    if type(ops) is Ops:
+        pytest.skip("the NumPy fast paths are off here")
+    return ops
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_numpy_softmax_cross_entropy_equals_the_reference(dtype):
+    ops, reference = _fast_ops(), Ops(xn.Device("cpu").xp)
+    z, labels = _logits(dtype=dtype)
+    expected_loss, expected_delta = reference.softmax_cross_entropy(z, labels)
+    with ops.reusing():  # where the fused pass runs (fit's loop)
+        loss, delta = ops.softmax_cross_entropy(z, labels)
+        again = ops.softmax_cross_entropy(z, labels)[1]
+    assert again is delta  # a buffer reused every step
+    tolerance = 1e-6 if dtype == np.float32 else 1e-14
+    np.testing.assert_allclose(float(loss), float(expected_loss), rtol=tolerance)
+    np.testing.assert_allclose(delta, expected_delta, rtol=tolerance, atol=tolerance)
+    assert delta.dtype == dtype and np.asarray(loss).dtype == dtype
+    outside = ops.softmax_cross_entropy(z, labels)  # outside reusing(): new arrays, the reference
+    assert outside[1] is not delta
+    np.testing.assert_array_equal(outside[1], expected_delta)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_numpy_count_correct_equals_the_reference(dtype):
+    ops, reference = _fast_ops(), Ops(xn.Device("cpu").xp)
+    z, labels = _logits(dtype=dtype)
+    z[20, 3] = np.nan  # the first NaN wins, as in np.argmax
+    labels[:30] = np.argmax(z[:30], axis=1)
+    expected = int(reference.count_correct(z, labels))
+    assert 30 <= expected < 300
+    assert int(ops.count_correct(z, labels)) == expected
+    assert int(ops.count_correct(z, labels.astype(np.int32))) == expected  # no kernel: the reference
+
+
+@pytest.mark.parametrize("shuffle", [True, False])
+@pytest.mark.parametrize("batch", [1, 64, 512, 1000])
+def test_numpy_batches_equal_the_reference(shuffle, batch):
+    ops, reference = _fast_ops(), Ops(xn.Device("cpu").xp)
+    rng = np.random.default_rng(2)
+    X, Y = rng.normal(size=(1000, 784)).astype(np.float32), rng.integers(0, 10, 1000)
+    order = rng.permutation(1000) if shuffle else None
+    expected = [(a, b, x.copy(), y.copy()) for a, b, x, y in reference.batches(X, Y, order, batch)]
+    with ops.reusing(), contextlib.closing(ops.batches(X, Y, order, batch)) as batches:
+        got = [(a, b, x.copy(), y.copy()) for a, b, x, y in batches]  # copies: buffers are reused
+    assert [(a, b) for a, b, _, _ in got] == [(a, b) for a, b, _, _ in expected]
+    for (_, _, x, y), (_, _, ex, ey) in zip(got, expected):
+        np.testing.assert_array_equal(x, ex)
+        np.testing.assert_array_equal(y, ey)
+
+
+def test_a_loop_left_early_leaves_no_copy_running():
+    ops = _fast_ops()
+    rng = np.random.default_rng(4)
+    X, Y = rng.normal(size=(4000, 50)).astype(np.float32), rng.integers(0, 2, 4000)
+    with ops.reusing(), contextlib.closing(ops.batches(X, Y, rng.permutation(4000), 100)) as batches:
+        for step, _ in enumerate(batches):
+            if step == 2:
+                break
+    assert ops.fast._ahead is None  # closing the generator finished the gather running ahead
+
+
+def test_the_reference_is_the_same_on_every_backend(backend):
+    device = xn.Device(backend)
+    z, labels = _logits(n=64, c=5)
+    zd, yd = on(device, z), device.to_device(labels)
+    loss, delta = Ops(device.xp, device.native).softmax_cross_entropy(zd, yd)
+    expected_loss, expected_delta = Ops(xn.Device("cpu").xp).softmax_cross_entropy(z, labels)
+    np.testing.assert_allclose(host(device, delta), expected_delta, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(float(host(device, loss)), float(expected_loss), rtol=1e-6)
+    assert int(host(device, device.ops.count_correct(zd, yd))) == int(np.count_nonzero(z.argmax(1) == labels))
+
+
+def test_losses_and_metrics_use_the_active_ops_of_their_namespace():
+    device = xn.Device("cpu", fast=True)
+    z, labels = _logits(n=32, c=4)
+    assert type(ops_for(z)) is Ops  # nothing active: the reference
+    with device.ops.active():
+        assert ops_for(z) is device.ops
+        strict = xn.Device("strict")
+        assert type(ops_for(on(strict, z))) is Ops  # another namespace: its own reference
+    assert type(ops_for(z)) is Ops
