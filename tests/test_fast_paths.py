@@ -95,11 +95,27 @@ def test_dense_then_relu_is_fused_only_while_fit_reuses_buffers():
     x = _random(4, 5)
     reference = model.forward(x, training=True)
     dense, relu = model.layers[0], model.layers[1]
-    with model.reusing_buffers():
-        assert dense.fused_relu and relu.fused and not model.layers[-1].fused_relu
-        np.testing.assert_array_equal(model.forward(x, training=True), reference)
-        np.testing.assert_array_equal(relu.z, np.maximum(x @ dense.params["W"].T + dense.params["b"], 0))
-    assert not any(layer.fused_relu or layer.fused or layer.reuse for layer in model.layers)
+    ops = model.device.ops
+    calls = []
+    original = type(ops).affine
+
+    def spy(self, x, W, b, *, activation=None, site=None):
+        calls.append((site, activation))
+        return original(self, x, W, b, activation=activation, site=site)
+
+    type(ops).affine = spy
+    try:
+        with model.reusing_buffers():
+            assert ops.fuses("relu")
+            np.testing.assert_array_equal(model.forward(x, training=True), reference)
+            np.testing.assert_array_equal(relu.a, np.maximum(x @ dense.params["W"].T + dense.params["b"], 0))
+        assert calls == [(dense.scratch, "relu"), (model.layers[2].scratch, "relu"), (model.layers[4].scratch, None)]
+        assert not ops.fuses("relu")  # outside fit's loop: every layer computes its own output
+        calls.clear()
+        model.forward(x, training=True)
+        assert calls == [(dense.scratch, None), (model.layers[2].scratch, None), (model.layers[4].scratch, None)]
+    finally:
+        type(ops).affine = original
 
 
 def test_relu_and_its_backward_match_the_reference(fast):

@@ -104,3 +104,64 @@ def test_losses_and_metrics_use_the_active_ops_of_their_namespace():
         strict = xn.Device("strict")
         assert type(ops_for(on(strict, z))) is Ops  # another namespace: its own reference
     assert type(ops_for(z)) is Ops
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("activation", [None, "relu"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_numpy_affine_equals_the_reference(dtype, activation, bias):
+    ops, reference = _fast_ops(), Ops(xn.Device("cpu").xp)
+    rng = np.random.default_rng(5)
+    x, W = rng.normal(size=(64, 30)).astype(dtype), rng.normal(size=(20, 30)).astype(dtype)
+    b = rng.normal(size=20).astype(dtype) if bias else None
+    site = {}  # a layer's scratch dict: where the reused buffers live
+    expected = reference.affine(x, W, b, activation=activation)
+    with ops.reusing():
+        z = ops.affine(x, W, b, activation=activation, site=site)
+        assert ops.affine(x, W, b, activation=activation, site=site) is z  # reused
+    np.testing.assert_array_equal(z, expected)  # the same product, the same bias pass: bit for bit
+    assert z.dtype == dtype
+    delta = rng.normal(size=(64, 20)).astype(dtype)
+    grad_W, grad_b, dx = reference.affine_backward(delta, x, W, bias=bias, need_dx=True)
+    dW, db = np.empty_like(W), np.empty(20, dtype) if bias else None
+    with ops.reusing():
+        got = ops.affine_backward(delta, x, W, bias=bias, need_dx=True, dW=dW, db=db, site=site)
+    assert got[0] is dW and (got[1] is db)  # into the gradient arrays given
+    tolerance = 1e-5 if dtype == np.float32 else 1e-12
+    np.testing.assert_allclose(got[0], grad_W, rtol=tolerance, atol=tolerance)
+    np.testing.assert_allclose(got[2], dx, rtol=tolerance, atol=tolerance)
+    if bias:
+        np.testing.assert_allclose(got[1], grad_b, rtol=tolerance, atol=tolerance)
+    assert ops.affine_backward(delta, x, W, bias=bias, need_dx=False, dW=dW, db=db)[2] is None
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_numpy_relu_and_its_backward_equal_the_reference(dtype):
+    ops, reference = _fast_ops(), Ops(xn.Device("cpu").xp)
+    rng = np.random.default_rng(6)
+    z, da = rng.normal(size=(64, 40)).astype(dtype), rng.normal(size=(64, 40)).astype(dtype)
+    z[0, :3] = [0.0, -0.0, np.nan]
+    site = {}
+    with ops.reusing():
+        a = ops.relu(z, site=site)
+        back = ops.relu_backward(da, a, site=site)
+    np.testing.assert_array_equal(a, reference.relu(z))
+    np.testing.assert_array_equal(back, reference.relu_backward(da, reference.relu(z)))
+
+
+def test_the_model_fuses_only_declared_pairs_and_only_when_ops_can():
+    """Fusion is asked for by declared capabilities (Dense absorbs a following 'relu'), never by
+    sniffing types: a ReLU subclass that is another activation is not fused."""
+
+    class Shifted(xn.ReLU):
+        activation = None  # not the standard ReLU: computes its own output
+
+        def forward(self, z, training=False, *, applied=False):
+            return super().forward(z - 1.0, training)
+
+    model = xn.Sequential([xn.Dense(4, 5), Shifted(), xn.Dense(5, 2), xn.ReLU()], device=xn.Device("cpu", fast=True))
+    assert model._fusable == {2}  # Dense then the standard ReLU; the Shifted one computes its own
+    x = np.random.default_rng(7).normal(size=(8, 4)).astype(np.float32)
+    reference = model.forward(x, training=True)
+    with model.reusing_buffers():
+        np.testing.assert_array_equal(model.forward(x, training=True), reference)

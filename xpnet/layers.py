@@ -7,10 +7,12 @@ math of one example (a column vector x) becomes a row of the batch. A layer
 * ``backward(dy)`` receives δ = ∂L/∂y for its output, stores ∂L/∂θ for each parameter θ in
   ``grads`` and returns ∂L/∂x for its input (skipped when ``need_input_grad`` is False, as it
   is for the first layer of a network: nothing uses it). A δ whose shape differs from the output
-  of the last forward pass is refused with a ValueError (a shape comparison), except within fit
-  (``reuse``), where Sequential.backward has checked the δ that enters the last layer.
+  of the last forward pass is refused with a ValueError (a shape comparison).
 
-All computation goes through ``self.xp``, the namespace of the device the layer was built on.
+All computation goes through ``self.xp``, the namespace of the device the layer was built on, and
+``self.ops`` (xpnet.ops): Dense and ReLU ask Ops for the affine map and the activation, whose
+reference is plain Array API code and which a backend may run faster (buffers reused within fit,
+Dense and ReLU in one pass). No layer knows which.
 
 A layer class is saved and rebuilt by the name it is registered under: the built-in layers
 register themselves, and a layer of your own joins them with ``@xpnet.register_layer``. Its
@@ -59,27 +61,33 @@ class Layer:
         self.grads: dict = {}
         self.device = None
         self.xp = None
-        self.fast = None  # the device's fast paths, when it has them
-        #: Set by fit while it trains: outputs may then live in buffers reused every step (outside
-        #: fit every call returns new arrays, as the reference code does).
-        self.reuse = False
-        #: Set by fit too, on a Dense followed by a ReLU: the Dense applies the ReLU in the same
-        #: pass as its bias (``fused_relu``), and the ReLU then passes its input on (``fused``).
-        self.fused_relu = self.fused = False
-        self._buffers: dict = {}
+        #: The device's Ops (xpnet.ops): the primitives this layer computes with.
+        self.ops = None
+        #: Where the Ops may keep arrays they reuse from step to step for this layer (``site=``).
+        self.scratch: dict = {}
 
     def build(self, device, dtype, next_layer: Layer | None = None) -> None:
         """Attach the layer to ``device`` and create its parameters in ``dtype``."""
         self.device = device
         self.xp = device.xp
         self.dtype = dtype
-        self.fast = device.fast
+        self.ops = device.ops
+
+    #: What this layer is when it is an elementwise activation a layer before it may compute in
+    #: its own pass ("relu"), else None.
+    activation = None
+    #: The ``activation`` values of a following layer this layer can compute in its own pass,
+    #: when the model asks it to (``forward(x, training, activation=...)``) because the Ops fuse them.
+    fusable_activations: tuple[str, ...] = ()
 
     def forward(self, x, training: bool = False):
         raise NotImplementedError
 
     def backward(self, dy, need_input_grad: bool = True):
         raise NotImplementedError
+
+    def check_parameters(self) -> None:
+        """Raise ValueError if a parameter no longer has the layer's shape (fit asks once an epoch)."""
 
     def config(self) -> dict:
         """The constructor keyword arguments that rebuild this layer, as JSON values (numbers,
@@ -140,7 +148,11 @@ class Dense(Layer):
         if self.bias:
             self.params["b"] = get_initializer("zeros")(device, (self.out_features,), dtype)
 
-    def forward(self, x, training=False):
+    fusable_activations = ("relu",)
+
+    def forward(self, x, training=False, *, activation=None):
+        """z = x Wᵀ + b through ``Ops.affine``; with ``activation`` (asked by the model when the
+        next layer is that activation and the Ops fuse it), the activation of z in the same pass."""
         if x.ndim != 2 or x.shape[1] != self.in_features:
             if self.input_name is not None:
                 raise ValueError(
@@ -152,14 +164,7 @@ class Dense(Layer):
                 f"(batch, {self.in_features}), got {tuple(x.shape)}"
             )
         self.x = x
-        W, b = self.params["W"], self.params.get("b")
-        if training and self.reuse and self.fast is not None:  # the same z, in a buffer reused every step
-            out = self.fast.buffer(self._buffers, "z", (x.shape[0], self.out_features), W.dtype)
-            return self.fast.linear(x, W, b, out, relu=self.fused_relu)
-        z = x @ W.T
-        if self.bias:
-            z = z + b
-        return z
+        return self.ops.affine(x, self.params["W"], self.params.get("b"), activation=activation, site=self.scratch)
 
     def check_parameters(self) -> None:
         """ValueError unless W and b still have this layer's shapes (fit checks this once per epoch:
@@ -177,23 +182,25 @@ class Dense(Layer):
             )
 
     def backward(self, delta, need_input_grad=True):
-        xp = self.xp
+        """∂L/∂W = δᵀ x, ∂L/∂b = Σ δ, ∂L/∂x = δ W (``Ops.affine_backward``)."""
         if self.x is None:
             raise RuntimeError("Dense.backward called before forward: run model.forward on the batch first")
-        if not self.reuse and delta.shape != (self.x.shape[0], self.out_features):
+        if delta.shape != (self.x.shape[0], self.out_features):
             _misshapen(self, delta, (self.x.shape[0], self.out_features))
-        if self.fast is not None and "W" in self.grads:  # into the existing gradient arrays
-            dx = None
-            if need_input_grad and self.reuse:
-                dx = self.fast.buffer(self._buffers, "dx", tuple(self.x.shape), delta.dtype)
-            self.fast.linear_backward(delta, self.x, self.params["W"], self.grads["W"], self.grads.get("b"), dx)
-            if need_input_grad and dx is None:
-                dx = delta @ self.params["W"]
-            return dx
-        self.grads["W"] = delta.T @ self.x
+        dW, db, dx = self.ops.affine_backward(
+            delta,
+            self.x,
+            self.params["W"],
+            bias=self.bias,
+            need_dx=need_input_grad,
+            dW=self.grads.get("W"),
+            db=self.grads.get("b"),
+            site=self.scratch,
+        )
+        self.grads["W"] = dW
         if self.bias:
-            self.grads["b"] = xp.sum(delta, axis=0)
-        return delta @ self.params["W"] if need_input_grad else None
+            self.grads["b"] = db
+        return dx
 
     def config(self):
         return {
@@ -206,26 +213,20 @@ class Dense(Layer):
 
 @register_layer
 class ReLU(Layer):
-    """a = max(z, 0); σ'(z) = 1 where z > 0, else 0."""
+    """a = max(z, 0); σ'(z) = 1 where z > 0, else 0 (``Ops.relu``, ``Ops.relu_backward``)."""
 
     default_init = "he_normal"
+    activation = "relu"
 
-    def forward(self, z, training=False):
-        self.z = z
-        if training and self.reuse and self.fused:  # the Dense before computed max(z, 0) already
-            return z
-        if training and self.reuse and self.fast is not None:
-            self.z = self.fast.relu(z, self.fast.buffer(self._buffers, "a", tuple(z.shape), z.dtype))
-            return self.z  # a > 0 exactly where z > 0: backward can use a
-        return self.xp.maximum(z, 0.0)
+    def forward(self, z, training=False, *, applied=False):
+        """``applied``: the layer before computed max(z, 0) in its own pass (the model asked it to)."""
+        self.a = z if applied else self.ops.relu(z, site=self.scratch)
+        return self.a  # a > 0 exactly where z > 0: backward needs only a
 
     def backward(self, da, need_input_grad=True):
-        if not self.reuse and da.shape != self.z.shape:
-            _misshapen(self, da, self.z.shape)
-        if self.reuse and self.fast is not None:
-            out = self.fast.buffer(self._buffers, "da", tuple(da.shape), da.dtype)
-            return self.fast.relu_backward(da, self.z, out)
-        return self.xp.where(self.z > 0, da, 0.0)
+        if da.shape != self.a.shape:
+            _misshapen(self, da, self.a.shape)
+        return self.ops.relu_backward(da, self.a, site=self.scratch)
 
 
 @register_layer
@@ -243,7 +244,7 @@ class LeakyReLU(Layer):
         return self.xp.where(z > 0, z, self.alpha * z)
 
     def backward(self, da, need_input_grad=True):
-        if not self.reuse and da.shape != self.z.shape:
+        if da.shape != self.z.shape:
             _misshapen(self, da, self.z.shape)
         return self.xp.where(self.z > 0, da, self.alpha * da)
 
@@ -260,7 +261,7 @@ class Sigmoid(Layer):
         return self.a
 
     def backward(self, da, need_input_grad=True):
-        if not self.reuse and da.shape != self.a.shape:
+        if da.shape != self.a.shape:
             _misshapen(self, da, self.a.shape)
         return da * self.a * (1.0 - self.a)
 
@@ -274,7 +275,7 @@ class Tanh(Layer):
         return self.a
 
     def backward(self, da, need_input_grad=True):
-        if not self.reuse and da.shape != self.a.shape:
+        if da.shape != self.a.shape:
             _misshapen(self, da, self.a.shape)
         return da * (1.0 - self.a * self.a)
 
@@ -293,7 +294,7 @@ class Softmax(Layer):
 
     def backward(self, dp, need_input_grad=True):
         p = self.p
-        if not self.reuse and dp.shape != p.shape:
+        if dp.shape != p.shape:
             _misshapen(self, dp, p.shape)
         return p * (dp - self.xp.sum(dp * p, axis=-1, keepdims=True))
 
@@ -327,7 +328,7 @@ class Dropout(Layer):
     def backward(self, dy, need_input_grad=True):
         if self.mask is None:
             return dy
-        if not self.reuse and dy.shape != self.mask.shape:
+        if dy.shape != self.mask.shape:
             _misshapen(self, dy, self.mask.shape)
         return dy * self.mask
 
@@ -346,6 +347,6 @@ class Flatten(Layer):
         return self.xp.reshape(x, (x.shape[0], -1))
 
     def backward(self, dy, need_input_grad=True):
-        if not self.reuse and tuple(dy.shape) != (self.shape[0], math.prod(self.shape[1:])):
+        if tuple(dy.shape) != (self.shape[0], math.prod(self.shape[1:])):
             _misshapen(self, dy, (self.shape[0], math.prod(self.shape[1:])))
         return self.xp.reshape(dy, self.shape)

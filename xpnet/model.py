@@ -64,6 +64,13 @@ class Sequential:
                 break
             elif type(layer) not in _SAME_SHAPE:
                 break
+        #: Positions i where layer i can compute layer i + 1 (an activation) in its own pass: each
+        #: layer declares what it is (``activation``) and what it can absorb (``fusable_activations``).
+        self._fusable = {
+            i
+            for i, (layer, after) in enumerate(zip(self.layers, self.layers[1:]))
+            if after.activation is not None and after.activation in layer.fusable_activations
+        }
         with self.device:
             self.flat = FlatParameters(self) if self.device.fast is not None and self._slots else None
 
@@ -72,9 +79,26 @@ class Sequential:
         if type(x) is not self._array_type or x.dtype != self.dtype:  # (one check per step in fit)
             x = self._as_input(x)
         with self.device:
-            for layer in self.layers:
-                x = layer.forward(x, training)
+            if training and self._fusable and self.device.ops.fuses("relu"):
+                x = self._forward_fused(x)
+            else:
+                for layer in self.layers:
+                    x = layer.forward(x, training)
         self._output_shape = x.shape
+        return x
+
+    def _forward_fused(self, x):
+        """The training pass where the Ops compute a layer's activation in that layer's own pass:
+        the layer (a Dense) is asked for it, and the activation layer told it is applied."""
+        layers, i = self.layers, 0
+        while i < len(layers):
+            if i in self._fusable and self.device.ops.fuses(layers[i + 1].activation):
+                x = layers[i].forward(x, True, activation=layers[i + 1].activation)
+                x = layers[i + 1].forward(x, True, applied=True)
+                i += 2
+            else:
+                x = layers[i].forward(x, True)
+                i += 1
         return x
 
     __call__ = forward
@@ -158,20 +182,11 @@ class Sequential:
     @contextlib.contextmanager
     def reusing_buffers(self):
         """Within this, training-mode outputs may live in buffers reused every step (fit's loop,
-        which consumes each step's arrays before the next): fewer allocations on fast paths."""
-        for layer in self.layers:
-            if type(layer) is Dense:  # the fused bias pass trusts b's length: checked here, once
-                layer.check_parameters()
-        for layer in self.layers:
-            layer.reuse = True
-        for layer, after in zip(self.layers, self.layers[1:]):
-            if type(layer) is Dense and type(after) is ReLU and layer.fast is not None:
-                layer.fused_relu = after.fused = True
-        try:
+        which consumes each step's arrays before the next): the device's Ops in ``reusing()``."""
+        for layer in self.layers:  # a fused pass trusts the parameters' shapes: checked here, once
+            layer.check_parameters()
+        with self.device.ops.reusing():
             yield self
-        finally:
-            for layer in self.layers:
-                layer.reuse = layer.fused_relu = layer.fused = False
 
     # ---------------------------------------------------------- parameters
     def parameter_slots(self):

@@ -67,6 +67,39 @@ class Ops:
             known = self._integral[dtype] = bool(self.xp.isdtype(dtype, "integral"))
         return known
 
+    def fuses(self, activation: str) -> bool:
+        """Whether ``affine(..., activation=...)`` computes this activation in the same pass (the
+        model then asks for it instead of running the activation layer's own code)."""
+        return False
+
+    # ------------------------------------------------------------ the affine map
+    def affine(self, x, W, b, *, activation=None, site=None):
+        """z = x Wᵀ + b for a batch x (B, in) and W (out, in); with ``activation="relu"``,
+        max(z, 0). ``site``: a dict of the calling layer's (its ``scratch``) where a faster Ops
+        may keep the arrays it reuses; the reference ignores it."""
+        z = x @ W.T
+        if b is not None:
+            z = z + b
+        if activation == "relu":
+            z = self.xp.maximum(z, 0.0)
+        return z
+
+    def affine_backward(self, delta, x, W, *, bias: bool, need_dx: bool, dW=None, db=None, site=None):
+        """(∂L/∂W, ∂L/∂b, ∂L/∂x) = (δᵀ x, Σ_batch δ, δ W) for δ = ∂L/∂z; the bias gradient is None
+        without a bias, the input gradient None unless ``need_dx``. ``dW``, ``db``: the current
+        gradient arrays, which a faster Ops may write into instead of making new ones."""
+        grad_W = delta.T @ x
+        grad_b = self.xp.sum(delta, axis=0) if bias else None
+        return grad_W, grad_b, (delta @ W if need_dx else None)
+
+    def relu(self, z, *, site=None):
+        """a = max(z, 0)."""
+        return self.xp.maximum(z, 0.0)
+
+    def relu_backward(self, da, a, *, site=None):
+        """∂L/∂z = ∂L/∂a where a > 0 (exactly where z > 0), else 0."""
+        return self.xp.where(a > 0, da, 0.0)
+
     # ------------------------------------------------------------ batches
     def batches(self, X, Y, order, batch_size: int):
         """(start, stop, xb, yb) for each mini-batch: rows order[start:stop] of X and Y (rows
@@ -136,6 +169,41 @@ class BufferedOps(Ops):
         finally:  # however the loop ends, no copy may still be writing into a buffer
             if ahead:
                 fast.finish_ahead()
+
+    def _buffer(self, site, name, shape, dtype):
+        """The reused array ``name`` in ``site`` (the calling layer's ``scratch`` dict), made
+        again only when its shape or dtype changes."""
+        return self.fast.buffer(site, name, tuple(shape), dtype)
+
+    def fuses(self, activation):
+        return self.reusing_buffers and activation == "relu"
+
+    def affine(self, x, W, b, *, activation=None, site=None):
+        if not self.reusing_buffers or site is None or activation not in (None, "relu"):
+            return super().affine(x, W, b, activation=activation, site=site)
+        out = self._buffer(site, "z", (x.shape[0], W.shape[0]), W.dtype)
+        return self.fast.linear(x, W, b, out, relu=activation == "relu")
+
+    def affine_backward(self, delta, x, W, *, bias, need_dx, dW=None, db=None, site=None):
+        if dW is None or (bias and db is None):  # no gradient arrays to write into yet
+            return super().affine_backward(delta, x, W, bias=bias, need_dx=need_dx, site=site)
+        dx = None
+        if need_dx and self.reusing_buffers and site is not None:
+            dx = self._buffer(site, "dx", x.shape, delta.dtype)
+        self.fast.linear_backward(delta, x, W, dW, db if bias else None, dx)
+        if need_dx and dx is None:
+            dx = delta @ W
+        return dW, (db if bias else None), dx
+
+    def relu(self, z, *, site=None):
+        if not self.reusing_buffers or site is None:
+            return super().relu(z, site=site)
+        return self.fast.relu(z, self._buffer(site, "a", z.shape, z.dtype))
+
+    def relu_backward(self, da, a, *, site=None):
+        if not self.reusing_buffers or site is None:
+            return super().relu_backward(da, a, site=site)
+        return self.fast.relu_backward(da, a, self._buffer(site, "da", da.shape, da.dtype))
 
     def softmax_cross_entropy(self, z, labels):
         if not self.reusing_buffers or z.ndim != 2 or labels.shape != (z.shape[0],):
