@@ -165,3 +165,24 @@ def test_the_model_fuses_only_declared_pairs_and_only_when_ops_can():
     reference = model.forward(x, training=True)
     with model.reusing_buffers():
         np.testing.assert_array_equal(model.forward(x, training=True), reference)
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["fast", "reference"])
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_an_evaluation_pass_between_a_training_pass_and_its_backward_changes_no_gradient(fast, dropout):
+    rng = np.random.default_rng(8)
+    x, other = rng.normal(size=(16, 6)).astype(np.float32), rng.normal(size=(40, 6)).astype(np.float32)
+    delta = (rng.normal(size=(16, 3)) / 16).astype(np.float32)
+    grads = []
+    for interleave in (False, True):
+        model = xn.mlp(6, [8, 5], 3, dropout=dropout, device=xn.Device("cpu", fast=fast), seed=1)
+        with model.reusing_buffers():  # as in fit's loop, where buffers are reused
+            model.forward(x, training=True)
+            if interleave:
+                evaluated = model.forward(other)  # a callback's prediction, say
+                assert evaluated.shape == (40, 3)
+            model.backward(delta)
+        grads.append({k: np.array(v) for k, v in model.named_gradients().items()})
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) == 6
+    for key in grads[0]:
+        np.testing.assert_array_equal(grads[1][key], grads[0][key])

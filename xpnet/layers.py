@@ -164,7 +164,8 @@ class Dense(Layer):
                 f"(batch, {self.in_features}), got {tuple(x.shape)}"
             )
         self.x = x
-        return self.ops.affine(x, self.params["W"], self.params.get("b"), activation=activation, site=self.scratch)
+        site = self.scratch if training else None  # evaluation outputs are always new arrays
+        return self.ops.affine(x, self.params["W"], self.params.get("b"), activation=activation, site=site)
 
     def check_parameters(self) -> None:
         """ValueError unless W and b still have this layer's shapes (fit checks this once per epoch:
@@ -220,7 +221,7 @@ class ReLU(Layer):
 
     def forward(self, z, training=False, *, applied=False):
         """``applied``: the layer before computed max(z, 0) in its own pass (the model asked it to)."""
-        self.a = z if applied else self.ops.relu(z, site=self.scratch)
+        self.a = z if applied else self.ops.relu(z, site=self.scratch if training else None)
         return self.a  # a > 0 exactly where z > 0: backward needs only a
 
     def backward(self, da, need_input_grad=True):

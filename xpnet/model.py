@@ -53,6 +53,7 @@ class Sequential:
         self.has_gradients = False  # set by backward: with flat storage the gradient arrays always exist
         self._array_type = _array_type(self.device)
         self._output_shape = None  # of the last forward pass: the shape backward's δ must have
+        self._pending = False  # a training pass has run and its backward has not
         self._input_width, self._flattens = None, False
         for layer in self.layers:  # the features per example the first Dense takes, seen through ...
             if type(layer) is Flatten:
@@ -78,6 +79,8 @@ class Sequential:
     def forward(self, x, training: bool = False):
         if type(x) is not self._array_type or x.dtype != self.dtype:  # (one check per step in fit)
             x = self._as_input(x)
+        if not training and self._pending:  # between a training pass and its backward
+            return self._forward_aside(x)
         with self.device:
             if training and self._fusable and self.device.ops.fuses("relu"):
                 x = self._forward_fused(x)
@@ -85,7 +88,21 @@ class Sequential:
                 for layer in self.layers:
                     x = layer.forward(x, training)
         self._output_shape = x.shape
+        self._pending = training
         return x
+
+    def _forward_aside(self, x):
+        """An evaluation pass that leaves what the pending training pass stored for its backward
+        (each layer's inputs, outputs and masks) as it was: the gradients come out the same."""
+        kept = [dict(vars(layer)) for layer in self.layers]
+        shape, self._pending = self._output_shape, False
+        try:
+            return self.forward(x, training=False)
+        finally:
+            for layer, state in zip(self.layers, kept):
+                vars(layer).clear()
+                vars(layer).update(state)
+            self._output_shape, self._pending = shape, True
 
     def _forward_fused(self, x):
         """The training pass where the Ops compute a layer's activation in that layer's own pass:
@@ -160,6 +177,7 @@ class Sequential:
         if expected is not None and (getattr(delta, "shape", None) != expected or delta.dtype != self.dtype):
             self._refuse_delta(delta, expected)
         stop = 0 if input_grad else self._first_trainable
+        self._pending = False
         with self.device:
             for i in range(len(self.layers) - 1, stop - 1, -1):
                 delta = self.layers[i].backward(delta, need_input_grad=input_grad or i > stop)
