@@ -32,10 +32,19 @@ def test_numpy_softmax_cross_entropy_equals_the_reference(dtype):
     ops, reference = _fast_ops(), Ops(xn.Device("cpu").xp)
     z, labels = _logits(dtype=dtype)
     expected_loss, expected_delta = reference.softmax_cross_entropy(z, labels)
-    with ops.reusing():  # where the fused pass runs (fit's loop)
-        loss, delta = ops.softmax_cross_entropy(z, labels)
-        again = ops.softmax_cross_entropy(z, labels)[1]
-    assert again is delta  # a buffer reused every step
+    calls = []
+    kernel = ops.fast.softmax_cross_entropy
+    ops.fast.softmax_cross_entropy = lambda *a: calls.append(1) or kernel(*a)
+    try:
+        with ops.reusing(), Ops.trusting(labels):  # where the fused pass runs: fit's loop, labels checked
+            loss, delta = ops.softmax_cross_entropy(z, labels)
+            again = ops.softmax_cross_entropy(z, labels)[1]
+        with ops.reusing():  # labels nobody checked: never the compiled pass (it reads row[label])
+            ops.softmax_cross_entropy(z, labels)
+    finally:
+        del ops.fast.softmax_cross_entropy
+    assert calls == [1, 1]
+    assert again is not delta  # δ is the caller's: never a buffer a second call overwrites
     tolerance = 1e-6 if dtype == np.float32 else 1e-14
     np.testing.assert_allclose(float(loss), float(expected_loss), rtol=tolerance)
     np.testing.assert_allclose(delta, expected_delta, rtol=tolerance, atol=tolerance)
@@ -186,3 +195,45 @@ def test_an_evaluation_pass_between_a_training_pass_and_its_backward_changes_no_
     assert grads[0].keys() == grads[1].keys() and len(grads[0]) == 6
     for key in grads[0]:
         np.testing.assert_array_equal(grads[1][key], grads[0][key])
+
+
+def test_what_the_review_found_in_the_seam():
+    """Subclasses do not inherit fusion; δ is the caller's own; a layer caching in a dict keeps its
+    training state through an evaluation pass; labels fit did not check never reach the kernel."""
+
+    class ReLU6(xn.ReLU):
+        def forward(self, z, training=False):
+            return super().forward(xn.Device("cpu").xp.minimum(z, 6.0), training)
+
+    class Cached(xn.Layer):
+        def __init__(self):
+            super().__init__()
+            self.cache = {}
+
+        def forward(self, x, training=False):
+            self.cache["x"] = x
+            return x * 2.0
+
+        def backward(self, dy, need_input_grad=True):
+            return dy * 2.0 + 0.0 * self.cache["x"]
+
+    fast = xn.Device("cpu", fast=True)
+    model = xn.Sequential([xn.Dense(4, 5), ReLU6(), Cached(), xn.Dense(5, 2)], device=fast, seed=0)
+    assert model._fusable == set()
+    x = np.random.default_rng(9).normal(size=(8, 4)).astype(np.float32)
+    with model.reusing_buffers():
+        out = model.forward(x, training=True)
+        cached = model.layers[2].cache["x"]
+        model.forward(x[:3] * 5)  # an evaluation pass in between
+        assert model.layers[2].cache["x"] is cached
+        model.backward(np.ones_like(out) / 8)
+    ops = fast.ops
+    z, labels = _logits(n=8, c=3)
+    with ops.reusing(), ops.active():
+        first = xn.SoftmaxCrossEntropy().value_and_grad(z, labels % 3)[1]
+        second = xn.SoftmaxCrossEntropy().value_and_grad(z * 2, labels % 3)[1]
+        assert first is not second and not np.array_equal(first, second)
+        bad = labels % 3
+        bad[2] = 10**12
+        with pytest.raises(ValueError, match="class label 1000000000000 is outside 0 to 2"):
+            xn.SoftmaxCrossEntropy().value_and_grad(z, bad)

@@ -492,9 +492,13 @@ class NumpyFastPaths:
         Compiled: one pass per row. (Labels must be in range: fit checks them once.)"""
         # exp per element makes even a 256 × 10 batch worth splitting: weigh rows, not bytes
         weight = z.shape[0] * _SPLIT_BYTES // 256
-        found = self._kernel("xpnet_softmax_xent", weight, (z, delta), (labels,)) if labels.dtype == np.int64 else None
-        if found is not None and z.ndim == 2 and z.shape == delta.shape and labels.shape == z.shape[:1]:
-            kernel, (pz, pdelta, plabels), tail = found
+        # z and the labels are fit's buffers (their addresses are remembered); δ may be new each
+        # call, so its address is read directly (__array_interface__: far cheaper than .ctypes)
+        found = self._kernel("xpnet_softmax_xent", weight, (z,), (labels,)) if labels.dtype == np.int64 else None
+        usable = delta.dtype == z.dtype and delta.flags.c_contiguous and z.shape == delta.shape
+        if found is not None and usable and z.ndim == 2 and labels.shape == z.shape[:1]:
+            kernel, (pz, plabels), tail = found
+            pdelta = delta.__array_interface__["data"][0]
             loss = kernel(pz, plabels, pdelta, z.shape[0], z.shape[1], *tail)
             return z.dtype.type(loss), delta
         batch = z.shape[0]

@@ -19,7 +19,7 @@ import math
 import array_api_compat
 
 from . import functional as F
-from .ops import ops_for
+from .ops import ops_for, trusted
 from .registry import Registry
 
 __all__ = [
@@ -154,7 +154,7 @@ class SoftmaxCrossEntropy(Loss):
         return xp, loss, log_p, None
 
     def value(self, z, target):
-        if not self._targets_checked:
+        if not (self._targets_checked and trusted(target)):
             self._check_labels(z, target)
         return self._terms(z, target)[1]
 
@@ -178,7 +178,7 @@ class SoftmaxCrossEntropy(Loss):
     def value_and_grad(self, z, target):
         """(L, δ). Integer labels: ``Ops.softmax_cross_entropy`` (the reference in xpnet/ops.py;
         a backend may fuse it into one pass). Probabilities: δ = (p · Σy − y) / B here."""
-        if not self._targets_checked:  # (fit and evaluate check the whole target array once)
+        if not (self._targets_checked and trusted(target)):  # (fit and evaluate check theirs once)
             self._check_labels(z, target)
         ops = ops_for(z)
         if z.ndim == 2 and target.shape == (z.shape[0],) and ops.integral(target.dtype):

@@ -1,9 +1,9 @@
 """Metrics counted on the device, batch by batch, and read to the host once per epoch.
 
-``count(output, target)`` returns (number correct as a 0-d device array, number judged);
-``count_fast(output, target, fast)`` is the same count, fused where a device's fast paths have a
-kernel for it (what ``fit`` calls). Metrics are found by name in the metric registry
-(``fit(..., metrics=["accuracy"])``); one of your own joins it with ``@xpnet.register_metric``.
+``count(output, target)`` returns (number correct, as a 0-d device array or an int, number
+judged). Accuracy counts through ``Ops.count_correct``, which a backend may fuse into one pass.
+Metrics are found by name in the metric registry (``fit(..., metrics=["accuracy"])``); one of
+your own joins it with ``@xpnet.register_metric``.
 """
 
 from __future__ import annotations

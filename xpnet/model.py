@@ -68,9 +68,7 @@ class Sequential:
         #: Positions i where layer i can compute layer i + 1 (an activation) in its own pass: each
         #: layer declares what it is (``activation``) and what it can absorb (``fusable_activations``).
         self._fusable = {
-            i
-            for i, (layer, after) in enumerate(zip(self.layers, self.layers[1:]))
-            if after.activation is not None and after.activation in layer.fusable_activations
+            i for i, (layer, after) in enumerate(zip(self.layers, self.layers[1:])) if _fuses(layer, after)
         }
         with self.device:
             self.flat = FlatParameters(self) if self.device.fast is not None and self._slots else None
@@ -94,7 +92,7 @@ class Sequential:
     def _forward_aside(self, x):
         """An evaluation pass that leaves what the pending training pass stored for its backward
         (each layer's inputs, outputs and masks) as it was: the gradients come out the same."""
-        kept = [dict(vars(layer)) for layer in self.layers]
+        kept = [_per_call_state(layer) for layer in self.layers]
         shape, self._pending = self._output_shape, False
         try:
             return self.forward(x, training=False)
@@ -311,6 +309,25 @@ class Sequential:
     def __repr__(self) -> str:
         inner = ", ".join(repr(layer) for layer in self.layers)
         return f"Sequential([{inner}], device={self.device.name!r})"
+
+
+def _per_call_state(layer) -> dict:
+    """A copy of what a layer holds between its forward and backward: its attributes, dicts and
+    lists among them copied one level (a cache dict filled in place), its parameters, gradients
+    and Ops scratch as they are (they are not per-call state)."""
+    state = dict(vars(layer))
+    for key, value in state.items():
+        if key not in ("params", "grads", "scratch") and isinstance(value, (dict, list)):
+            state[key] = type(value)(value)
+    return state
+
+
+def _fuses(layer, after) -> bool:
+    """Whether ``layer`` can compute ``after`` in its own pass: both declare it on their own class
+    (a subclass that changes forward does not inherit the capability)."""
+    own = type(layer).__dict__.get("fusable_activations", ())
+    activation = type(after).__dict__.get("activation")
+    return activation is not None and activation in own
 
 
 _KINDS = {"U": "text", "S": "bytes", "O": "Python objects", "M": "dates", "m": "time spans", "c": "complex numbers"}

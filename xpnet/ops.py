@@ -8,7 +8,11 @@ Callers never branch on whether a faster version exists.
 
 Within ``reusing()`` (fit's loop, which consumes each step's arrays before the next) an Ops may
 return arrays that live in buffers reused every step; outside it every call returns new arrays,
-as the reference does.
+as the reference does. (Gradients are the exception: ``affine_backward`` may write into the
+gradient arrays it is given, in any mode, so that a flat parameter layout stays intact.)
+A ``site`` is a dict a layer keeps for one call of one kind (Dense passes its ``scratch`` to its
+one ``affine`` call): a layer that makes two calls of a kind passes two dicts
+(``self.scratch.setdefault("gate", {})``), or the second output lands in the first's buffer.
 
 Losses and metrics find the Ops of the call through ``ops_for(array)``: the Ops that ``fit`` or
 ``evaluate`` made current (``active()``) when it computes in the array's namespace, else the
@@ -19,14 +23,27 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import threading
 
 import array_api_compat
 
 from . import functional as F
 
-__all__ = ["Ops", "BufferedOps", "ops_for"]
+__all__ = ["Ops", "BufferedOps", "ops_for", "trust", "trusted", "untrust"]
 
 _CURRENT: contextvars.ContextVar = contextvars.ContextVar("xpnet_ops", default=None)
+
+
+class _Mode(threading.local):
+    """An Ops' mode, per thread: two threads training two models on one device never switch
+    each other's (a class attribute is every new thread's default)."""
+
+    reusing = False
+
+
+#: The label array of the current batch that fit or evaluate checked (with the whole target
+#: array, once): the only labels a loss skips its own range check for.
+_TRUSTED: contextvars.ContextVar = contextvars.ContextVar("xpnet_trusted", default=None)
 
 
 class Ops:
@@ -35,20 +52,35 @@ class Ops:
     def __init__(self, xp, native=None):
         self.xp = xp
         self.native = native  # the device arrays are created on (None: the namespace's default)
-        self.reusing_buffers = False
+        self._mode = _Mode()
         self._own_types: set = set()  # array types of this namespace (``ops_for``)
         self._integral: dict = {}
 
     # ------------------------------------------------------------ modes
+    @property
+    def reusing_buffers(self) -> bool:
+        """Whether this thread is inside ``reusing()``."""
+        return self._mode.reusing
+
     @contextlib.contextmanager
     def reusing(self):
-        """Within this, outputs may live in buffers reused every step."""
-        before = self.reusing_buffers
-        self.reusing_buffers = True
+        """Within this (in this thread), outputs may live in buffers reused every step."""
+        mode = self._mode
+        before, mode.reusing = mode.reusing, True
         try:
             yield self
         finally:
-            self.reusing_buffers = before
+            mode.reusing = before
+
+    @staticmethod
+    @contextlib.contextmanager
+    def trusting(labels):
+        """Within this, ``labels`` count as checked (``trusted``): the caller checked them."""
+        token = _TRUSTED.set(labels)
+        try:
+            yield labels
+        finally:
+            _TRUSTED.reset(token)
 
     @contextlib.contextmanager
     def active(self):
@@ -143,10 +175,9 @@ class BufferedOps(Ops):
     def __init__(self, xp, native, fast):
         super().__init__(xp, native)
         self.fast = fast
-        self._buffers: dict = {}
 
     def batches(self, X, Y, order, batch_size):
-        if order is None or not self.reusing_buffers:
+        if order is None or not self._mode.reusing:
             yield from super().batches(X, Y, order, batch_size)
             return
         fast, n, buffers = self.fast, X.shape[0], {}
@@ -176,10 +207,10 @@ class BufferedOps(Ops):
         return self.fast.buffer(site, name, tuple(shape), dtype)
 
     def fuses(self, activation):
-        return self.reusing_buffers and activation == "relu"
+        return self._mode.reusing and activation == "relu"
 
     def affine(self, x, W, b, *, activation=None, site=None):
-        if not self.reusing_buffers or site is None or activation not in (None, "relu"):
+        if not self._mode.reusing or site is None or activation not in (None, "relu"):
             return super().affine(x, W, b, activation=activation, site=site)
         out = self._buffer(site, "z", (x.shape[0], W.shape[0]), W.dtype)
         return self.fast.linear(x, W, b, out, relu=activation == "relu")
@@ -188,7 +219,7 @@ class BufferedOps(Ops):
         if dW is None or (bias and db is None):  # no gradient arrays to write into yet
             return super().affine_backward(delta, x, W, bias=bias, need_dx=need_dx, site=site)
         dx = None
-        if need_dx and self.reusing_buffers and site is not None:
+        if need_dx and self._mode.reusing and site is not None:
             dx = self._buffer(site, "dx", x.shape, delta.dtype)
         self.fast.linear_backward(delta, x, W, dW, db if bias else None, dx)
         if need_dx and dx is None:
@@ -196,20 +227,37 @@ class BufferedOps(Ops):
         return dW, (db if bias else None), dx
 
     def relu(self, z, *, site=None):
-        if not self.reusing_buffers or site is None:
+        if not self._mode.reusing or site is None:
             return super().relu(z, site=site)
         return self.fast.relu(z, self._buffer(site, "a", z.shape, z.dtype))
 
     def relu_backward(self, da, a, *, site=None):
-        if not self.reusing_buffers or site is None:
+        if not self._mode.reusing or site is None:
             return super().relu_backward(da, a, site=site)
         return self.fast.relu_backward(da, a, self._buffer(site, "da", da.shape, da.dtype))
 
     def softmax_cross_entropy(self, z, labels):
-        if not self.reusing_buffers or z.ndim != 2 or labels.shape != (z.shape[0],):
+        # the compiled pass reads row[label]: only for labels fit checked (``trusted``), never others
+        if not self._mode.reusing or z.ndim != 2 or labels.shape != (z.shape[0],) or not trusted(labels):
             return super().softmax_cross_entropy(z, labels)
-        delta = self.fast.buffer(self._buffers, "delta", tuple(z.shape), z.dtype)
+        delta = self.fast.buffer({}, "delta", tuple(z.shape), z.dtype)  # new each call: δ is the caller's
         return self.fast.softmax_cross_entropy(z, labels, delta)
+
+
+def trust(labels):
+    """Make ``labels`` the batch that counts as checked, until ``untrust`` of the first token
+    returned; cheaper than ``Ops.trusting`` in a loop that sets it every step."""
+    return _TRUSTED.set(labels)
+
+
+def untrust(token) -> None:
+    """Undo the ``trust`` that returned ``token``."""
+    _TRUSTED.reset(token)
+
+
+def trusted(labels) -> bool:
+    """Whether ``labels`` is the batch fit or evaluate vouches for (``Ops.trusting``)."""
+    return labels is _TRUSTED.get()
 
 
 def ops_for(x) -> Ops:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 import sys
+import threading
 
 import numpy as np
 
@@ -32,7 +33,7 @@ class TorchBackend(Backend):
         import array_api_compat.torch
 
         self.xp = array_api_compat.torch
-        self._previous: list = []
+        self._local = threading.local()  # each thread's stack of what enter() changed
         if index is True:
             self.native, self.name = self.torch.device("cpu"), "torch"
         else:
@@ -78,20 +79,38 @@ class TorchBackend(Backend):
         return isinstance(a, self.torch.Tensor) and a.device == self.native
 
     def from_host(self, host, copy):
-        return self.torch.tensor(np.ascontiguousarray(host), device=self.native)
+        # native byte order, C order, the same shape (0-d stays 0-d): what torch.tensor copies
+        host = np.require(host.astype(host.dtype.newbyteorder("="), copy=False), requirements="C")
+        return self.torch.tensor(host, device=self.native)
 
     @classmethod
     def host_copy(cls, x):
         return x.detach().cpu().numpy()
 
     def enter(self):
-        if self.native.type == "cuda":  # (nested: each exit restores the device its enter found)
-            self._previous.append(self.torch.cuda.current_device())
+        """No autograd while xpnet computes (it does its own backpropagation: a tensor that
+        requires grad must not grow one graph across all steps), and on a GPU this device current.
+        Nested, per thread: each exit restores what its enter found."""
+        stack = self._stack()
+        stack.append((self.torch.is_grad_enabled(), self._current_cuda()))
+        self.torch.set_grad_enabled(False)
+        if self.native.type == "cuda":
             self.torch.cuda.set_device(self.native)
 
     def exit(self, *exc):
-        if self.native.type == "cuda":
-            self.torch.cuda.set_device(self._previous.pop())
+        grad, device = self._stack().pop()
+        if device is not None:
+            self.torch.cuda.set_device(device)
+        self.torch.set_grad_enabled(grad)
+
+    def _stack(self) -> list:
+        stack = getattr(self._local, "stack", None)
+        if stack is None:
+            stack = self._local.stack = []
+        return stack
+
+    def _current_cuda(self):
+        return self.torch.cuda.current_device() if self.native.type == "cuda" else None
 
     def sync(self):
         if self.native.type == "cuda":
