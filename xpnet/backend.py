@@ -22,13 +22,13 @@ Every other module computes through ``device.xp`` only.
 from __future__ import annotations
 
 import math
-import operator
 import os
 from typing import Any
 
 import numpy as np
 
 from .backends import DeviceError, array_backend, available_names, resolve
+from .checks import checked_integer
 
 __all__ = ["Device", "DeviceError", "available_devices", "get_device"]
 
@@ -168,12 +168,7 @@ class Device:
     def seed(self, seed: int) -> None:
         """Restart the three random streams (initial weights, shuffling, dropout) from ``seed``, a
         non-negative integer (a NumPy integer too; not a bool, which NumPy would take as 0 or 1)."""
-        try:
-            value = None if isinstance(seed, bool) else operator.index(seed)
-        except TypeError:
-            value = None
-        if value is None or value < 0:
-            raise ValueError(f"seed must be a non-negative integer, got {seed!r:.60}")
+        value = checked_integer("seed", seed, minimum=0)
         init, shuffle, dropout = np.random.SeedSequence(value).spawn(3)
         self._init_rng = np.random.Generator(np.random.PCG64(init))
         self._shuffle_rng = np.random.Generator(np.random.PCG64(shuffle))

@@ -25,12 +25,12 @@ from __future__ import annotations
 import contextlib
 import math
 import numbers
-import operator
 import weakref
 
 from array_api_compat import array_namespace, is_writeable_array
 
 from .backend import dtype_name
+from .checks import checked_count, checked_number, real, shown
 from .model import dtype_kind
 from .registry import Registry
 
@@ -50,61 +50,6 @@ __all__ = [
     "optimizer_registry",
     "register_optimizer",
 ]
-
-
-# ------------------------------------------------------------- argument checks
-def shown(value) -> str:
-    """A short, safe rendering of ``value`` for an error message: numbers, None and short strings as
-    written, anything else by its type (a damaged checkpoint may hold a huge or deeply nested value)."""
-    if value is None or isinstance(value, (bool, float)):
-        return repr(value)
-    if isinstance(value, numbers.Integral):
-        value = int(value)
-        return repr(value) if abs(value) < 10**30 else f"an integer of {value.bit_length()} bits"
-    if isinstance(value, numbers.Real):  # NumPy floats
-        return repr(float(value))
-    if isinstance(value, str):
-        return repr(value) if len(value) <= 40 else repr(value[:40]) + "..."
-    name = type(value).__name__
-    return f"{'an' if name[:1].lower() in 'aeiou' else 'a'} {name}"
-
-
-def _real(value) -> float | None:
-    """``value`` as a float when it is a real number (not a bool, not too large for a float)."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        return None
-    try:
-        return float(value)
-    except (OverflowError, TypeError, ValueError):
-        return None
-
-
-_RULES = {
-    "positive": ("a finite positive number", lambda v: math.isfinite(v) and v > 0),
-    "non-negative": ("a finite non-negative number", lambda v: math.isfinite(v) and v >= 0),
-    "fraction": ("a number in [0, 1)", lambda v: 0.0 <= v < 1.0),
-}
-
-
-def checked_number(name: str, value, rule: str, *, note: str = "") -> float:
-    """``value`` as a float if it obeys ``rule`` ('positive', 'non-negative' or 'fraction'), else a
-    ValueError naming ``name`` and the value: "lr must be a finite positive number, got inf"."""
-    text, holds = _RULES[rule]
-    number = _real(value)
-    if number is None or not holds(number):
-        raise ValueError(f"{name} must be {text}{note}, got {shown(value)}")
-    return number
-
-
-def checked_count(name: str, value) -> int:
-    """``value`` as an int if it is a positive integer (NumPy integers too, bools not)."""
-    try:
-        count = None if isinstance(value, bool) else operator.index(value)
-    except TypeError:
-        count = None
-    if count is None or count < 1:
-        raise ValueError(f"{name} must be a positive integer, got {shown(value)}")
-    return count
 
 
 _NO_CLIPPING = " (or None for no clipping)"
@@ -192,7 +137,7 @@ class CosineDecay(Schedule):
     def __init__(self, lr: float, total_steps: int, min_lr: float = 0.0):
         self.lr = checked_number("CosineDecay lr", lr, "positive")
         self.total_steps = checked_count("CosineDecay total_steps", total_steps)
-        low = _real(min_lr)
+        low = real(min_lr)
         if low is None or not 0.0 <= low <= self.lr:
             raise ValueError(
                 f"CosineDecay min_lr must be a finite number from 0 to lr ({self.lr!r}), got {shown(min_lr)}"

@@ -23,11 +23,12 @@ import contextlib
 import math
 import operator
 
+from .checks import checked_count, real, shown
 from .losses import get_loss
 from .metrics import default_metrics, get_metric
 from .model import _KINDS, dtype_kind
 from .ops import trust, untrust
-from .optim import Optimizer, _real, checked_count, get_optimizer, shown
+from .optim import Optimizer, get_optimizer
 
 __all__ = [
     "fit",
@@ -351,7 +352,7 @@ def fit(
     """
     epochs = checked_count("epochs", epochs)
     batch_size = _check_batch_size(batch_size)
-    split = _real(validation_split)
+    split = real(validation_split)
     if split is None or not 0.0 <= split < 1.0:
         raise ValueError(f"validation_split must be a number in [0, 1), got {shown(validation_split)}")
     validation_split = split

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from ..checks import shown  # noqa: F401 - the data package's messages show values through it
+
 
 class DataError(ValueError):
     """A dataset that cannot be read, found or downloaded."""
@@ -21,14 +23,3 @@ def os_reason(exc: OSError, path) -> str:
                     return "it is a file" if candidate == path else f"{candidate} is a file"
                 break
     return exc.strerror or str(exc)
-
-
-def shown(value) -> str:
-    """``value`` for an error message: a number, None or a short string as written, anything else
-    by its type."""
-    if value is None or isinstance(value, (bool, int, float)):
-        return repr(value) if not isinstance(value, int) or abs(value) < 10**30 else "a huge integer"
-    if isinstance(value, str):
-        return repr(value) if len(value) <= 40 else repr(value[:40]) + "..."
-    name = type(value).__name__
-    return f"{'an' if name[:1].lower() in 'aeiou' else 'a'} {name}"

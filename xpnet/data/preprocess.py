@@ -4,11 +4,10 @@ and the statistics of standardization.
 
 from __future__ import annotations
 
-import operator
-
 import numpy as np
 
-from .errors import DataError, shown
+from ..checks import checked_integer
+from .errors import DataError
 
 __all__ = ["scale_pixels", "one_hot", "split_indices"]
 
@@ -18,13 +17,7 @@ _PIXEL_SCALE = np.float32(1.0 / 255.0)
 def checked_seed(seed, name: str = "seed") -> int:
     """``seed`` as an int when it is a non-negative integer (NumPy integers too, bools not);
     ValueError naming ``name`` otherwise (never NumPy's own message, which names nothing)."""
-    try:
-        value = None if isinstance(seed, bool) else operator.index(seed)
-    except TypeError:
-        value = None
-    if value is None or value < 0:
-        raise ValueError(f"{name} must be a non-negative integer, got {shown(seed)}")
-    return value
+    return checked_integer(name, seed, minimum=0)
 
 
 def scale_pixels(images: np.ndarray) -> np.ndarray:
