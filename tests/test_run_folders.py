@@ -121,7 +121,8 @@ def test_a_killed_writer_leaves_no_lock_and_the_run_resumes(tmp_path):
     process = xpnet_process("train", *WDBC, "--epochs", 3000, "--out", out)
     metrics = out / "metrics.jsonl"
     deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and not (metrics.is_file() and metrics.stat().st_size > 0):
+    # two lines: epoch 2's line is written after epoch 1's checkpoint, so there is one to resume
+    while time.monotonic() < deadline and not (metrics.is_file() and metrics.read_text().count("\n") >= 2):
         time.sleep(0.05)
     process.kill()
     process.wait(timeout=30)
