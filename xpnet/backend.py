@@ -71,6 +71,8 @@ class Device:
             self.backend.native,
             self.backend.name,
         )
+        #: Whether entering the device does anything (several times a step: a call saved where not).
+        self._switches = self.backend.switches
         self.seed(seed)
         if fast is None:
             fast = os.environ.get("XPNET_FAST", "1") != "0"
@@ -86,11 +88,13 @@ class Device:
     def __enter__(self) -> Device:
         """Make this the current device: CuPy creates new arrays on the current GPU whatever
         ``device=`` says, so the model, losses and training loop run their code inside this."""
-        self.backend.enter()
+        if self._switches:
+            self.backend.enter()
         return self
 
     def __exit__(self, *exc) -> None:
-        self.backend.exit(*exc)
+        if self._switches:
+            self.backend.exit(*exc)
 
     def describe(self) -> str:
         """One line about the device: library version, for a GPU its name and memory, and

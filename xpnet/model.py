@@ -70,6 +70,12 @@ class Sequential:
         self._fusable = {
             i for i, (layer, after) in enumerate(zip(self.layers, self.layers[1:])) if _fuses(layer, after)
         }
+        #: (layer, the activation it is asked to compute, whether its own is applied already) for the
+        #: fused training pass; only "relu" is ever fused, so one ``ops.fuses("relu")`` decides it.
+        self._fused_plan = [
+            (layer, self.layers[i + 1].activation if i in self._fusable else None, i - 1 in self._fusable)
+            for i, layer in enumerate(self.layers)
+        ]
         with self.device:
             self.flat = FlatParameters(self) if self.device.fast is not None and self._slots else None
 
@@ -87,6 +93,31 @@ class Sequential:
                     x = layer.forward(x, training)
         self._output_shape = x.shape
         self._pending = training
+        return x
+
+    def _forward_aside(self, x):
+        """An evaluation pass that leaves what the pending training pass stored for its backward
+        (each layer's inputs, outputs and masks) as it was: the gradients come out the same."""
+        kept = [_per_call_state(layer) for layer in self.layers]
+        shape, self._pending = self._output_shape, False
+        try:
+            return self.forward(x, training=False)
+        finally:
+            for layer, state in zip(self.layers, kept):
+                vars(layer).clear()
+                vars(layer).update(state)
+            self._output_shape, self._pending = shape, True
+
+    def _forward_fused(self, x):
+        """The training pass where the Ops compute a layer's activation in that layer's own pass:
+        the layer (a Dense) is asked for it, and the activation layer told it is applied."""
+        for layer, activation, applied in self._fused_plan:
+            if activation is not None:
+                x = layer.forward(x, True, activation=activation)
+            elif applied:
+                x = layer.forward(x, True, applied=True)
+            else:
+                x = layer.forward(x, True)
         return x
 
     def _forward_aside(self, x):

@@ -201,18 +201,13 @@ class BufferedOps(Ops):
             if ahead:
                 fast.finish_ahead()
 
-    def _buffer(self, site, name, shape, dtype):
-        """The reused array ``name`` in ``site`` (the calling layer's ``scratch`` dict), made
-        again only when its shape or dtype changes."""
-        return self.fast.buffer(site, name, tuple(shape), dtype)
-
     def fuses(self, activation):
         return self._mode.reusing and activation == "relu"
 
     def affine(self, x, W, b, *, activation=None, site=None):
         if not self._mode.reusing or site is None or activation not in (None, "relu"):
             return super().affine(x, W, b, activation=activation, site=site)
-        out = self._buffer(site, "z", (x.shape[0], W.shape[0]), W.dtype)
+        out = self.fast.buffer(site, "z", (x.shape[0], W.shape[0]), W.dtype)  # site: the layer's scratch
         return self.fast.linear(x, W, b, out, relu=activation == "relu")
 
     def affine_backward(self, delta, x, W, *, bias, need_dx, dW=None, db=None, site=None):
@@ -220,7 +215,7 @@ class BufferedOps(Ops):
             return super().affine_backward(delta, x, W, bias=bias, need_dx=need_dx, site=site)
         dx = None
         if need_dx and self._mode.reusing and site is not None:
-            dx = self._buffer(site, "dx", x.shape, delta.dtype)
+            dx = self.fast.buffer(site, "dx", tuple(x.shape), delta.dtype)
         self.fast.linear_backward(delta, x, W, dW, db if bias else None, dx)
         if need_dx and dx is None:
             dx = delta @ W
@@ -229,12 +224,12 @@ class BufferedOps(Ops):
     def relu(self, z, *, site=None):
         if not self._mode.reusing or site is None:
             return super().relu(z, site=site)
-        return self.fast.relu(z, self._buffer(site, "a", z.shape, z.dtype))
+        return self.fast.relu(z, self.fast.buffer(site, "a", tuple(z.shape), z.dtype))
 
     def relu_backward(self, da, a, *, site=None):
         if not self._mode.reusing or site is None:
             return super().relu_backward(da, a, site=site)
-        return self.fast.relu_backward(da, a, self._buffer(site, "da", da.shape, da.dtype))
+        return self.fast.relu_backward(da, a, self.fast.buffer(site, "da", tuple(da.shape), da.dtype))
 
     def softmax_cross_entropy(self, z, labels):
         # the compiled pass reads row[label]: only for labels fit checked (``trusted``), never others

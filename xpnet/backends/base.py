@@ -64,6 +64,9 @@ class Backend:
         return True
 
     # ------------------------------------------------------- device control
+    #: Whether ``enter``/``exit`` do anything (a backend that overrides them sets this True).
+    switches = False
+
     def enter(self) -> None:
         """Make this device current (CuPy creates arrays on the current GPU whatever ``device=`` says)."""
 

@@ -87,6 +87,8 @@ class TorchBackend(Backend):
     def host_copy(cls, x):
         return x.detach().cpu().numpy()
 
+    switches = True
+
     def enter(self):
         """No autograd while xpnet computes (it does its own backpropagation: a tensor that
         requires grad must not grow one graph across all steps), and on a GPU this device current.
