@@ -120,35 +120,6 @@ class Sequential:
                 x = layer.forward(x, True)
         return x
 
-    def _forward_aside(self, x):
-        """An evaluation pass that leaves what the pending training pass stored for its backward
-        (each layer's inputs, outputs and masks) as it was: the gradients come out the same."""
-        kept = [_per_call_state(layer) for layer in self.layers]
-        shape, self._pending = self._output_shape, False
-        try:
-            return self.forward(x, training=False)
-        finally:
-            for layer, state in zip(self.layers, kept):
-                vars(layer).clear()
-                vars(layer).update(state)
-            self._output_shape, self._pending = shape, True
-
-    def _forward_fused(self, x):
-        """The training pass where the Ops compute a layer's activation in that layer's own pass:
-        the layer (a Dense) is asked for it, and the activation layer told it is applied."""
-        layers, i = self.layers, 0
-        while i < len(layers):
-            if i in self._fusable and self.device.ops.fuses(layers[i + 1].activation):
-                x = layers[i].forward(x, True, activation=layers[i + 1].activation)
-                x = layers[i + 1].forward(x, True, applied=True)
-                i += 2
-            else:
-                x = layers[i].forward(x, True)
-                i += 1
-        return x
-
-    __call__ = forward
-
     def _as_input(self, x):
         """x made an input: lists become arrays in the model's dtype, host NumPy arrays of the
         model's dtype move to its device; arrays of another dtype are refused, never cast."""
