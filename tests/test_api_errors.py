@@ -156,13 +156,17 @@ def test_each_layer_backward_names_a_misshapen_delta(layer, x):
     assert layer.backward(np.ones(out.shape, np.float32)).shape == x.shape
 
 
-def test_a_rebound_parameter_of_another_shape_is_refused_before_the_fused_pass():
+def test_a_parameter_of_another_shape_is_refused_when_it_is_assigned():
     model = _small()
-    model.layers[0].params["b"] = np.zeros(2, np.float32)  # the compiled bias pass would read past it
-    with pytest.raises(
-        ValueError, match=r"Dense\(in_features=4, out_features=5.*holds b of shape \(2,\), expected \(5,\)"
-    ):
-        _fit(model)
+    before = np.array(model.layers[0].params["b"])
+    with pytest.raises(ValueError, match=r"^the parameter 0.b must have shape \(5,\), got \(2,\)$"):
+        model.layers[0].params["b"] = np.zeros(2, np.float32)  # the compiled bias pass would read past it
+    with pytest.raises(TypeError, match=r"^the parameter 0.b must have the model's dtype float32, got float64"):
+        model.layers[0].params["b"] = np.zeros(5)
+    with pytest.raises(AttributeError, match=r"Dense.params belongs to the model's parameter store"):
+        model.layers[0].params = {}
+    np.testing.assert_array_equal(model.layers[0].params["b"], before)
+    _fit(model)  # and the model still trains
 
 
 # --------------------------------------------------------------------- 4. targets

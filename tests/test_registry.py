@@ -47,18 +47,18 @@ class Scale(xn.Layer):
 
 @xn.register_optimizer
 class DecoupledSGD(xn.SGD):
-    """SGD (with its momentum) and decoupled weight decay, θ ← θ − ηλθ − η·(the SGD step), on
-    weights (parameters of 2 or more axes) only: written per parameter, as AdamW's per-parameter
-    branch is."""
+    """SGD (with its momentum), then decoupled weight decay θ ← θ − ηλθ on the parameters that take
+    decay (as their layer declares: ``param.decay``), written per parameter as reference code is."""
 
     def __init__(self, lr=0.01, *, decay: float = 0.0, **kwargs):
         super().__init__(lr, **kwargs)
         self.decay = float(decay)
 
-    def update(self, key, p, g, lr):
-        if self.decay and p.ndim >= 2:
-            p = p - (lr * self.decay) * p
-        return super().update(key, p, g, lr)
+    def update(self, param, lr):
+        p = super().update(param, lr)
+        if self.decay and param.decay:
+            p = p - (lr * self.decay) * p  # a new array: the store writes it into its layout
+        return p
 
     def hyperparameters(self):
         return {**super().hyperparameters(), "decay": self.decay}
@@ -66,8 +66,9 @@ class DecoupledSGD(xn.SGD):
 
 @xn.register_optimizer
 class PlainHeavyBall(xn.Optimizer):
-    """v ← μ v + g, θ ← θ − η v, its velocity kept in ``self.state[key]`` as the reference code
-    keeps slots."""
+    """v ← μ v + g, θ ← θ − η v, written as plain reference code: new arrays every step, the
+    velocity replaced in ``param.slots`` and the new value returned (not elementwise-declared, so
+    it sees one parameter at a time)."""
 
     slot_names = ("velocity",)
 
@@ -75,10 +76,9 @@ class PlainHeavyBall(xn.Optimizer):
         super().__init__(lr, **kwargs)
         self.momentum = float(momentum)
 
-    def update(self, key, p, g, lr):
-        slots = self.state.setdefault(key, {"velocity": array_namespace(p).zeros_like(p)})
-        slots["velocity"] = self.momentum * slots["velocity"] + g
-        return p - lr * slots["velocity"]
+    def update(self, param, lr):
+        param.slots["velocity"] = self.momentum * param.slots["velocity"] + param.grad
+        return param.value - lr * param.slots["velocity"]
 
     def hyperparameters(self):
         return {**super().hyperparameters(), "momentum": self.momentum}
@@ -197,17 +197,18 @@ def test_a_user_layer_gives_the_same_numbers_with_fast_paths_on_and_off():
         np.testing.assert_allclose(trained[0][key], trained[1][key], rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Scale.backward rebinds self.grads['s'] as reference code does, which breaks the flat "
-    "gradient views (FlatParameters.intact() is False) and silently moves the whole model to the "
-    "per-parameter path; the seam step (a parameter store owning the layout) fixes this",
-)
 def test_a_reference_style_layer_keeps_the_fast_parameter_layout():
     x, y = _data()
     model = _scaled_model(xn.Device("cpu", fast=True))
+    s_before = model.layers[1].params["s"]
     xn.fit(model, "cross_entropy", xn.SGD(0.1), x, y, epochs=1, batch_size=16)
-    assert model.flat is not None and model.flat.intact()
+    store = model.store
+    assert store.layout == "flat"
+    # Scale.backward assigned a new array to grads["s"]: the store copied it into its layout
+    assert model.layers[1].params["s"] is s_before and np.shares_memory(s_before, store._flat_values)
+    for key, g in model.named_gradients().items():
+        assert np.shares_memory(g, store._flat_grads), key
+    assert np.abs(host(model.device, s_before) - 0.5).max() > 1e-3  # and the factors trained
 
 
 # ----------------------------------------------------------------- user optimizer
@@ -270,40 +271,45 @@ def test_decoupled_decay_shrinks_the_weights_on_the_reference_path():
     assert sums[0.5] < 0.8 * sums[0.0]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="on the flat fast path update() gets key '*' and the whole flat parameter array (ndim 1), so "
-    "DecoupledSGD's `p.ndim >= 2` decay never applies; the seam step (per-parameter metadata such as "
-    "whether a parameter takes weight decay) fixes this",
+@pytest.mark.parametrize("layers", ["dense", "scaled"])
+@pytest.mark.parametrize(
+    "make",
+    [lambda: DecoupledSGD(0.05, momentum=0.9, decay=0.5), lambda: PlainHeavyBall(0.05)],
+    ids=["decoupled", "ball"],
 )
-def test_a_user_optimizer_gives_the_same_numbers_with_fast_paths_on_and_off():
+def test_a_user_optimizer_gives_the_same_numbers_with_fast_paths_on_and_off(make, layers):
     x, y = _data()
     trained = []
+    _model = _dense_model if layers == "dense" else _scaled_model
     for fast in (True, False):
-        model = _dense_model(xn.Device("cpu", fast=fast))
-        xn.fit(model, "cross_entropy", DecoupledSGD(0.05, momentum=0.9, decay=0.5), x, y, epochs=4, batch_size=16)
+        model = _model(xn.Device("cpu", fast=fast))
+        assert model.store.layout == ("flat" if fast else "separate")
+        start = _host_parameters(model)
+        xn.fit(model, "cross_entropy", make(), x, y, epochs=4, batch_size=16)
         trained.append(_host_parameters(model))
+        assert np.abs(trained[-1]["0.W"] - start["0.W"]).max() > 1e-2  # it trained
     for key in trained[0]:
         np.testing.assert_allclose(trained[0][key], trained[1][key], rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize(
-    "fast",
-    [
-        False,
-        pytest.param(
-            True,
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="on the flat fast path update() gets key '*' and the flat parameter array: PlainHeavyBall's "
-                "returned p - lr*v is dropped (_flat_step ignores update's result, so the parameters never move), "
-                "and its velocity is stored under state['*'], which load_optimizer_into then refuses ('slots for "
-                "'*', which the model does not have'); the seam step (a parameter store) fixes this",
-            ),
-        ),
-    ],
-    ids=["reference", "fast"],
-)
+def test_weight_decay_follows_what_the_layer_declares():
+    """Dense declares its bias free of decay (``no_decay``); Scale declares nothing, so its factors
+    decay: with gradients of zero, one decoupled step shrinks exactly the parameters that take it."""
+    for fast in (True, False):
+        model = _scaled_model(xn.Device("cpu", fast=fast))
+        for layer in model.layers:  # zero gradients everywhere, so only the decay moves anything
+            for name in layer.params:
+                layer.grads[name] = model.xp.zeros_like(layer.params[name])
+        model.has_gradients = True
+        before = _host_parameters(model)
+        xn.AdamW(0.1, weight_decay=0.5).step(model)
+        after = _host_parameters(model)
+        for key in before:
+            shrink = 1.0 if key.endswith(".b") else 1.0 - 0.1 * 0.5
+            np.testing.assert_allclose(after[key], before[key] * shrink, rtol=1e-6, err_msg=key)
+
+
+@pytest.mark.parametrize("fast", [False, True], ids=["reference", "fast"])
 def test_an_optimizer_keeping_its_own_state_trains_saves_and_reloads(fast, tmp_path):
     x, y = _data()
     model = _dense_model(xn.Device("cpu", fast=fast))

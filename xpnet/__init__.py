@@ -46,6 +46,7 @@ from .optim import (
     optimizer_registry,
     register_optimizer,
 )
+from .parameters import Parameter, ParameterStore
 from .registry import Registry
 from .train import (
     Callback,
@@ -62,6 +63,8 @@ from .train import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "Parameter",
+    "ParameterStore",
     "Accuracy",
     "Adam",
     "AdamW",

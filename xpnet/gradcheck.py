@@ -85,7 +85,8 @@ def gradcheck(
     with device:
         _, delta = loss.value_and_grad(model.forward(X, training=training), Y)
         dx = model.backward(delta, input_grad=True)
-    analytic = {key: device.to_host(g) for key, g in model.named_gradients().items()}
+    # copies: the gradients may live in the store's arrays, which later passes reuse
+    analytic = {key: device.to_host(xp.asarray(g, copy=True)) for key, g in model.named_gradients().items()}
     if check_input:
         analytic["input"] = device.to_host(dx)
 
@@ -113,7 +114,7 @@ def gradcheck(
                 layer.params[name] = value
                 return loss_of(X)
 
-            probe(key, layer.params[name], assign)
+            probe(key, xp.asarray(layer.params[name], copy=True), assign)  # a copy: assigning may write in place
         if check_input:
             probe("input", X, loss_of)
     device.set_rng_state(rng_state)

@@ -1,8 +1,9 @@
 """Checkpoints: tensors in safetensors (loading a file cannot run code), everything else as JSON.
 
-One file holds a whole training state: the model's parameters (``model/<key>``), the optimizer's
-slots (``optimizer/<key>/<slot>``), any extra tensors (``extra/<name>``: early stopping's best
-weights, the data's standardization statistics) and, in the safetensors metadata, one JSON
+One file holds a whole training state: the model's parameters and its layers' non-trainable state
+(``model/<key>``, the keys of ``state_dict``), the optimizer's slots (``optimizer/<key>/<slot>``),
+any extra tensors (``extra/<name>``: early stopping's best weights, the data's standardization
+statistics) and, in the safetensors metadata, one JSON
 document with the architecture, the optimizer's step count and hyperparameters, and whatever the
 caller adds (epoch, history, random state). It is written to a temporary file in the same folder
 and renamed over the old one, so a crash leaves either the old checkpoint or the new one, never
@@ -108,7 +109,8 @@ def save_checkpoint(path, model: Sequential, optimizer=None, *, extra: dict | No
     from safetensors.numpy import save_file
 
     device = model.device
-    tensors = {f"model/{key}": device.to_host(value) for key, value in model.named_parameters().items()}
+    arrays = {**model.named_parameters(), **model.named_state()}  # the parameters and every layer's state
+    tensors = {f"model/{key}": device.to_host(value) for key, value in arrays.items()}
     document = {"format": _FORMAT, "model": model.config(), **(meta or {})}
     if optimizer is not None:
         state = optimizer.state_dict(copy=False)

@@ -51,20 +51,70 @@ def _misshapen(layer, delta, expected) -> None:
 
 
 class Layer:
-    """Base class: parameters and their gradients by name, and the device computed on."""
+    """Base class: parameters and their gradients by name, state, and the device computed on.
+
+    * ``params``: the trainable arrays by name, made in ``build`` (``self.params["W"] = ...``).
+      Once the layer is in a model, ``params`` and ``grads`` are windows onto the model's
+      parameter store (xpnet.parameters): assign items as reference code does
+      (``self.grads["W"] = delta.T @ x``); the store checks shape and dtype and keeps its layout.
+    * ``no_decay``: the names of parameters weight decay does not apply to (Dense: its bias).
+    * ``state``: non-trainable arrays by name (running statistics): saved in ``state_dict`` and
+      checkpoints beside the parameters, under the same "{index}.{name}" keys, never optimized.
+    """
 
     #: The initializer a Dense layer feeding this layer uses by default (None: look further on).
     default_init = "xavier_uniform"
+    #: Parameters weight decay leaves alone (optimizers read it as ``Parameter.decay``).
+    no_decay: tuple[str, ...] = ()
+    #: Whether the output has the input's shape (elementwise layers): the model sees its input
+    #: width through such layers.
+    keeps_shape = False
+    #: Whether the layer flattens each example to one row (Flatten).
+    flattens = False
+    #: The features per example the layer takes, when it takes rows of a fixed width (Dense).
+    input_features: int | None = None
+    #: Set by Sequential on the layer that receives the model's input: errors then name it "x".
+    input_name: str | None = None
 
     def __init__(self):
-        self.params: dict = {}
-        self.grads: dict = {}
+        self._params: dict = {}
+        self._grads: dict = {}
+        self._adopted = False
+        self.state: dict = {}
         self.device = None
         self.xp = None
         #: The device's Ops (xpnet.ops): the primitives this layer computes with.
         self.ops = None
         #: Where the Ops may keep arrays they reuse from step to step for this layer (``site=``).
         self.scratch: dict = {}
+
+    @property
+    def params(self) -> dict:
+        return self._params
+
+    @params.setter
+    def params(self, value) -> None:
+        self._replace("params", value)
+
+    @property
+    def grads(self) -> dict:
+        return self._grads
+
+    @grads.setter
+    def grads(self, value) -> None:
+        self._replace("grads", value)
+
+    def _replace(self, what: str, value) -> None:
+        if getattr(self, "_adopted", False):
+            raise AttributeError(
+                f"{type(self).__name__}.{what} belongs to the model's parameter store: assign its items "
+                f"(layer.{what}['W'] = array) or load with model.load_state_dict, not a new dict"
+            )
+        setattr(self, "_" + what, value)
+
+    def _adopt(self, params: dict, grads: dict) -> None:
+        """Called once by the model's parameter store: the windows onto it replace the dicts."""
+        self._params, self._grads, self._adopted = params, grads, True
 
     def build(self, device, dtype, next_layer: Layer | None = None) -> None:
         """Attach the layer to ``device`` and create its parameters in ``dtype``."""
@@ -135,8 +185,12 @@ class Dense(Layer):
         self.init = init
         self.bias = bias
         self.x = None
-        #: Set by Sequential on the layer that receives the model's input: errors then name it "x".
-        self.input_name = None
+
+    no_decay = ("b",)
+
+    @property
+    def input_features(self) -> int:
+        return self.in_features
 
     def build(self, device, dtype, next_layer=None):
         super().build(device, dtype, next_layer)
@@ -218,6 +272,7 @@ class ReLU(Layer):
 
     default_init = "he_normal"
     activation = "relu"
+    keeps_shape = True
 
     def forward(self, z, training=False, *, applied=False):
         """``applied``: the layer before computed max(z, 0) in its own pass (the model asked it to)."""
@@ -235,6 +290,7 @@ class LeakyReLU(Layer):
     """a = z for z > 0, αz otherwise; σ'(z) = 1 or α."""
 
     default_init = "he_normal"
+    keeps_shape = True
 
     def __init__(self, alpha: float = 0.01):
         super().__init__()
@@ -257,6 +313,8 @@ class LeakyReLU(Layer):
 class Sigmoid(Layer):
     """a = σ(z) = 1 / (1 + e^(−z)) (computed stably); σ'(z) = a (1 − a)."""
 
+    keeps_shape = True
+
     def forward(self, z, training=False):
         self.a = F.sigmoid(self.xp, z)
         return self.a
@@ -270,6 +328,8 @@ class Sigmoid(Layer):
 @register_layer
 class Tanh(Layer):
     """a = tanh(z); σ'(z) = 1 − a²."""
+
+    keeps_shape = True
 
     def forward(self, z, training=False):
         self.a = self.xp.tanh(z)
@@ -288,6 +348,8 @@ class Softmax(Layer):
 
     Backward, the Jacobian-vector product: ∂L/∂z = p ⊙ (∂L/∂p − Σ_j p_j ∂L/∂p_j).
     """
+
+    keeps_shape = True
 
     def forward(self, z, training=False):
         self.p = F.softmax(self.xp, z)
@@ -317,6 +379,7 @@ class Dropout(Layer):
         self.mask = None
 
     default_init = None
+    keeps_shape = True
 
     def forward(self, x, training=False):
         if not training or self.rate == 0.0:
@@ -342,6 +405,7 @@ class Flatten(Layer):
     """(B, d1, d2, ...) → (B, d1·d2·...); backward restores the input's shape."""
 
     default_init = None
+    flattens = True
 
     def forward(self, x, training=False):
         self.shape = tuple(x.shape)

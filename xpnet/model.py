@@ -15,13 +15,11 @@ import contextlib
 import json
 import math
 
-from array_api_compat import array_namespace, is_writeable_array
+from array_api_compat import is_writeable_array
 
 from .backend import Device, dtype_name, get_device, is_device_array
-from .layers import Dense, Dropout, Flatten, Layer, LeakyReLU, ReLU, Sigmoid, Softmax, Tanh, layer_registry
-
-#: Layers whose output has their input's shape (the model's input width can be seen through them).
-_SAME_SHAPE = (ReLU, LeakyReLU, Sigmoid, Tanh, Softmax, Dropout)
+from .layers import Dense, Dropout, Layer, layer_registry
+from .parameters import ParameterStore
 
 __all__ = ["Sequential", "mlp"]
 
@@ -49,21 +47,32 @@ class Sequential:
                 layer.build(self.device, self.dtype, following)
         first = [i for i, layer in enumerate(self.layers) if layer.params]
         self._first_trainable = first[0] if first else len(self.layers)
-        self._slots = [(f"{i}.{name}", layer, name) for i, layer in enumerate(self.layers) for name in layer.params]
-        self.has_gradients = False  # set by backward: with flat storage the gradient arrays always exist
+        with self.device:
+            #: Parameters, gradients and optimizer slots, in the layout the device's Ops ask for.
+            self.store = ParameterStore(self.layers, self.device.ops, self.dtype)
+        self._slots = [(entry.key, entry.layer, entry.name) for entry in self.store.entries]
+        self._state_keys = []  # (key, layer, name) of every non-trainable array (Layer.state)
+        for i, layer in enumerate(self.layers):
+            for name in layer.state:
+                if name in layer.params:
+                    raise ValueError(
+                        f"layer {i} ({type(layer).__name__}) has {name!r} both as a parameter and as state"
+                    )
+                self._state_keys.append((f"{i}.{name}", layer, name))
+        self.has_gradients = False  # set by backward
         self._array_type = _array_type(self.device)
         self._output_shape = None  # of the last forward pass: the shape backward's δ must have
         self._pending = False  # a training pass has run and its backward has not
         self._input_width, self._flattens = None, False
-        for layer in self.layers:  # the features per example the first Dense takes, seen through ...
-            if type(layer) is Flatten:
+        for layer in self.layers:  # the features per example the first layer of fixed width takes, seen through ...
+            if layer.flattens:
                 self._flattens = True
-            elif type(layer) is Dense:
-                self._input_width = layer.in_features
+            elif layer.input_features is not None:
+                self._input_width = layer.input_features
                 if not self._flattens:  # ... elementwise layers: its errors are then about x itself
                     layer.input_name = "x"
                 break
-            elif type(layer) not in _SAME_SHAPE:
+            elif not layer.keeps_shape:
                 break
         #: Positions i where layer i can compute layer i + 1 (an activation) in its own pass: each
         #: layer declares what it is (``activation``) and what it can absorb (``fusable_activations``).
@@ -76,8 +85,6 @@ class Sequential:
             (layer, self.layers[i + 1].activation if i in self._fusable else None, i - 1 in self._fusable)
             for i, layer in enumerate(self.layers)
         ]
-        with self.device:
-            self.flat = FlatParameters(self) if self.device.fast is not None and self._slots else None
 
     # -------------------------------------------------------------- passes
     def forward(self, x, training: bool = False):
@@ -208,46 +215,56 @@ class Sequential:
 
     # ---------------------------------------------------------- parameters
     def parameter_slots(self):
-        """(key, layer, name) for every parameter, in order; optimizers update through these."""
+        """(key, layer, name) for every parameter, in order."""
         return self._slots
 
     def named_parameters(self) -> dict:
-        return {key: layer.params[name] for key, layer, name in self._slots}
+        return self.store.named_values()
 
     def named_gradients(self) -> dict:
-        return {key: layer.grads[name] for key, layer, name in self._slots if name in layer.grads}
+        return self.store.named_grads()
+
+    def named_state(self) -> dict:
+        """Every layer's non-trainable arrays (``Layer.state``), by "{index}.{name}"."""
+        return {key: layer.state[name] for key, layer, name in self._state_keys}
 
     def num_parameters(self) -> int:
-        return sum(math.prod(layer.params[name].shape) for _, layer, name in self._slots)
+        return self.store.total
 
     def state_dict(self) -> dict:
-        """A copy of every parameter, by key, on the model's device."""
+        """A copy of every parameter and every layer's state (``Layer.state``), by key, on the
+        model's device."""
         with self.device:
-            return {key: self.xp.asarray(p, copy=True) for key, p in self.named_parameters().items()}
+            arrays = {**self.named_parameters(), **self.named_state()}
+            return {key: self.xp.asarray(p, copy=True) for key, p in arrays.items()}
 
     def load_state_dict(self, state: dict) -> None:
-        """Copy parameters in from ``state`` (arrays of any backend); keys and shapes must match.
-
-        Everything is checked before anything is written, so a mismatch leaves the model as it was.
-        """
-        expected = set(self.named_parameters())
-        missing, unexpected = expected - set(state), set(state) - expected
+        """Copy parameters and layer state in from ``state`` (arrays of any backend); keys and
+        shapes must match. Everything is checked before anything is written, so a mismatch
+        leaves the model as it was."""
+        if not isinstance(state, dict):
+            raise TypeError(f"a state dict is a dict of arrays by key, got {type(state).__name__}")
+        current = {**self.named_parameters(), **self.named_state()}
+        missing, unexpected = set(current) - set(state), set(state) - set(current)
         if missing or unexpected:
             raise ValueError(
                 f"state dict does not fit this model: missing {sorted(missing)}, unexpected {sorted(unexpected)}"
             )
         staged = {}
-        for key, layer, name in self._slots:
-            value = self.device.to_device(state[key], self.dtype, copy=True)
-            if tuple(value.shape) != tuple(layer.params[name].shape):
+        for key, now in current.items():
+            value = self.device.to_device(state[key], now.dtype, copy=True)
+            if tuple(value.shape) != tuple(now.shape):
+                kind = "parameter" if key in self.store.by_key else "state"
                 raise ValueError(
-                    f"parameter {key!r} has shape {tuple(value.shape)} in the state dict but "
-                    f"{tuple(layer.params[name].shape)} in the model"
+                    f"{kind} {key!r} has shape {tuple(value.shape)} in the state dict but "
+                    f"{tuple(now.shape)} in the model"
                 )
             staged[key] = value
         with self.device:
-            for key, layer, name in self._slots:
-                layer.params[name] = _assign(layer.params[name], staged[key])
+            for key, _, _ in self._slots:
+                self.store.assign(key, staged[key])
+            for key, layer, name in self._state_keys:
+                layer.state[name] = _assign(layer.state[name], staged[key])
 
     # -------------------------------------------------------- description
     def config(self) -> dict:
@@ -315,11 +332,11 @@ class Sequential:
 
 def _per_call_state(layer) -> dict:
     """A copy of what a layer holds between its forward and backward: its attributes, dicts and
-    lists among them copied one level (a cache dict filled in place), its parameters, gradients
-    and Ops scratch as they are (they are not per-call state)."""
+    lists among them copied one level (a cache dict filled in place); its parameters, gradients,
+    state and Ops scratch as they are (they are not per-call state)."""
     state = dict(vars(layer))
     for key, value in state.items():
-        if key not in ("params", "grads", "scratch") and isinstance(value, (dict, list)):
+        if key not in ("_params", "_grads", "scratch", "state") and isinstance(value, (dict, list)):
             state[key] = type(value)(value)
     return state
 
@@ -354,57 +371,11 @@ def _array_type(device: Device) -> type:
 
 
 def _assign(current, value):
-    """Write ``value`` into ``current`` when it can be written (a view into flat storage must stay
-    one), else hand back ``value`` to rebind."""
+    """Write ``value`` into ``current`` when it can be written, else hand back ``value`` to rebind."""
     if is_writeable_array(current):
         current[...] = value
         return current
     return value
-
-
-class FlatParameters:
-    """All parameters in one flat array and all gradients in another; each layer's arrays are
-    views into them. An optimizer then updates every parameter with one pass per operation
-    instead of one per parameter (a fast path: used where the backend has one, as on NumPy).
-
-    ``decay`` is 1 over weights and 0 over biases: weight decay applies to weights only.
-    """
-
-    def __init__(self, model: Sequential):
-        xp, fast = model.xp, model.device.fast
-        self.fast = fast
-        self._links = []
-        sizes = [math.prod(layer.params[name].shape) for _, layer, name in model._slots]
-        total = sum(sizes)
-        self.params = fast.flat(total, model.dtype)
-        self.grads = fast.flat(total, model.dtype)
-        self.decay = fast.flat(total, model.dtype)
-        self.offsets = {}
-        offset = 0
-        for (key, layer, name), size in zip(model._slots, sizes):
-            shape = tuple(layer.params[name].shape)
-            view = xp.reshape(self.params[offset : offset + size], shape)
-            view[...] = layer.params[name]
-            layer.params[name] = view
-            layer.grads[name] = xp.reshape(self.grads[offset : offset + size], shape)
-            self._links.append((layer.params, layer.grads, name, view, layer.grads[name]))
-            if len(shape) >= 2:
-                self.decay[offset : offset + size] = 1.0
-            self.offsets[key] = (offset, size, shape)
-            offset += size
-
-    def intact(self) -> bool:
-        """Whether every layer still holds the views (code that rebinds a parameter or a
-        gradient, as hand-written updates may, makes the optimizer fall back to per-parameter)."""
-        for params, grads, name, p, g in self._links:  # a loop: this runs every step
-            if params[name] is not p or grads.get(name) is not g:
-                return False
-        return True
-
-    def views(self, flat) -> dict:
-        """Per-parameter views of a flat array laid out like the parameters (optimizer slots)."""
-        xp = array_namespace(flat)
-        return {key: xp.reshape(flat[o : o + n], shape) for key, (o, n, shape) in self.offsets.items()}
 
 
 ACTIVATIONS = {"relu": "ReLU", "leaky_relu": "LeakyReLU", "tanh": "Tanh", "sigmoid": "Sigmoid"}

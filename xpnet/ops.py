@@ -166,6 +166,51 @@ class Ops:
         xp = self.xp
         return xp.count_nonzero(xp.argmax(z, axis=1) == labels)
 
+    # ------------------------------------------------------------ parameters and optimizers
+    def flat_storage(self, size: int, dtype):
+        """A zeroed flat array in which the parameter store lays out ``size`` numbers (parameters,
+        gradients, optimizer slots, each parameter a view), or None for separate arrays, one per
+        parameter: the reference, which gains nothing from a flat layout."""
+        return None
+
+    def sgd(self, p, g, lr: float, velocity=None, *, momentum: float = 0.0, nesterov: bool = False, site=None):
+        """(new p, new velocity) for one SGD step: θ − η g; with momentum μ, v ← μ v + g and
+        θ − η v (heavy ball) or θ − η (g + μ v) (Nesterov, with the new v). In place where the
+        arrays can be written."""
+        if not momentum:
+            return _subtract(p, lr * g), velocity
+        if array_api_compat.is_writeable_array(velocity):
+            velocity *= momentum
+            velocity += g
+        else:
+            velocity = momentum * velocity + g
+        return _subtract(p, lr * (g + momentum * velocity) if nesterov else lr * velocity), velocity
+
+    def adam(self, p, g, m, v, lr_t: float, beta1: float, beta2: float, eps_t: float, *, decay: float = 0.0, site=None):
+        """(new p, m, v) for one Adam step with the bias corrections folded into the host floats
+        η_t and ε_t (``optim.Adam``): m ← β₁ m + (1 − β₁) g, v ← β₂ v + (1 − β₂) g², written as
+        m + (1 − β₁)(g − m) and v + (1 − β₂)(g² − v) (the same numbers, rounded as the fused
+        kernels round them); θ ← θ − (η_t m / (√v + ε_t) + decay·θ) (``decay``: AdamW's ηλ, 0 for
+        Adam). In place where the arrays can be written."""
+        if array_api_compat.is_writeable_array(m):
+            m += (1.0 - beta1) * (g - m)
+            v += (1.0 - beta2) * (g * g - v)
+        else:
+            m = m + (1.0 - beta1) * (g - m)
+            v = v + (1.0 - beta2) * (g * g - v)
+        direction = lr_t * m / (self.xp.sqrt(v) + eps_t)
+        if decay:
+            direction = direction + decay * p
+        return _subtract(p, direction), m, v
+
+
+def _subtract(p, update):
+    """p − update, in place when the array library allows it (rebind the result either way)."""
+    if array_api_compat.is_writeable_array(p):
+        p -= update
+        return p
+    return p - update
+
 
 class BufferedOps(Ops):
     """Overrides shared by the backends with fast paths (``fast``: NumPy's or CuPy's): within
@@ -230,6 +275,20 @@ class BufferedOps(Ops):
         if not self._mode.reusing or site is None:
             return super().relu_backward(da, a, site=site)
         return self.fast.relu_backward(da, a, self.fast.buffer(site, "da", tuple(da.shape), da.dtype))
+
+    def flat_storage(self, size, dtype):
+        return self.fast.flat(size, dtype)
+
+    def adam(self, p, g, m, v, lr_t, beta1, beta2, eps_t, *, decay=0.0, site=None):
+        """One pass per operation on the flat store's arrays (the compiled kernel where there is
+        one): the decoupled decay θ ← θ − decay·θ first, then the Adam step, which ignores θ."""
+        if site is None or p.ndim != 1 or not all(map(array_api_compat.is_writeable_array, (p, m, v))):
+            return super().adam(p, g, m, v, lr_t, beta1, beta2, eps_t, decay=decay, site=site)
+        if decay:
+            p -= decay * p
+        scratch = self.fast.buffer(site, "adam", tuple(p.shape), p.dtype)
+        self.fast.adam_(p, g, m, v, scratch, lr_t, beta1, beta2, eps_t)
+        return p, m, v
 
     def softmax_cross_entropy(self, z, labels):
         # the compiled pass reads row[label]: only for labels fit checked (``trusted``), never others

@@ -5,7 +5,8 @@ filled the gradients. Hyperparameter arithmetic — the schedule's η for this s
 corrections — is done on the host in Python floats, so no step waits on the device. Updates are
 made in place when the namespace allows it (``is_writeable_array``) and rebound otherwise.
 
-* L2 weight decay (SGD, momentum, Adam): g ← g + λθ, for weights only (arrays of 2+ axes).
+* L2 weight decay (SGD, momentum, Adam): g ← g + λθ, for the parameters whose layer says they
+  take it (``Parameter.decay``: Dense's weights, not its bias; see ``Layer.no_decay``).
 * AdamW: decoupled decay, θ ← θ − ηλθ, applied beside the Adam step instead of through g.
 * Clipping by global norm: if ‖g‖ = √(Σ_θ Σ g²) exceeds c, every g is scaled by c / ‖g‖
   (computed on the device: the norm is never read back).
@@ -27,11 +28,12 @@ import math
 import numbers
 import weakref
 
-from array_api_compat import array_namespace, is_writeable_array
+from array_api_compat import array_namespace
 
 from .backend import dtype_name
 from .checks import checked_count, checked_number, real, shown
 from .model import dtype_kind
+from .parameters import ParameterStore
 from .registry import Registry
 
 __all__ = [
@@ -203,23 +205,16 @@ def _schedule_from_config(spec):
 
 
 # ----------------------------------------------------------------- optimizers
-#: The key of the update that covers every parameter at once (flat storage).
-FLAT = "*"
-
-
-def _subtract(p, update):
-    """p − update, in place when the array library allows it (rebind the result either way)."""
-    if is_writeable_array(p):
-        p -= update
-        return p
-    return p - update
-
-
 class Optimizer:
     """Base class: the schedule, the step counter, weight decay, clipping and the state dict.
 
     ``step(model)`` updates every parameter of ``model`` from the gradients its last backward
-    pass stored. Subclasses implement ``update(key, p, g, lr) -> new p``.
+    pass stored. Subclasses implement ``update(param, lr) -> new value``: ``param`` is an
+    ``xpnet.Parameter`` (its ``value``, ``grad``, ``slots`` by the names in ``slot_names``, and
+    the metadata its layer declared, such as ``decay``), and the returned array, or the value
+    updated in place, becomes the parameter. An optimizer whose update treats every element on
+    its own sets ``elementwise = True``: on a flat layout the store may then hand it several
+    parameters of the same metadata as one group (one pass instead of one per parameter).
 
     The first model stepped (or loaded into) is the optimizer's for good (``bound_model``): its
     slots and step count belong to that model's parameters, and a step on any other model raises
@@ -227,6 +222,8 @@ class Optimizer:
     """
 
     slot_names: tuple[str, ...] = ()
+    #: Whether ``update`` treats each element alone (then groups of parameters may come at once).
+    elementwise = False
 
     def __init__(self, lr: float | Schedule = 0.01, *, weight_decay: float = 0.0, clip_norm: float | None = None):
         if isinstance(lr, Schedule):
@@ -239,12 +236,10 @@ class Optimizer:
         )
         self.steps = 0
         self._model_ref = None  # a weak reference to the bound model (see ``bind``)
-        self.state: dict[str, dict] = {}
-        self._flat_slots = None  # flat slot arrays when the model keeps flat parameters
-        self._flat_owner = None  # the FlatParameters they are laid out for
-        self._decay_mask = self._fast = None
-        self._buffers: dict = {}  # scratch space of fused updates
+        self._slots = None  # the slots, laid out by the bound model's parameter store
+        self._groups = None  # what ``update`` is called with, made once per binding
         self._device = None  # the model's, from the first step or load: CuPy copies need its context
+        self.ops = None  # the bound model's device's Ops: the update primitives
 
     @property
     def lr(self) -> float:
@@ -255,6 +250,12 @@ class Optimizer:
     def bound_model(self):
         """The model this optimizer steps (None before its first step or load)."""
         return None if self._model_ref is None else self._model_ref()
+
+    @property
+    def state(self) -> dict:
+        """{key: {slot: array}} for every parameter (empty before the optimizer is bound, and for
+        an optimizer without slots): the arrays themselves, in the store's layout."""
+        return {} if self._slots is None else self._slots.arrays()
 
     def bind(self, model) -> None:
         """Make ``model`` this optimizer's model; a no-op for that model, ValueError for another.
@@ -268,85 +269,50 @@ class Optimizer:
                 f"this {type(self).__name__} is bound to another model (the one it first stepped or was loaded "
                 "into), and its state does not fit this model: create a new optimizer for each model"
             )
-        if not callable(getattr(model, "parameter_slots", None)):
+        if not isinstance(getattr(model, "store", None), ParameterStore):
             raise TypeError(f"an optimizer steps an xpnet Sequential, got {shown(model)}")
+        self._attach(model, {})
+
+    def _attach(self, model, initial: dict) -> None:
+        """Slots for ``model``'s parameters (``initial``: checked arrays by key and slot name)."""
+        with model.device:
+            self._slots = model.store.slots(self.slot_names, initial)
+            self._groups = model.store.groups(self._slots, self.elementwise)
+        self._device, self.ops = model.device, model.device.ops
         self._model_ref = weakref.ref(model)
 
     def step(self, model) -> None:
         ref = self._model_ref
         if ref is None or ref() is not model:  # the first step, or another model (refused)
             self.bind(model)
-        slots = model.parameter_slots()
-        flat = model.flat if model.flat is not None and model.flat.intact() else None
-        if flat is not None:  # the gradient arrays always exist there: has backward filled them?
-            missing = [] if model.has_gradients else [key for key, _, _ in slots]
-        else:
-            missing = [key for key, layer, name in slots if name not in layer.grads]
+        missing = model.store.unfilled()
         if missing:
             raise RuntimeError(f"no gradient for {', '.join(missing)}: call model.backward before optimizer.step")
         lr = self.lr
         self.steps += 1
-        self._device = model.device
+        groups, store = self._groups, model.store
         with model.device:
-            if flat is not None:  # every parameter at once, in the flat storage the model keeps
-                self._flat_step(flat, lr)
-                return
-            grads = [layer.grads[name] for _, layer, name in slots]
             if self.clip_norm is not None:
-                grads = clip_by_global_norm(grads, self.clip_norm)
-            for (key, layer, name), g in zip(slots, grads):
-                layer.params[name] = self.update(key, layer.params[name], g, lr)
+                for param, g in zip(groups, clip_by_global_norm([p.grad for p in groups], self.clip_norm)):
+                    param.clipped = g
+            try:
+                for param in groups:
+                    new = self.update(param, lr)
+                    if new is not param.value:
+                        store.set_value(param, new)
+            finally:
+                for param in groups:
+                    param.clipped = None
 
-    def _flat_step(self, flat, lr) -> None:
-        """The same update on the flat parameter and gradient arrays (slots flat too, with
-        per-parameter views in ``state`` for state_dict)."""
-        if self._flat_owner is not flat:  # the first flat step, or the first after a load
-            stale = [
-                key
-                for key, slots in self.state.items()
-                if key not in flat.offsets or any(tuple(a.shape) != flat.offsets[key][2] for a in slots.values())
-            ]
-            if stale:
-                raise ValueError(f"optimizer state for {', '.join(stale)} does not fit this model's parameters")
-            self._flat_slots, self._flat_owner = None, flat
-        if self.slot_names and self._flat_slots is None:
-            self._flat_slots = {
-                name: flat.fast.flat(flat.params.shape[0], flat.params.dtype) for name in self.slot_names
-            }
-            views = {name: flat.views(array) for name, array in self._flat_slots.items()}
-            for key in flat.offsets:
-                for name in self.slot_names:
-                    if key in self.state:  # slots from earlier per-parameter steps or a load
-                        views[name][key][...] = self.state[key][name]
-                self.state[key] = {name: views[name][key] for name in self.slot_names}
-        g = flat.grads
-        if self.clip_norm is not None:
-            g = clip_by_global_norm([g], self.clip_norm)[0]
-        self._decay_mask, self._fast = flat.decay, flat.fast
-        try:
-            self.update(FLAT, flat.params, g, lr)
-        finally:
-            self._decay_mask = self._fast = None
-
-    def _decayed(self, p, g, key=None):
-        """g + λθ for weights (L2 weight decay); biases and other vectors are not decayed."""
-        if not self.weight_decay:
+    def _decayed(self, param, g=None):
+        """g + λθ for parameters that take weight decay (``param.decay``, declared by the layer:
+        Dense's weights do, its bias does not)."""
+        g = param.grad if g is None else g
+        if not self.weight_decay or not param.decay:
             return g
-        if key == FLAT:
-            return g + self.weight_decay * (self._decay_mask * p)
-        return g + self.weight_decay * p if p.ndim >= 2 else g
+        return g + self.weight_decay * param.value
 
-    def _slots(self, key, p) -> dict:
-        if key == FLAT:
-            return self._flat_slots
-        state = self.state.get(key)
-        if state is None:
-            xp = array_namespace(p)
-            state = {name: xp.zeros_like(p) for name in self.slot_names}
-            self.state[key] = state
-        return state
-
-    def update(self, key, p, g, lr):
+    def update(self, param, lr):
         raise NotImplementedError
 
     # --------------------------------------------------------------- state
@@ -419,7 +385,7 @@ class Optimizer:
         """
         if not isinstance(state, dict):
             raise TypeError(f"optimizer state must be a dict (from state_dict()), got {shown(state)}")
-        if not callable(getattr(model, "named_parameters", None)):
+        if not isinstance(getattr(model, "store", None), ParameterStore):
             raise TypeError(f"optimizer state loads into an xpnet Sequential, got {shown(model)}")
         name = self._saved_name()
         kind = state.get("type")
@@ -471,11 +437,8 @@ class Optimizer:
             staged[key] = {}
             for slot, value in slots.items():
                 staged[key][slot] = self._staged_slot(f"{key}.{slot}", slot, value, params[key], device, xp)
-        self.state = staged
-        self._flat_slots = self._flat_owner = None  # rebuilt around the loaded values at the next flat step
+        self._attach(model, staged)  # parameters without saved slots start from zeros
         self.steps = int(steps)
-        self._device = model.device
-        self._model_ref = weakref.ref(model)
 
     def _staged_slot(self, label, slot, value, param, device, xp):
         """One saved slot array, checked (a float array of the parameter's shape, finite) and moved."""
@@ -529,7 +492,11 @@ class SGD(Optimizer):
 
     v ← μ v + g,   θ ← θ − η v            (heavy ball)
     θ ← θ − η (g + μ v)                    (Nesterov, with the new v)
+
+    (``Ops.sgd`` computes it.)
     """
+
+    elementwise = True
 
     def __init__(self, lr=0.01, *, momentum: float = 0.0, nesterov: bool = False, **kwargs):
         super().__init__(lr, **kwargs)
@@ -539,19 +506,15 @@ class SGD(Optimizer):
         self.nesterov = bool(nesterov)
         self.slot_names = ("velocity",) if momentum else ()
 
-    def update(self, key, p, g, lr):
-        g = self._decayed(p, g, key)
-        if not self.momentum:
-            return _subtract(p, lr * g)
-        slots = self._slots(key, p)
-        v = slots["velocity"]
-        if is_writeable_array(v):
-            v *= self.momentum
-            v += g
-        else:
-            v = self.momentum * v + g
-        slots["velocity"] = v
-        return _subtract(p, lr * (g + self.momentum * v) if self.nesterov else lr * v)
+    def update(self, param, lr):
+        g = self._decayed(param)
+        slots = param.slots
+        p, velocity = self.ops.sgd(
+            param.value, g, lr, slots.get("velocity"), momentum=self.momentum, nesterov=self.nesterov
+        )
+        if self.momentum:
+            slots["velocity"] = velocity
+        return p
 
     def hyperparameters(self):
         return {**super().hyperparameters(), "momentum": self.momentum, "nesterov": self.nesterov}
@@ -573,10 +536,12 @@ class Adam(Optimizer):
         θ ← θ − η m̂ / (√v̂ + ε),  m̂ = m / (1 − β₁ᵗ),  v̂ = v / (1 − β₂ᵗ)
 
     computed as θ ← θ − η_t m / (√v + ε_t) with the host floats
-    η_t = η √(1 − β₂ᵗ) / (1 − β₁ᵗ) and ε_t = ε √(1 − β₂ᵗ) — the same number, fewer passes.
+    η_t = η √(1 − β₂ᵗ) / (1 − β₁ᵗ) and ε_t = ε √(1 − β₂ᵗ) — the same number, fewer passes
+    (``Ops.adam``; one pass per operation over a whole group where the Ops can).
     """
 
     slot_names = ("m", "v")
+    elementwise = True
 
     def __init__(self, lr=0.001, *, beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8, **kwargs):
         super().__init__(lr, **kwargs)
@@ -589,37 +554,16 @@ class Adam(Optimizer):
         correction = math.sqrt(1.0 - self.beta2**self.steps)
         return lr * correction / (1.0 - self.beta1**self.steps), self.eps * correction
 
-    def _adam_direction(self, key, p, g, lr):
-        """Update the moments of ``key`` and return η_t m / (√v + ε_t)."""
-        b1, b2 = self.beta1, self.beta2
-        slots = self._slots(key, p)
-        m, v = slots["m"], slots["v"]
-        xp = array_namespace(p)
-        # m ← β₁ m + (1 − β₁) g and v ← β₂ v + (1 − β₂) g², written as m + (1 − β₁)(g − m) and
-        # v + (1 − β₂)(g² − v): the same numbers, rounded as the fused kernels round them
-        if is_writeable_array(m):
-            m += (1.0 - b1) * (g - m)
-            v += (1.0 - b2) * (g * g - v)
-        else:
-            m = m + (1.0 - b1) * (g - m)
-            v = v + (1.0 - b2) * (g * g - v)
-        slots["m"], slots["v"] = m, v
+    def _step(self, param, g, lr, decay: float = 0.0):
+        slots = param.slots
         lr_t, eps_t = self._corrected(lr)
-        return lr_t * m / (xp.sqrt(v) + eps_t)
-
-    def _fused(self, p, g, lr):
-        """The backend's one-pass-per-operation Adam on the flat arrays (same numbers)."""
-        slots = self._flat_slots
-        scratch = self._fast.buffer(self._buffers, "scratch", p.shape, p.dtype)
-        lr_t, eps_t = self._corrected(lr)
-        self._fast.adam_(p, g, slots["m"], slots["v"], scratch, lr_t, self.beta1, self.beta2, eps_t)
+        p, slots["m"], slots["v"] = self.ops.adam(
+            param.value, g, slots["m"], slots["v"], lr_t, self.beta1, self.beta2, eps_t, decay=decay, site=param.scratch
+        )
         return p
 
-    def update(self, key, p, g, lr):
-        g = self._decayed(p, g, key)
-        if key == FLAT and self._fast is not None:
-            return self._fused(p, g, lr)
-        return _subtract(p, self._adam_direction(key, p, g, lr))
+    def update(self, param, lr):
+        return self._step(param, self._decayed(param), lr)
 
     def hyperparameters(self):
         return {**super().hyperparameters(), "beta1": self.beta1, "beta2": self.beta2, "eps": self.eps}
@@ -633,23 +577,16 @@ class Adam(Optimizer):
 class AdamW(Adam):
     """Adam with decoupled weight decay (Loshchilov & Hutter): θ ← θ − η λ θ − (Adam step).
 
-    The decay is not fed through the moments; it applies to weights only, like the L2 decay.
+    The decay is not fed through the moments; it applies to the parameters that take weight
+    decay (``param.decay``), like the L2 decay.
     """
 
     def __init__(self, lr=0.001, *, weight_decay: float = 0.01, **kwargs):
         super().__init__(lr, weight_decay=weight_decay, **kwargs)
 
-    def update(self, key, p, g, lr):
-        if key == FLAT:  # decay first (θ ← θ − ηλθ on weights), then the Adam step, which ignores θ
-            if self.weight_decay:
-                p = _subtract(p, (lr * self.weight_decay) * (self._decay_mask * p))
-            return (
-                self._fused(p, g, lr) if self._fast is not None else _subtract(p, self._adam_direction(key, p, g, lr))
-            )
-        direction = self._adam_direction(key, p, g, lr)
-        if self.weight_decay and p.ndim >= 2:
-            direction = direction + (lr * self.weight_decay) * p
-        return _subtract(p, direction)
+    def update(self, param, lr):
+        decay = lr * self.weight_decay if self.weight_decay and param.decay else 0.0
+        return self._step(param, param.grad, lr, decay)
 
 
 def get_optimizer(name: str, **kwargs) -> Optimizer:

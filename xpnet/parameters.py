@@ -1,0 +1,332 @@
+"""The parameter store: where a model's parameters, their gradients and its optimizer's slots live.
+
+A layer makes its parameters in ``build`` (``self.params["W"] = ...``). When the model is built,
+its store takes them over and lays them out the way the device's Ops ask (``Ops.flat_storage``):
+one flat array per kind (parameters, gradients, each optimizer slot) where the Ops update many
+parameters in one pass, as on NumPy and CuPy; separate arrays elsewhere. The layout is the
+store's alone. Each layer keeps dicts by name (``layer.params``, ``layer.grads``) that are
+windows onto the store: reading them is reading a dict, and assigning to them
+(``self.grads["W"] = delta.T @ x``, as reference code does) goes through the store, which checks
+the array's shape and dtype and copies it into its layout (flat) or keeps it (separate). So no way
+of filling a gradient can break the layout, and the model never drops to another path.
+
+Optimizers see the parameters through ``groups``: one ``Parameter`` per parameter, or, for an
+optimizer whose update treats every element alone (``Optimizer.elementwise``), parameters with
+the same metadata laid out side by side as one group, updated in one pass. The metadata is what
+the layer declared: ``decay``, whether weight decay applies, is False for the parameters a layer
+names in ``no_decay`` (Dense names its bias) and True for every other. Never inferred from shapes.
+"""
+
+from __future__ import annotations
+
+import math
+
+from array_api_compat import array_namespace
+
+from .backend import dtype_name
+
+__all__ = ["Parameter", "ParameterStore"]
+
+
+class _Window(dict):
+    """Arrays by name, read as a dict; every write goes through ``put(name, value)``, which
+    checks the value and returns the array to keep (the stored one, written into, or the value).
+    Removing an entry is refused: the store's layout does not change after the model is built."""
+
+    __slots__ = ("_put", "_what")
+
+    def __init__(self, arrays: dict, put, what: str):
+        super().__init__(arrays)
+        self._put = put
+        self._what = what
+
+    def __setitem__(self, name, value):
+        dict.__setitem__(self, name, self._put(name, value))
+
+    def update(self, *args, **kwargs):
+        for name, value in dict(*args, **kwargs).items():
+            self[name] = value
+
+    def setdefault(self, name, default=None):
+        if name not in self:
+            self[name] = default
+        return dict.__getitem__(self, name)
+
+    def __ior__(self, other):
+        self.update(other)
+        return self
+
+    def _refuse(self, *args, **kwargs):
+        raise TypeError(
+            f"{self._what} belong to the model's parameter store: arrays can be replaced (d[name] = array), not removed"
+        )
+
+    __delitem__ = pop = popitem = clear = _refuse
+
+
+class _Entry:
+    """One parameter: where it is, what the layer declared of it, and its arrays now."""
+
+    __slots__ = ("key", "layer", "name", "shape", "size", "decay", "value", "grad", "filled")
+
+    def __init__(self, key, layer, name, value, decay):
+        self.key, self.layer, self.name = key, layer, name
+        self.shape = tuple(value.shape)
+        self.size = math.prod(self.shape)
+        self.decay = decay
+        self.value, self.grad, self.filled = value, None, False
+
+
+class Parameter:
+    """What an optimizer's ``update(param, lr)`` is given: one parameter, or a group of them.
+
+    * ``value``: the parameter's array (a group: its parameters side by side, one flat array);
+    * ``grad``: ∂L/∂value, from the last backward pass (scaled, when the optimizer clips);
+    * ``slots``: the optimizer's arrays for it by slot name (``slot_names``), zeros at first;
+      assign to replace one (``param.slots["v"] = ...``): the store keeps it in its layout;
+    * ``decay``: whether weight decay applies (declared by the layer, see ``Layer.no_decay``);
+    * ``key``: its name in the model ("0.W"; a group: its keys joined by "+"), ``keys`` all of them;
+    * ``scratch``: a dict where the Ops may keep arrays they reuse for this parameter.
+
+    ``update`` returns the new value (or the same array, updated in place).
+    """
+
+    __slots__ = ("keys", "key", "decay", "slots", "scratch", "clipped", "_entry", "_value", "_grad")
+
+    def __init__(self, entries, decay, slots, value=None, grad=None):
+        self.keys = tuple(entry.key for entry in entries)
+        self.key = "+".join(self.keys)
+        self.decay = decay
+        self.slots = slots
+        self.scratch: dict = {}
+        self.clipped = None  # the scaled gradient of this step, when clipping
+        self._entry = entries[0] if value is None else None  # one parameter, read through its entry
+        self._value, self._grad = value, grad
+
+    @property
+    def value(self):
+        return self._entry.value if self._entry is not None else self._value
+
+    @property
+    def grad(self):
+        if self.clipped is not None:
+            return self.clipped
+        return self._entry.grad if self._entry is not None else self._grad
+
+    def __repr__(self) -> str:
+        return f"Parameter({self.key!r}, shape={tuple(self.value.shape)}, decay={self.decay})"
+
+
+def _checked(value, label: str, shape, dtype):
+    """``value`` if it is an array of ``shape`` and ``dtype``, else the error naming ``label``."""
+    found = getattr(value, "shape", None)
+    if found is None or not hasattr(value, "dtype"):
+        raise TypeError(f"{label} must be an array of shape {shape}, got {type(value).__name__}")
+    if tuple(found) != shape:
+        raise ValueError(f"{label} must have shape {shape}, got {tuple(found)}")
+    if value.dtype != dtype:
+        raise TypeError(
+            f"{label} must have the model's dtype {dtype_name(dtype)}, got {dtype_name(value.dtype)} "
+            "(xpnet never casts silently)"
+        )
+    return value
+
+
+def _placed(current, value, flat: bool):
+    """Where a checked value goes: copied into ``current`` when that is a view into flat storage
+    (the layout stays), else ``value`` itself is kept."""
+    if value is current:
+        return current
+    if flat:
+        current[...] = value
+        return current
+    return value
+
+
+class ParameterStore:
+    """Every parameter of a model, its gradient and the optimizer slots, in the layout the Ops ask
+    for. Built by ``Sequential`` after its layers; see the module's docstring."""
+
+    def __init__(self, layers, ops, dtype):
+        self.dtype = dtype
+        self.entries: list[_Entry] = []
+        for i, layer in enumerate(layers):
+            exempt = set(layer.no_decay)
+            for name, value in layer.params.items():
+                label = f"parameter {name!r} of layer {i} ({type(layer).__name__})"
+                _checked(value, label, tuple(getattr(value, "shape", ())), dtype)
+                self.entries.append(_Entry(f"{i}.{name}", layer, name, value, decay=name not in exempt))
+        self.by_key = {entry.key: entry for entry in self.entries}
+        # decayed parameters first, then the rest: each kind is one run of the flat layout
+        self._order = sorted(self.entries, key=lambda entry: not entry.decay)
+        self.total = sum(entry.size for entry in self.entries)
+        self._ops = ops
+        values = ops.flat_storage(self.total, dtype) if self.total else None
+        #: "flat" (one array per kind, each parameter a view into it) or "separate".
+        self.layout = "separate" if values is None else "flat"
+        self._flat_values = values
+        self._flat_grads = ops.flat_storage(self.total, dtype) if values is not None else None
+        self._offsets = {}
+        offset = 0
+        for entry in self._order:
+            self._offsets[entry.key] = (offset, offset + entry.size)
+            offset += entry.size
+        if values is not None:
+            for entry in self._order:
+                view = self._view(values, entry)
+                view[...] = entry.value
+                entry.value = view
+                entry.grad = self._view(self._flat_grads, entry)
+        for layer in layers:
+            mine = [entry for entry in self.entries if entry.layer is layer]
+            layer._adopt(
+                _Window({e.name: e.value for e in mine}, self._putter(layer, "value"), "a layer's parameters"),
+                _Window(
+                    {e.name: e.grad for e in mine if e.grad is not None},
+                    self._putter(layer, "grad"),
+                    "a layer's gradients",
+                ),
+            )
+
+    @property
+    def flat(self) -> bool:
+        return self._flat_values is not None
+
+    def _view(self, flat, entry):
+        lo, hi = self._offsets[entry.key]
+        return array_namespace(flat).reshape(flat[lo:hi], entry.shape)
+
+    def _putter(self, layer, kind: str):
+        """The write function of a layer's window: ``kind`` "value" or "grad"."""
+        entries = {entry.name: entry for entry in self.entries if entry.layer is layer}
+        what = "parameter" if kind == "value" else "gradient"
+
+        def put(name, value):
+            entry = entries.get(name)
+            if entry is None:
+                raise KeyError(
+                    f"{type(layer).__name__} has no parameter {name!r} (parameters are made in build, before the "
+                    f"model takes them over; it has {sorted(entries) or 'none'})"
+                )
+            if kind == "grad":
+                if value is not entry.grad:
+                    value = _placed(
+                        entry.grad, _checked(value, f"the gradient of {entry.key}", entry.shape, self.dtype), self.flat
+                    )
+                entry.grad, entry.filled = value, True
+            elif value is not entry.value:
+                entry.value = value = _placed(
+                    entry.value, _checked(value, f"the {what} {entry.key}", entry.shape, self.dtype), self.flat
+                )
+            return value
+
+        return put
+
+    # ------------------------------------------------------------ reads
+    def named_values(self) -> dict:
+        return {entry.key: entry.value for entry in self.entries}
+
+    def named_grads(self) -> dict:
+        return {entry.key: entry.grad for entry in self.entries if entry.grad is not None and entry.filled}
+
+    def unfilled(self) -> list[str]:
+        """Keys of parameters that no backward pass has given a gradient yet."""
+        return [entry.key for entry in self.entries if not entry.filled]
+
+    # ------------------------------------------------------------ writes
+    def assign(self, key: str, value) -> None:
+        """Make ``value`` (checked) parameter ``key``: written into the layout, or kept."""
+        entry = self.by_key[key]
+        entry.layer.params[entry.name] = value
+
+    def set_value(self, param: Parameter, value) -> None:
+        """What an optimizer's update returned, made the value of ``param``."""
+        entry = param._entry
+        if entry is not None:
+            entry.layer.params[entry.name] = value
+        elif value is not param._value:
+            param._value[...] = _checked(value, f"the update of {param.key}", tuple(param._value.shape), self.dtype)
+
+    # ------------------------------------------------------------ optimizers
+    def slots(self, names, initial: dict | None = None) -> Slots:
+        """Fresh optimizer slots ``names`` for every parameter, zeros or the arrays of ``initial``
+        ({key: {slot: array}}, already checked and on the device)."""
+        return Slots(self, tuple(names), initial or {})
+
+    def groups(self, slots: Slots, elementwise: bool) -> list[Parameter]:
+        """What an optimizer updates: one Parameter per parameter, or, when ``elementwise`` and the
+        layout is flat, one per run of parameters with the same ``decay``."""
+        if not (elementwise and self.flat):
+            return [Parameter([entry], entry.decay, slots.window(entry)) for entry in self.entries]
+        groups = []
+        for decay in (True, False):
+            run = [entry for entry in self._order if entry.decay == decay]
+            if run:
+                lo, hi = self._offsets[run[0].key][0], self._offsets[run[-1].key][1]
+                groups.append(
+                    Parameter(run, decay, slots.span(lo, hi), self._flat_values[lo:hi], self._flat_grads[lo:hi])
+                )
+        return groups
+
+
+class Slots:
+    """An optimizer's arrays (``names``: "m", "v", "velocity", ...) for every parameter of one
+    store, in its layout: flat arrays with a view per parameter, or one array per parameter."""
+
+    def __init__(self, store: ParameterStore, names: tuple, initial: dict):
+        self.store, self.names = store, names
+        self._flat = {}
+        self.by_key: dict = {}
+        for entry in store.entries:
+            if store.flat:
+                break
+            given = initial.get(entry.key, {})
+            arrays = {
+                name: given[name] if name in given else array_namespace(entry.value).zeros_like(entry.value)
+                for name in names
+            }
+            self.by_key[entry.key] = _Window(arrays, self._putter(entry, None), "an optimizer's slots")
+        if store.flat:
+            for name in names:
+                flat = self._flat[name] = store._ops.flat_storage(store.total, store.dtype)
+                for entry in store.entries:
+                    view = store._view(flat, entry)
+                    if entry.key in initial and name in initial[entry.key]:
+                        view[...] = initial[entry.key][name]
+                    self.by_key.setdefault(entry.key, {})[name] = view
+
+    def _putter(self, entry, views):
+        store = self.store
+
+        def put(name, value):
+            if name not in self.names:
+                raise KeyError(f"the optimizer has no slot {name!r} (its slots: {', '.join(self.names) or 'none'})")
+            label = f"the optimizer slot {name} of {entry.key}"
+            current = views[name] if views is not None else dict.get(self.by_key[entry.key], name)
+            return _placed(current, _checked(value, label, entry.shape, store.dtype), store.flat)
+
+        return put
+
+    def window(self, entry) -> dict:
+        """The slots of one parameter, as an optimizer's update may replace them."""
+        if not self.store.flat:
+            return self.by_key[entry.key]
+        return _Window(
+            dict(self.by_key[entry.key]), self._putter(entry, self.by_key[entry.key]), "an optimizer's slots"
+        )
+
+    def span(self, lo: int, hi: int) -> dict:
+        """The slots of a group laid out over flat positions lo:hi."""
+        views = {name: flat[lo:hi] for name, flat in self._flat.items()}
+        names, dtype = self.names, self.store.dtype
+
+        def put(name, value):
+            if name not in names:
+                raise KeyError(f"the optimizer has no slot {name!r} (its slots: {', '.join(names) or 'none'})")
+            return _placed(views[name], _checked(value, f"the optimizer slot {name}", (hi - lo,), dtype), True)
+
+        return _Window(dict(views), put, "an optimizer's slots")
+
+    def arrays(self) -> dict:
+        """{key: {slot: array}}: every parameter's slots (views into the layout when it is flat)."""
+        return {key: dict(slots) for key, slots in self.by_key.items() if slots}
