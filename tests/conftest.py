@@ -20,27 +20,6 @@ BACKENDS = ["numpy", "strict", "strict:device1", "strict:no_float64", "torch", "
 DEVICE_OF = {"numpy": "cpu", "cuda": "cuda:0"}
 
 
-_MADE_CACHE: list[str] = []
-
-
-def pytest_configure(config):
-    """Compiled fast-path kernels go to a fresh folder for the run, not the user's cache."""
-    import os
-    import tempfile
-
-    if "XPNET_CACHE_DIR" not in os.environ:
-        _MADE_CACHE.append(tempfile.mkdtemp(prefix="xpnet-kernels-"))
-        os.environ["XPNET_CACHE_DIR"] = _MADE_CACHE[-1]
-
-
-def pytest_unconfigure(config):
-    """The run's kernel folder goes with it (a loaded library stays mapped until exit)."""
-    import shutil
-
-    for folder in _MADE_CACHE:
-        shutil.rmtree(folder, ignore_errors=True)
-
-
 def pytest_addoption(parser):
     parser.addoption(
         "--backend",

@@ -21,7 +21,11 @@ SCALAR = {np.float32: ctypes.c_float, np.float64: ctypes.c_double}
 def native():
     lib = NumpyFastPaths().native
     if lib is None:
-        pytest.skip("no C compiler here")
+        from xpnet._fast_numpy import native_status
+
+        if os.environ.get("XPNET_REQUIRE_NATIVE") == "1":
+            pytest.fail(f"XPNET_REQUIRE_NATIVE=1, but {native_status()[1]}")
+        pytest.skip(native_status()[1])
     return lib
 
 
@@ -89,10 +93,20 @@ def test_split_gather_is_numpy_take(native, parts):
     np.testing.assert_array_equal(out, np.take(X, index, axis=0, mode="clip"))
 
 
-def test_take_rows_through_the_fast_paths_matches_take():
+@pytest.fixture
+def pooled():
+    """Fast paths with OpenBLAS on the pool, as within fit (``computing``), for the test."""
     fast = NumpyFastPaths()
-    if fast.threads < 2:
-        pytest.skip("no pool here (one core, no compiler, or a BLAS without the thread callback)")
+    if fast.pool_threads() < 2:
+        pytest.skip("no pool here (one core, no compiled kernels, or a BLAS without the thread callback)")
+    with fast.computing():
+        assert fast.threads == fast.pool_threads()
+        yield fast
+    assert fast.threads == 1  # released: OpenBLAS has its own threads back
+
+
+def test_take_rows_through_the_fast_paths_matches_take(pooled):
+    fast = pooled
     X = _random(5000, 784)
     order = np.random.default_rng(2).permutation(5000)
     out = np.empty((512, 784), np.float32)  # 1.6 MB: split where the pool is there
@@ -101,14 +115,6 @@ def test_take_rows_through_the_fast_paths_matches_take():
     np.testing.assert_array_equal(
         fast.take_rows(labels, order, 1000, 1512, np.empty(512, labels.dtype)), order[1000:1512]
     )
-
-
-@pytest.fixture
-def pooled():
-    fast = NumpyFastPaths()
-    if fast.threads < 2:
-        pytest.skip("no pool here (one core, no compiler, or a BLAS without the thread callback)")
-    return fast
 
 
 def test_a_gather_run_ahead_is_the_gather(pooled):
@@ -201,6 +207,8 @@ import os
 import numpy as np
 from xpnet._fast_numpy import NumpyFastPaths
 fast = NumpyFastPaths()
+held = fast.computing()  # as within fit
+held.__enter__()
 assert fast.threads > 1
 X = np.random.default_rng(0).normal(size=(20000, 784)).astype(np.float32)
 order = np.random.default_rng(1).permutation(20000)
@@ -248,7 +256,10 @@ _PRODUCTS = r"""
 import os, sys, threading
 import numpy as np
 import xpnet
-threads = xpnet.Device("cpu").fast.threads  # hooks OpenBLAS where it can
+fast = xpnet.Device("cpu").fast
+held = fast.computing()  # OpenBLAS on the pool where it can be, as within fit, to the end
+held.__enter__()
+threads = fast.threads
 rng = np.random.default_rng(0)
 shapes = [(512, 784, 128), (128, 512, 784), (512, 128, 64), (64, 512, 128), (7, 5, 3), (1000, 1000, 1000)]
 pairs = [(rng.standard_normal((m, k), dtype=np.float32), rng.standard_normal((k, n), dtype=np.float32))
@@ -310,9 +321,14 @@ import xpnet as xn
 x = np.random.default_rng(0).normal(size=(3000, 300)).astype(np.float32)
 y = (x[:, :10].sum(axis=1) > 0).astype(int) + 2 * (x[:, 10] > 0)
 model = xn.mlp(300, [200, 100], 4, seed=1)
-history = xn.fit(model, "cross_entropy", xn.Adam(1e-3), x, y, epochs=2, batch_size=512)
+seen = []
+class Look(xn.Callback):  # what the fast paths have within fit, on the pool while it trains
+    def on_batch_end(self, state):
+        seen.append((model.device.fast.threads, model.device.fast.gathers_ahead(x, 512)))
+history = xn.fit(model, "cross_entropy", xn.Adam(1e-3), x, y, epochs=2, batch_size=512, callbacks=[Look()])
 np.save(sys.argv[1], np.concatenate([np.ravel(p) for layer in model.layers for p in layer.params.values()]))
-print(model.device.fast.threads, model.device.fast.gathers_ahead(x, 512), history["loss"][-1])
+assert len(set(seen)) == 1 and model.device.fast.threads == 1  # the same at every step; released after
+print(*seen[0], history["loss"][-1])
 """
 
 
@@ -346,3 +362,46 @@ def test_only_numpys_own_openblas_is_hooked():
     found = numpy_openblas(numpy_dir, "scipy-openblas")
     if found is not None:  # a wheel's OpenBLAS, beside NumPy, and the copy already loaded
         assert os.path.join(os.path.dirname(numpy_dir), "numpy.libs") in found._name
+
+
+_HOOK = r"""
+import numpy as np
+import xpnet as xn
+from xpnet._fast_numpy import native_status
+
+lib = native_status()[0]
+a = np.random.default_rng(0).random((600, 600), dtype=np.float32)
+y = (a[:, 0] > 0.5).astype(int)
+
+
+def products_on_the_pool(work):
+    before = lib.xpnet_blas_calls()
+    work()
+    return lib.xpnet_blas_calls() - before
+
+
+model = xn.mlp(600, [600], 2, seed=0)
+counts = {
+    "describe": products_on_the_pool(lambda: (xn.Device("cpu").describe(), a @ a)),
+    "fit": products_on_the_pool(lambda: xn.fit(model, "cross_entropy", "sgd", a, y, batch_size=600)),
+    "after fit": products_on_the_pool(lambda: a @ a),
+    "predict": products_on_the_pool(lambda: xn.predict(model, a)),
+    "evaluate": products_on_the_pool(lambda: xn.evaluate(model, "cross_entropy", a, y)),
+    "after all": products_on_the_pool(lambda: a @ a),
+}
+print(" ".join(f"{key.replace(' ', '_')}={value}" for key, value in counts.items()))
+"""
+
+
+def test_openblas_runs_on_the_pool_only_while_xpnet_computes(pooled, tmp_path):
+    """The hook is held by fit, predict and evaluate and given back after each: a product of the
+    user's outside them runs on OpenBLAS's own threads (none reaches the pool's callback), and
+    describing the device (what ``xpnet devices`` prints) hooks nothing."""
+    script = tmp_path / "hook.py"
+    script.write_text(_HOOK)
+    env = {**os.environ, "OPENBLAS_NUM_THREADS": "2", "XPNET_FAST": "1", "XPNET_THREADS": "1"}
+    done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    counts = dict(item.split("=") for item in done.stdout.split())
+    assert counts["describe"] == counts["after_fit"] == counts["after_all"] == "0", counts
+    assert int(counts["fit"]) > 0 and int(counts["predict"]) > 0 and int(counts["evaluate"]) > 0, counts

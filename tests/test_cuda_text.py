@@ -32,8 +32,7 @@ import time
 
 import pytest
 
-from xpnet import _kernels
-from xpnet._fast_cupy import KERNELS, OPTIONS, PREAMBLE, elementwise_arguments, softmax_xent_source
+from xpnet._fast_cupy import ELEMENTWISE, KERNELS, OPTIONS, PREAMBLE, softmax_xent_source
 
 ARCH = "sm_90"
 #: What CuPy adds to every compile, after our OPTIONS, in nvcc's spelling (the same words):
@@ -42,7 +41,8 @@ ARCH = "sm_90"
 #: NVRTC 12+ also gets ``--device-as-default-execution-space``, which nvcc has no spelling for: it
 #: changes only functions without an execution space, and every function here has one.
 CUPY_ADDS = ("--std=c++14", "-ftz=true")
-ELEMENTWISE = {"adam": _kernels.ADAM, "bias_relu": _kernels.BIAS_RELU, "relu_backward": _kernels.RELU_BACKWARD}
+#: The arguments xpnet passes as scalars (host numbers, by value); the others are arrays.
+SCALARS = {"lr_t", "c1", "c2", "eps_t"}
 TYPES = ["float", "double"]
 
 
@@ -52,12 +52,11 @@ def _params(text: str) -> list[tuple[str, str]]:
 
 
 def _cupy_wrapped(kernel: str, type_name: str) -> str:
-    spec = ELEMENTWISE[kernel]
-    in_params, out_params = elementwise_arguments(spec)
+    in_params, out_params, operation = ELEMENTWISE[kernel]
     declared, bound = [], []
     for (ctype, name), is_input in [(p, True) for p in _params(in_params)] + [(p, False) for p in _params(out_params)]:
         const = "const " if is_input else ""
-        if name in spec["scalars"]:  # a scalar argument: by value, with its C type
+        if name in SCALARS:  # a scalar argument: by value, with its C type
             declared.append(f"{const}{type_name} {name}")
         else:
             declared.append(f"{const}{type_name} *_raw_{name}")
@@ -69,7 +68,7 @@ def _cupy_wrapped(kernel: str, type_name: str) -> str:
         "  ;\n"
         "  for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n;"
         " i += (size_t)blockDim.x * gridDim.x) {\n"
-        f"    {lines}\n    {spec['body']};\n"
+        f"    {lines}\n    {operation};\n"
         "  }\n  ;\n}\n"
     )
 

@@ -58,12 +58,16 @@ def _normalized(text: str) -> str:
     return " ".join(text.split())
 
 
+#: What counts as a source file: Python, and the C and CUDA of xpnet/_native.
+_SOURCE_SUFFIXES = (".py", ".c", ".h", ".cu")
+
+
 def _source_files(targets, root: Path) -> tuple[Path, ...]:
-    """The .py files of the repository at ``root`` among (target, base folder) pairs, each once."""
+    """The source files of the repository at ``root`` among (target, base folder) pairs, each once."""
     files = []
     for target, base in targets:
         path = (base / target.split("#")[0]).resolve()
-        if path.suffix == ".py" and root in path.parents and path not in files:
+        if path.suffix in _SOURCE_SUFFIXES and root in path.parents and path not in files:
             files.append(path)
     return tuple(files)
 
@@ -113,7 +117,10 @@ def excerpts(doc: Path, text: str | None = None, root: Path = ROOT) -> list[Exce
 
 
 def _without_comments(path: Path) -> str:
-    """The file's text with its Python comments cut out (by the tokenizer: strings keep their #)."""
+    """The file's text with its Python comments cut out (by the tokenizer: strings keep their #);
+    a C or CUDA file without its /* */ comments."""
+    if path.suffix != ".py":
+        return re.sub(r"/\*.*?\*/", " ", path.read_text(encoding="utf-8"), flags=re.S)
     lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
     with path.open(encoding="utf-8") as handle:
         comments = [t.start for t in tokenize.generate_tokens(handle.readline) if t.type == tokenize.COMMENT]

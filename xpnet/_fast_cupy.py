@@ -1,7 +1,7 @@
 """CuPy fast paths: the same interface as ``_fast_numpy``, on the GPU, without host syncs.
 
-The fused kernels are the bodies of ``_kernels``, the very text the CPU kernels are built from,
-compiled by CuPy (NVRTC) with ``--fmad=false`` so that no multiply-add is contracted that the
+The fused kernels' arithmetic is xpnet/_native/xpnet_kernels.h, the very header the CPU kernels
+are built from, compiled by CuPy (NVRTC) with ``--fmad=false`` so that no multiply-add is contracted that the
 reference code rounds twice: the Adam update in one kernel for m, v and the parameter, the bias
 and ReLU after a matrix product, ReLU backward, and softmax cross-entropy one thread per row.
 Products go to cuBLAS through ``cupy.matmul(..., out=)`` into buffers that live across steps.
@@ -19,21 +19,29 @@ or XPNET_FAST=0 turns them off (the Array API reference code then runs).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import threading
 import warnings
+from importlib import resources
 
 import array_api_compat
-
-from . import _kernels
 
 #: NVRTC options: IEEE division and square root are NVRTC's defaults; no contraction into FMA.
 #: CuPy adds its own to every compile, ours and its ufuncs' alike: ``--std=c++14`` and
 #: ``-ftz=true`` (float32 subnormals flush to zero on the GPU, in the reference code too).
 OPTIONS = ("--fmad=false",)
-#: C++ overloads pick the float or double function from T.
-PREAMBLE = "#define SQRT sqrt\n#define EXP exp\n#define LOG log\n"
+
+
+def _native_text(name: str) -> str:
+    """A file of xpnet/_native (installed with the package)."""
+    return resources.files("xpnet._native").joinpath(name).read_text()
+
+
+#: The shared header, after C++ overloads that pick the float or double function from T (CuPy's
+#: ElementwiseKernel defines T from the arguments' dtypes before the preamble).
+PREAMBLE = "#define SQRT sqrt\n#define EXP exp\n#define LOG log\n" + _native_text("xpnet_kernels.h")
 THREADS = 256
 
 #: The fused kernels: the name ``available`` takes -> (the CUDA function's name, what it computes).
@@ -43,7 +51,14 @@ KERNELS = {
     "relu_backward": ("xpnet_relu_backward", "ReLU backward"),
     "softmax_xent": ("xpnet_softmax_xent", "softmax cross-entropy"),
 }
-_ELEMENTWISE = {"adam": _kernels.ADAM, "bias_relu": _kernels.BIAS_RELU, "relu_backward": _kernels.RELU_BACKWARD}
+#: The elementwise kernels: (in_params, out_params, operation) for CuPy's ElementwiseKernel, the
+#: operation a macro of the header; inputs and scalars are read, outputs read and written (CuPy
+#: binds them by reference).
+ELEMENTWISE = {
+    "adam": ("T g, T lr_t, T c1, T c2, T eps_t", "T p, T m, T v", "XPNET_ADAM(p, m, v, g, lr_t, c1, c2, eps_t)"),
+    "bias_relu": ("T b", "T z", "XPNET_BIAS_RELU(z, b)"),
+    "relu_backward": ("T a, T da", "T out", "XPNET_RELU_BACKWARD(out, a, da)"),
+}
 
 #: Machine epsilon of the dtypes the self-check covers (another dtype fails it: the reference runs).
 EPS = {"float32": 2.0**-23, "float64": 2.0**-52}
@@ -63,25 +78,13 @@ _CHECKED: dict = {}
 _LOCK = threading.Lock()
 
 
-def elementwise_arguments(spec: dict) -> tuple[str, str]:
-    """CuPy's (in_params, out_params) for a body of ``_kernels``: inputs and scalars are read,
-    outputs read and written (CuPy passes them by reference)."""
-    inputs = ", ".join([f"T {name}" for name in spec["inputs"]] + [f"T {name}" for name in spec["scalars"]])
-    return inputs, ", ".join(f"T {name}" for name in spec["outputs"])
-
-
 def softmax_xent_source(type_name: str) -> str:
-    """A kernel, one thread per row: δ rows and each row's loss (averaged on the device)."""
-    return (
-        _kernels.math_defines(type_name)
-        + "__device__ double xent_row(const T *__restrict__ row, long long label, T *__restrict__ out, "
-        + f"long long C, T inv_b) {{{_kernels.SOFTMAX_XENT_ROW}}}\n"
-        + 'extern "C" __global__ void xpnet_softmax_xent(const T *__restrict__ z, const long long *__restrict__ y,\n'
-        + "        T *__restrict__ delta, double *__restrict__ losses, long long B, long long C) {\n"
-        + "    const long long b = (long long)blockIdx.x * blockDim.x + threadIdx.x;\n"
-        + "    if (b < B) losses[b] = xent_row(z + b * C, y[b], delta + b * C, C, (T)1 / (T)B);\n"
-        + "}\n"
+    """The RawKernel's source: T and its math functions, the shared header, softmax_xent.cu."""
+    functions = {"float": ("sqrtf", "expf", "logf"), "double": ("sqrt", "exp", "log")}[type_name]
+    defines = f"#define T {type_name}\n" + "".join(
+        f"#define {macro} {function}\n" for macro, function in zip(("SQRT", "EXP", "LOG"), functions)
     )
+    return defines + _native_text("xpnet_kernels.h") + _native_text("softmax_xent.cu")
 
 
 def _one_line(exc: BaseException) -> str:
@@ -167,10 +170,11 @@ class CupyFastPaths:
     def _elementwise_kernel(self, kernel: str):
         compiled = self._elementwise.get(kernel)
         if compiled is None:
-            spec = _ELEMENTWISE[kernel]
+            in_params, out_params, operation = ELEMENTWISE[kernel]
             compiled = self._elementwise[kernel] = self.cp.ElementwiseKernel(
-                *elementwise_arguments(spec),
-                spec["body"],
+                in_params,
+                out_params,
+                operation,
                 KERNELS[kernel][0],
                 preamble=PREAMBLE,
                 options=OPTIONS,
@@ -205,6 +209,11 @@ class CupyFastPaths:
         blocks = (batch + THREADS - 1) // THREADS
         kernel((blocks,), (THREADS,), (z, labels, delta, losses, cp.int64(batch), cp.int64(classes)))
         return cp.mean(losses).astype(z.dtype)
+
+    @staticmethod
+    def computing():
+        """Nothing to hold on the GPU for a computation (``Ops.computing``)."""
+        return contextlib.nullcontext()
 
     # ------------------------------------------------------------- buffers
     def buffer(self, cache: dict, name: str, shape, dtype):

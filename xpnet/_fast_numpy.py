@@ -10,161 +10,22 @@ Only the backend module hands these out, and only on the numpy backend.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
-import hashlib
+import importlib.util
 import math
 import os
-import platform
-import shlex
-import shutil
-import subprocess
-import tempfile
 import threading
+import warnings
 import weakref
 from pathlib import Path
 
 import numpy as np
 
-from . import _cpu_threads, _kernels
+from . import _cpu_threads
+from ._native import sources
 
-#: The compiled kernels: the bodies of ``_kernels`` in C loops, one per element type. Compiled on
-#: first use with the system's C compiler and cached; without a compiler NumPy passes run instead.
-_PRELUDE = r"""
-#include <math.h>
-#include <stddef.h>
-#if defined(__SSE__)
-#include <xmmintrin.h>
-/* Moments of weights whose gradient is always 0 (MNIST's border pixels) decay through the
-   subnormal range, where x86 arithmetic is ~100x slower: Adam flushes them to zero. */
-#define FLUSH_BEGIN unsigned int csr_ = _mm_getcsr(); _mm_setcsr(csr_ | 0x8040);
-#define FLUSH_END _mm_setcsr(csr_);
-#else
-#define FLUSH_BEGIN
-#define FLUSH_END
-#endif
-"""
-
-
-def _c_elementwise(name: str, spec: dict, flush: bool = False) -> str:
-    """void name(outputs..., inputs..., n, scalars...): the body once per element."""
-    outputs, inputs, scalars = spec["outputs"], spec["inputs"], spec["scalars"]
-    params = [f"T *restrict {o}_" for o in outputs] + [f"const T *restrict {i}_" for i in inputs]
-    params += ["ptrdiff_t n"] + [f"T {k}" for k in scalars]
-    loads = " ".join([f"T {o} = {o}_[i];" for o in outputs] + [f"const T {i} = {i}_[i];" for i in inputs])
-    stores = " ".join(f"{o}_[i] = {o};" for o in outputs)
-    return (
-        f"void {name}({', '.join(params)}) {{\n"
-        + ("    FLUSH_BEGIN\n" if flush else "")
-        + f"    for (ptrdiff_t i = 0; i < n; ++i) {{\n        {loads}\n        {{ {spec['body']} }}\n"
-        + f"        {stores}\n    }}\n"
-        + ("    FLUSH_END\n" if flush else "")
-        + "}\n"
-    )
-
-
-def _c_split(name: str, spec: dict) -> str:
-    """void name_split(<name's arguments>, int parts): ``name`` over ``parts`` threads of the pool,
-    each on its own range of whole cache lines (the elements are independent: same results)."""
-    arrays = [f"{o}_" for o in spec["outputs"]] + [f"{i}_" for i in spec["inputs"]]
-    fields = [f"T *{a};" for a in arrays] + ["ptrdiff_t n;"] + [f"T {k};" for k in spec["scalars"]]
-    params = [f"T *{a}" for a in arrays] + ["ptrdiff_t n"] + [f"T {k}" for k in spec["scalars"]]
-    names = arrays + ["n"] + list(spec["scalars"])
-    shifted = [f"t->{a} + lo" for a in arrays] + ["hi - lo"] + [f"t->{k}" for k in spec["scalars"]]
-    return (
-        f"struct {name}_task {{ {' '.join(fields)} }};\n"
-        f"static void {name}_part(void *ctx, int part, int parts) {{\n"
-        f"    const struct {name}_task *t = ctx;\n"
-        "    const ptrdiff_t lines = (t->n + 15) / 16;\n"
-        "    const ptrdiff_t lo = lines * part / parts * 16, end = lines * (part + 1) / parts * 16;\n"
-        "    const ptrdiff_t hi = end < t->n ? end : t->n;\n"
-        f"    if (lo < hi) {name}({', '.join(shifted)});\n}}\n"
-        f"void {name}_split({', '.join(params)}, int parts) {{\n"
-        f"    struct {name}_task task = {{{', '.join(names)}}};\n"
-        f"    xpnet_pool_run({name}_part, &task, parts);\n}}\n"
-    )
-
-
-def _c_source() -> str:
-    parts = [_PRELUDE, _cpu_threads.SOURCE]
-    for type_name, suffix in (("float", "f32"), ("double", "f64")):
-        parts.append(_kernels.math_defines(type_name))
-        parts.append(_c_elementwise(f"xpnet_adam_{suffix}", _kernels.ADAM, flush=True))
-        parts.append(_c_split(f"xpnet_adam_{suffix}", _kernels.ADAM))
-        parts.append(_c_elementwise(f"xpnet_relu_backward_{suffix}", _kernels.RELU_BACKWARD))
-        parts.append(_c_split(f"xpnet_relu_backward_{suffix}", _kernels.RELU_BACKWARD))
-        # z (B, n) += b, then max(z, 0) when relu is set, in place in one pass; b may be NULL
-        parts.append(
-            f"void xpnet_bias_act_{suffix}(T *restrict z_, const T *restrict b_, ptrdiff_t B, ptrdiff_t n, "
-            "int relu) {\n"
-            "    for (ptrdiff_t r = 0; r < B; ++r) {\n"
-            "        T *restrict row = z_ + r * n;\n"
-            "        if (b_ && relu) for (ptrdiff_t c = 0; c < n; ++c) {\n"
-            f"            T z = row[c]; const T b = b_[c]; {{ {_kernels.BIAS_RELU['body']} }} row[c] = z;\n"
-            "        }\n"
-            "        else if (b_) for (ptrdiff_t c = 0; c < n; ++c) row[c] += b_[c];\n"
-            "        else if (relu) for (ptrdiff_t c = 0; c < n; ++c) row[c] = row[c] < (T)0 ? (T)0 : row[c];\n"
-            "    }\n}\n"
-            f"struct bias_act_task_{suffix} {{ T *z; const T *b; ptrdiff_t B, n; int relu; }};\n"
-            f"static void bias_act_part_{suffix}(void *ctx, int part, int parts) {{\n"
-            f"    const struct bias_act_task_{suffix} *t = ctx;\n"
-            "    const ptrdiff_t lo = t->B * part / parts, hi = t->B * (part + 1) / parts;\n"
-            f"    xpnet_bias_act_{suffix}(t->z + lo * t->n, t->b, hi - lo, t->n, t->relu);\n}}\n"
-            f"void xpnet_bias_act_{suffix}_split(T *z, const T *b, ptrdiff_t B, ptrdiff_t n, int relu, int parts) {{\n"
-            f"    struct bias_act_task_{suffix} task = {{z, b, B, n, relu}};\n"
-            f"    xpnet_pool_run(bias_act_part_{suffix}, &task, parts);\n}}\n"
-        )
-        # mean softmax cross-entropy of z (B, C) with labels y; δ = (softmax(z) − onehot(y)) / B
-        parts.append(
-            f"static double xent_row_{suffix}(const T *restrict row, long long label, T *restrict out, "
-            f"long long C, T inv_b) {{{_kernels.SOFTMAX_XENT_ROW}}}\n"
-            f"static double xent_rows_{suffix}(const T *restrict z, const long long *restrict y, "
-            "T *restrict delta, ptrdiff_t rows, ptrdiff_t C, T inv_b) {\n"
-            "    double total = 0;\n"
-            "    for (ptrdiff_t b = 0; b < rows; ++b)\n"
-            f"        total += xent_row_{suffix}(z + b * C, y[b], delta + b * C, C, inv_b);\n"
-            "    return total;\n}\n"
-            f"double xpnet_softmax_xent_{suffix}(const T *restrict z, const long long *restrict y, "
-            "T *restrict delta, ptrdiff_t B, ptrdiff_t C) {\n"
-            f"    return xent_rows_{suffix}(z, y, delta, B, C, (T)1 / (T)B) / (double)B;\n}}\n"
-            # the rows over the pool: each part writes its rows' losses, added up here in row
-            # order, as the one-thread kernel adds them (the same loss, bit for bit)
-            f"struct xent_task_{suffix} {{ const T *z; const long long *y; T *delta; double *losses; "
-            "ptrdiff_t B, C; };\n"
-            f"static void xent_part_{suffix}(void *ctx, int part, int parts) {{\n"
-            f"    const struct xent_task_{suffix} *t = ctx;\n"
-            "    const ptrdiff_t lo = t->B * part / parts, hi = t->B * (part + 1) / parts;\n"
-            "    const T inv_b = (T)1 / (T)t->B;\n"
-            "    for (ptrdiff_t b = lo; b < hi; ++b)\n"
-            f"        t->losses[b] = xent_row_{suffix}(t->z + b * t->C, t->y[b], t->delta + b * t->C, t->C, inv_b);\n"
-            "}\n"
-            f"double xpnet_softmax_xent_{suffix}_split(const T *z, const long long *y, T *delta, ptrdiff_t B, "
-            "ptrdiff_t C, int parts) {\n"
-            "    double *losses = malloc((size_t)B * sizeof(double));\n"
-            f"    if (!losses) return xpnet_softmax_xent_{suffix}(z, y, delta, B, C);\n"
-            f"    struct xent_task_{suffix} task = {{z, y, delta, losses, B, C}};\n"
-            f"    xpnet_pool_run(xent_part_{suffix}, &task, parts);\n"
-            "    double total = 0;\n"
-            "    for (ptrdiff_t b = 0; b < B; ++b) total += losses[b];\n"
-            "    free(losses);\n"
-            "    return total / (double)B;\n}\n"
-        )
-        # how many rows of z (B, C) have their argmax at the label y
-        parts.append(
-            f"static int argmax_is_{suffix}(const T *restrict row, long long label, long long C) "
-            f"{{{_kernels.ARGMAX_ROW_IS}}}\n"
-            f"long long xpnet_count_correct_{suffix}(const T *restrict z, const long long *restrict y, "
-            "ptrdiff_t B, ptrdiff_t C) {\n"
-            "    long long correct = 0;\n"
-            f"    for (ptrdiff_t b = 0; b < B; ++b) correct += argmax_is_{suffix}(z + b * C, y[b], C);\n"
-            "    return correct;\n}\n"
-        )
-        parts.append(_kernels.math_undefines())
-    return "\n".join(parts)
-
-
-_C_SOURCE = _c_source()
-_FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-ffp-contract=off", "-shared", "-fPIC", "-pthread"]
 _SYMBOLS = (("xpnet_adam_f32", ctypes.c_float), ("xpnet_adam_f64", ctypes.c_double))
 #: Below this size a split kernel costs more in handing over than it gains (a 128 × 784 float32
 #: batch is 401 KB; Adam's 109,386 float32 parameters are 437 KB).
@@ -173,56 +34,64 @@ _SPLIT_BYTES = 1 << 17
 _AHEAD_BYTES = 1 << 24
 
 
-def _native_library():
-    """The compiled fused kernels, or None: XPNET_NATIVE=0, no compiler, no usable cache folder,
-    a failed build, or anything else that goes wrong. Never raises."""
+class NativeKernelsWarning(RuntimeWarning):
+    """The compiled kernels are not there (or not usable): NumPy passes compute instead."""
+
+
+#: (library or None, what to say of it), found once per process.
+_NATIVE: list = []
+_NATIVE_LOCK = threading.Lock()
+
+
+def native_status() -> tuple:
+    """(the compiled kernels or None, a line saying which library or why there is none).
+
+    The library is the optional extension built when xpnet was installed (setup.py). It is used
+    only if it was built from the sources beside it (``xpnet_source_hash``). None when
+    XPNET_NATIVE=0, when it was not built (no C compiler at install time), or when it cannot be
+    loaded; the first such finding in a process, other than XPNET_NATIVE=0, is one warning line."""
     if os.environ.get("XPNET_NATIVE", "1") == "0":
-        return None
+        return None, "no compiled kernels (XPNET_NATIVE=0): NumPy passes"
+    with _NATIVE_LOCK:
+        if not _NATIVE:
+            library, reason = _find_library()
+            if library is None:
+                # one line: no source line under it ("<xpnet>" is no file linecache reads)
+                warnings.warn_explicit(f"xpnet: {reason}", NativeKernelsWarning, "<xpnet>", 0, module="xpnet")
+            _NATIVE.append((library, reason))
+        return _NATIVE[0]
+
+
+def _native_library():
+    """The compiled fused kernels, or None (``native_status`` says why)."""
+    return native_status()[0]
+
+
+def _find_library():
+    spec = importlib.util.find_spec("xpnet._native.fused")
+    if spec is None or not spec.origin:
+        return None, (
+            "no compiled kernels: they were not built when xpnet was installed (no C compiler then? "
+            "reinstall xpnet where cc works to build them); NumPy passes run instead"
+        )
+    path = Path(spec.origin)
     try:
-        configured = os.environ.get("XPNET_CACHE_DIR")
-        home_cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "xpnet"
-        return _load(os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc"), configured or str(home_cache))
-    except Exception:  # a fast path that cannot be had is no error: the NumPy passes run instead
-        return None
+        lib = ctypes.CDLL(str(path))
+        lib.xpnet_source_hash.restype = ctypes.c_char_p
+        built = lib.xpnet_source_hash().decode()
+    except (OSError, AttributeError) as exc:
+        return None, f"no compiled kernels: {path.name} cannot be loaded ({exc}); NumPy passes run instead"
+    if built != sources.source_hash():
+        return None, (
+            f"no compiled kernels: {path.name} was built from other sources than these (a stale build: "
+            "reinstall xpnet, or run pip install -e . in a checkout); NumPy passes run instead"
+        )
+    _declare(lib)
+    return lib, f"compiled kernels {path.name} (built at install from these sources)"
 
 
-def _private(path: Path) -> bool:
-    """Owned by this user and writable by no one else (a shared cache must not plant code)."""
-    info = path.stat()
-    return (not hasattr(os, "getuid") or info.st_uid == os.getuid()) and not info.st_mode & 0o022
-
-
-@functools.cache
-def _load(compiler: str | None, cache_dir: str):
-    if not compiler:
-        return None
-    command = shlex.split(compiler)
-    try:
-        cpu = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        cpu = platform.processor()
-    # -march=native code runs only on this kind of CPU: key the cache by its description too
-    description = "".join(line for line in cpu.splitlines() if line.startswith(("flags", "model name")))
-    key = hashlib.sha256("\0".join([_C_SOURCE, " ".join(_FLAGS), compiler, platform.machine(), description]).encode())
-    cache = Path(cache_dir)
-    library, digest = cache / f"fused-{key.hexdigest()[:16]}.so", cache / f"fused-{key.hexdigest()[:16]}.sha256"
-    if library.exists() and not (digest.exists() and digest.read_text() == _sha256(library)):
-        library.unlink()  # truncated or foreign: loading it could crash the process, so rebuild
-    if not library.exists():
-        cache.mkdir(parents=True, exist_ok=True, mode=0o700)
-        with tempfile.TemporaryDirectory(dir=cache) as work:
-            source, built = Path(work) / "fused.c", Path(work) / "fused.so"
-            source.write_text(_C_SOURCE)
-            subprocess.run(
-                [*command, *_FLAGS, "-o", str(built), str(source)], check=True, capture_output=True, timeout=120
-            )
-            tmp_digest = Path(work) / "fused.sha256"
-            tmp_digest.write_text(_sha256(built))
-            os.replace(tmp_digest, digest)  # the digest first: a library without one is rebuilt
-            os.replace(built, library)
-    if not (_private(library) and _private(cache)):
-        return None
-    lib = ctypes.CDLL(str(library))
+def _declare(lib) -> None:
+    """The argument and result types of the library's functions, for ctypes."""
     pointer = ctypes.c_void_p
     for name, scalar in _SYMBOLS:
         function = getattr(lib, name)
@@ -256,11 +125,7 @@ def _load(compiler: str | None, cache_dir: str):
         function = getattr(lib, name)
         function.argtypes = [pointer, pointer, ctypes.c_ssize_t, ctypes.c_ssize_t]
         function.restype = ctypes.c_longlong
-    return lib
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+    lib.xpnet_blas_calls.argtypes, lib.xpnet_blas_calls.restype = [], ctypes.c_longlong
 
 
 #: Every NumpyFastPaths, so that a forked child gets fresh gather-ahead locks (a lock held by
@@ -286,7 +151,6 @@ class NumpyFastPaths:
         self._native = None
         self._looked = False
         self._found: dict = {}
-        self._threads: int | None = None
         self._ahead = None  # (X, order, out) of a gather running ahead
         self._ahead_lock = threading.Lock()
         _INSTANCES.add(self)
@@ -356,19 +220,40 @@ class NumpyFastPaths:
         return np.zeros(size, dtype=dtype)
 
     # -------------------------------------------------------------- layers
+    @staticmethod
+    @functools.cache
+    def _blas() -> tuple[str, str]:
+        """(NumPy's folder, the name of the BLAS it was built with)."""
+        try:
+            blas = np.__config__.CONFIG["Build Dependencies"]["blas"]["name"]
+        except (AttributeError, KeyError, TypeError):
+            blas = "unknown"
+        return str(Path(np.__file__).resolve().parent), str(blas)
+
     @property
     def threads(self) -> int:
-        """How many threads the split kernels use: OpenBLAS's, once its products run on the pool
-        of the compiled library (``_cpu_threads``); 1 without compiled kernels or the hook."""
-        if self._threads is None:
-            native = self.native
-            try:
-                blas = np.__config__.CONFIG["Build Dependencies"]["blas"]["name"]
-            except (AttributeError, KeyError, TypeError):
-                blas = "unknown"
-            numpy_dir = str(Path(np.__file__).resolve().parent)
-            self._threads = 1 if native is None else _cpu_threads.start(native, numpy_dir, str(blas))
-        return self._threads
+        """How many threads the split kernels use now: OpenBLAS's while its products run on the
+        pool of the compiled library (``computing``, in this or another thread), else 1."""
+        return _cpu_threads.threads_now if self.native is not None else 1
+
+    def pool_threads(self) -> int:
+        """The threads OpenBLAS and the kernels share while xpnet computes (1: no pool here).
+        Hooks nothing."""
+        native = self.native
+        return 1 if native is None else _cpu_threads.available(native, *self._blas())
+
+    @contextlib.contextmanager
+    def computing(self):
+        """Within this, NumPy's OpenBLAS runs its products on the pool the kernels split over
+        (``_cpu_threads.hold``); on leaving, the last holder gives OpenBLAS its own threads back."""
+        native = self.native
+        held = native is not None and _cpu_threads.hold(native, *self._blas())
+        try:
+            yield self
+        finally:
+            if held:
+                self.finish_ahead()  # no copy of ours may run on the pool past this
+                _cpu_threads.release(native, *self._blas())
 
     def take_rows(self, X, order, start: int, stop: int, out):
         """out = X[order[start:stop]], rows gathered into a reused buffer (order: a permutation,

@@ -91,6 +91,12 @@ class Ops:
         finally:
             _CURRENT.reset(token)
 
+    def computing(self):
+        """A context for a whole computation (``fit``, ``evaluate``, ``predict``): within it the
+        backend may hold process-wide resources it computes with, released on leaving (NumPy:
+        OpenBLAS's products run on the pool of xpnet's kernels). The reference holds nothing."""
+        return contextlib.nullcontext(self)
+
     def integral(self, dtype) -> bool:
         """Whether ``dtype`` is an integer dtype of this namespace (remembered per dtype: asked
         every step)."""
@@ -245,6 +251,9 @@ class BufferedOps(Ops):
         finally:  # however the loop ends, no copy may still be writing into a buffer
             if ahead:
                 fast.finish_ahead()
+
+    def computing(self):
+        return self.fast.computing()
 
     def fuses(self, activation):
         return self._mode.reusing and activation == "relu"

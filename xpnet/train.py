@@ -379,7 +379,7 @@ def fit(
     metrics = default_metrics(loss) if metrics is None else [get_metric(m) for m in metrics]
     device, xp = model.device, model.xp
 
-    with device:
+    with device, device.ops.computing():
         X, Y = _to_device_data(model, loss, x, y)
         val = None
         targets = [(Y, "y")]
@@ -475,7 +475,7 @@ def evaluate(model, loss, x, y, *, batch_size: int = 1024, metrics=None) -> dict
     loss = get_loss(loss)
     metrics = default_metrics(loss) if metrics is None else [get_metric(m) for m in metrics]
     batch_size = _check_batch_size(batch_size)
-    with model.device:
+    with model.device, model.device.ops.computing():
         X, Y = _to_device_data(model, loss, x, y)
         _check_targets(loss, Y, model.forward(X[:1, ...]).shape[-1], "y")
         with loss.targets_checked():
@@ -489,6 +489,6 @@ def predict(model, x, *, batch_size: int = 1024):
     if x.shape[0] == 0:
         raise ValueError("x has 0 examples: predict got an input with 0 rows")
     X = model.device.to_device(x, model.dtype)
-    with model.device:
+    with model.device, model.device.ops.computing():
         outputs = [model.forward(X[start:stop, ...]) for start, stop in _batches(X.shape[0], batch_size)]
         return model.xp.concat(outputs, axis=0)

@@ -53,9 +53,13 @@ class NumpyBackend(Backend):
         if fast is None:
             paths = "Array API code only (fast paths off)"
         else:
-            paths = "fast paths on, Adam " + ("compiled" if fast.native is not None else "in NumPy passes")
-            if fast.threads > 1:
-                paths += f"; OpenBLAS and the kernels on one pool of {fast.threads} threads"
+            from .._fast_numpy import native_status
+
+            _, kernels = native_status()
+            paths = "fast paths on; " + kernels
+            threads = fast.pool_threads()
+            if threads > 1:
+                paths += f"; OpenBLAS and the kernels on one pool of {threads} threads while xpnet computes"
         return f"NumPy {np.__version__} on the CPU; {paths}"
 
 
