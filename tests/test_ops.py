@@ -237,3 +237,83 @@ def test_what_the_review_found_in_the_seam():
         bad[2] = 10**12
         with pytest.raises(ValueError, match="class label 1000000000000 is outside 0 to 2"):
             xn.SoftmaxCrossEntropy().value_and_grad(z, bad)
+
+
+# ------------------------------------------------------------------ optimizer updates
+def _ops_pair(native: bool):
+    """(the NumPy fast Ops, with or without the compiled kernels, and the reference)."""
+    from xpnet._fast_numpy import NumpyFastPaths
+    from xpnet.backends.numpy import NumpyOps
+
+    device = xn.Device("cpu")
+    fast = NumpyFastPaths(native=native)
+    if native and fast.native is None:
+        pytest.skip("no compiled kernels here")
+    return NumpyOps(device.xp, device.native, fast), Ops(device.xp)
+
+
+def _moments(n, dtype, seed=7):
+    rng = np.random.default_rng(seed)
+    p, g, m = (rng.normal(size=n).astype(dtype) for _ in range(3))
+    return p, g, m * 0.1, np.abs(rng.normal(size=n)).astype(dtype) * 0.01
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["compiled", "numpy-passes"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("decay", [0.0, 1e-3], ids=["adam", "adamw"])
+def test_numpy_adam_equals_the_reference(native, dtype, decay):
+    ops, reference = _ops_pair(native)
+    p, g, m, v = _moments(1000, dtype)
+    mine = [a.copy() for a in (p, m, v)]
+    theirs = [a.copy() for a in (p, m, v)]
+    site = {}
+    for step in (1, 2):  # the flat store's arrays, updated in place, twice (the scratch reused)
+        args = (0.01 * step, 0.9, 0.999, 1e-8 / step)
+        out = ops.adam(mine[0], g, mine[1], mine[2], *args, decay=decay, site=site)
+        assert all(a is b for a, b in zip(out, mine))  # in place: the store's layout stays
+        theirs = list(reference.adam(theirs[0], g, theirs[1], theirs[2], *args, decay=decay))
+    eps = np.finfo(dtype).eps
+    # m and v: the reference's operations in its order, bit for bit; θ's step one rounding apart
+    # (ηₜ·(m/(√v+ε)) against (ηₜ·m)/(√v+ε)), so θ within a few ε of the step and of θ
+    np.testing.assert_array_equal(mine[1], theirs[1])
+    np.testing.assert_array_equal(mine[2], theirs[2])
+    moved = float(np.max(np.abs(theirs[0] - p)))  # the largest of the two steps' sum
+    np.testing.assert_allclose(mine[0], theirs[0], rtol=2 * eps, atol=4 * eps * moved)
+    assert mine[0].dtype == dtype
+    # arrays that are not the store's (2-D, no site): the reference's own code
+    p2, m2, v2 = (a.reshape(10, 100).copy() for a in (p, m, v))
+    out = ops.adam(p2, g.reshape(10, 100), m2, v2, 0.01, 0.9, 0.999, 1e-8, decay=decay)
+    expected = reference.adam(*(a.reshape(10, 100).copy() for a in (p, g, m, v)), 0.01, 0.9, 0.999, 1e-8, decay=decay)
+    for got, want in zip(out, expected):
+        np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("nesterov", [False, True])
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_the_sgd_update_on_every_backend_equals_numpys(backend, momentum, nesterov):
+    if nesterov and not momentum:
+        pytest.skip("Nesterov needs momentum")
+    device = xn.Device(backend)
+    rng = np.random.default_rng(8)
+    p, g, velocity = (rng.normal(size=(6, 5)).astype(np.float32) for _ in range(3))
+    ref = Ops(xn.Device("cpu").xp)
+    expected = ref.sgd(p.copy(), g, 0.1, velocity.copy(), momentum=momentum, nesterov=nesterov)
+    got = device.ops.sgd(on(device, p), on(device, g), 0.1, on(device, velocity), momentum=momentum, nesterov=nesterov)
+    np.testing.assert_allclose(host(device, got[0]), expected[0], rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(host(device, got[1]), expected[1], rtol=1e-6, atol=1e-7)
+
+
+def test_the_adam_reference_on_every_backend_equals_numpys(backend):
+    device = xn.Device(backend)
+    p, g, m, v = _moments(300, np.float32)
+    expected = Ops(xn.Device("cpu").xp).adam(p.copy(), g, m.copy(), v.copy(), 0.01, 0.9, 0.999, 1e-8, decay=1e-3)
+    got = Ops(device.xp, device.native).adam(*(on(device, a) for a in (p, g, m, v)), 0.01, 0.9, 0.999, 1e-8, decay=1e-3)
+    for mine, want in zip(got, expected):
+        np.testing.assert_allclose(host(device, mine), want, rtol=1e-6, atol=1e-9)
+
+
+def test_flat_storage_is_asked_of_the_ops():
+    assert Ops(xn.Device("cpu").xp).flat_storage(10, np.float32) is None  # the reference: separate arrays
+    ops, _ = _ops_pair(False)
+    flat = ops.flat_storage(10, np.float32)
+    assert flat.shape == (10,) and flat.dtype == np.float32 and not flat.any()
