@@ -376,27 +376,64 @@ def test_missing_or_unusable_kernels_give_one_warning_line_and_numpy_passes(tmp_
     assert "fast paths on; no compiled kernels: " in described and why in described  # xpnet devices says why
 
 
-def test_the_native_sources_compile_with_warnings_as_errors(tmp_path):
-    """What CI's build does: every warning of gcc's -Wall -Wextra -Wpedantic is an error."""
+def _build(tmp_path, *flags) -> Path:
+    """The native sources compiled as setup.py compiles them (plus ``flags``) into tmp_path."""
     import subprocess
 
     compiler = _compiler()
     if compiler is None:
         pytest.skip("no C compiler on this machine")
     folder = Path(xn.__file__).parent / "_native"
+    library = tmp_path / f"fused{len(list(tmp_path.glob('*.so')))}.so"
     command = [
         *shlex.split(compiler),
-        *("-std=c11", "-O3", "-fno-math-errno", "-ffp-contract=off", "-fPIC", "-pthread", "-shared"),
-        *("-Wall", "-Wextra", "-Wpedantic", "-Werror"),
+        *("-std=c11", "-O3", "-fno-math-errno", "-ffp-contract=off", "-fPIC", "-pthread", "-shared", *flags),
         str(folder / "fused.c"),
         str(folder / "pool.c"),
         "-o",
-        str(tmp_path / "fused.so"),
+        str(library),
         "-lm",
     ]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
-    assert (tmp_path / "fused.so").stat().st_size > 10_000
+    return library
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_the_instruction_set_clones_give_the_baselines_numbers_bit_for_bit(tmp_path, dtype):
+    """The installed library runs the best clone for this CPU (AVX-512 or AVX2 where present); a
+    library of the baseline alone (-DXPNET_NO_CLONES) must compute the very same bits."""
+    import ctypes
+
+    from xpnet._fast_numpy import _declare
+
+    fast = NumpyFastPaths()
+    _require_native(fast)
+    baseline = ctypes.CDLL(str(_build(tmp_path, "-DXPNET_NO_CLONES")))
+    _declare(baseline)
+    suffix = "_f32" if dtype == np.float32 else "_f64"
+    rng = np.random.default_rng(11)
+    n = 100_003  # not a multiple of any vector width: the loops' tails run too
+    p, g, m = (rng.normal(size=n).astype(dtype) for _ in range(3))
+    v = np.abs(rng.normal(size=n)).astype(dtype) * 1e-3
+    v[:50] = np.finfo(dtype).tiny / 3  # subnormal moments: flushed by both
+    a, da = rng.normal(size=n).astype(dtype), rng.normal(size=n).astype(dtype)
+    z0, b = rng.normal(size=(101, 991)).astype(dtype), rng.normal(size=991).astype(dtype)
+    results = []
+    for lib in (fast.native, baseline):
+        arrays, out, z = [x.copy() for x in (p, m, v, g)], np.empty(n, dtype), z0.copy()
+        getattr(lib, "xpnet_adam" + suffix)(*(x.ctypes.data for x in arrays), n, 1e-3, 0.1, 0.001, 1e-8)
+        getattr(lib, "xpnet_relu_backward" + suffix)(out.ctypes.data, a.ctypes.data, da.ctypes.data, n)
+        getattr(lib, "xpnet_bias_act" + suffix)(z.ctypes.data, b.ctypes.data, 101, 991, 1)
+        results.append([*arrays[:3], out, z])
+    for mine, theirs in zip(*results):
+        np.testing.assert_array_equal(mine.view(np.uint8), theirs.view(np.uint8))
+
+
+def test_the_native_sources_compile_with_warnings_as_errors(tmp_path):
+    """What CI's build does: every warning of gcc's -Wall -Wextra -Wpedantic is an error."""
+    library = _build(tmp_path, "-Wall", "-Wextra", "-Wpedantic", "-Werror")
+    assert library.stat().st_size > 10_000
 
 
 def test_no_flag_ties_the_library_to_this_cpu():

@@ -291,7 +291,7 @@ class BufferedOps(Ops):
     def adam(self, p, g, m, v, lr_t, beta1, beta2, eps_t, *, decay=0.0, site=None):
         """One pass per operation on the flat store's arrays (the compiled kernel where there is
         one): the decoupled decay θ ← θ − decay·θ first, then the Adam step, which ignores θ."""
-        if site is None or p.ndim != 1 or not all(map(array_api_compat.is_writeable_array, (p, m, v))):
+        if site is None or p.ndim != 1:  # not a group of the flat store (whose arrays are writable)
             return super().adam(p, g, m, v, lr_t, beta1, beta2, eps_t, decay=decay, site=site)
         if decay:
             p -= decay * p

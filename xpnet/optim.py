@@ -292,17 +292,22 @@ class Optimizer:
         self.steps += 1
         groups, store = self._groups, model.store
         with model.device:
-            if self.clip_norm is not None:
-                for param, g in zip(groups, clip_by_global_norm([p.grad for p in groups], self.clip_norm)):
-                    param.clipped = g
+            if self.clip_norm is None:
+                self._update_all(groups, store, lr)
+                return
+            for param, g in zip(groups, clip_by_global_norm([p.grad for p in groups], self.clip_norm)):
+                param.clipped = g
             try:
-                for param in groups:
-                    new = self.update(param, lr)
-                    if new is not param.value:
-                        store.set_value(param, new)
+                self._update_all(groups, store, lr)
             finally:
                 for param in groups:
                     param.clipped = None
+
+    def _update_all(self, groups, store, lr) -> None:
+        for param in groups:
+            new = self.update(param, lr)
+            if new is not param.value:
+                store.set_value(param, new)
 
     def _decayed(self, param, g=None):
         """g + λθ for parameters that take weight decay (``param.decay``, declared by the layer:

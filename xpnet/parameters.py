@@ -33,15 +33,18 @@ class _Window(dict):
     checks the value and returns the array to keep (the stored one, written into, or the value).
     Removing an entry is refused: the store's layout does not change after the model is built."""
 
-    __slots__ = ("_put", "_what")
+    __slots__ = ("_put", "_what", "_watching")
 
-    def __init__(self, arrays: dict, put, what: str):
+    def __init__(self, arrays: dict, put, what: str, watching: bool = False):
         super().__init__(arrays)
         self._put = put
         self._what = what
+        #: Whether ``put`` must see even the array already held (gradients, until each is filled)
+        self._watching = watching
 
     def __setitem__(self, name, value):
-        dict.__setitem__(self, name, self._put(name, value))
+        if self._watching or value is not dict.get(self, name):  # (Dense hands back the array it wrote into)
+            dict.__setitem__(self, name, self._put(name, value))
 
     def update(self, *args, **kwargs):
         for name, value in dict(*args, **kwargs).items():
@@ -157,6 +160,7 @@ class ParameterStore:
                 _checked(value, label, tuple(getattr(value, "shape", ())), dtype)
                 self.entries.append(_Entry(f"{i}.{name}", layer, name, value, decay=name not in exempt))
         self.by_key = {entry.key: entry for entry in self.entries}
+        self._unfilled = len(self.entries)  # parameters no backward pass has given a gradient yet
         # decayed parameters first, then the rest: each kind is one run of the flat layout
         self._order = sorted(self.entries, key=lambda entry: not entry.decay)
         self.total = sum(entry.size for entry in self.entries)
@@ -185,6 +189,7 @@ class ParameterStore:
                     {e.name: e.grad for e in mine if e.grad is not None},
                     self._putter(layer, "grad"),
                     "a layer's gradients",
+                    watching=bool(mine),
                 ),
             )
 
@@ -213,7 +218,12 @@ class ParameterStore:
                     value = _placed(
                         entry.grad, _checked(value, f"the gradient of {entry.key}", entry.shape, self.dtype), self.flat
                     )
-                entry.grad, entry.filled = value, True
+                entry.grad = value
+                if not entry.filled:
+                    entry.filled = True
+                    self._unfilled -= 1
+                    if all(e.filled for e in entries.values()):
+                        layer.grads._watching = False  # from now on the same array needs no call
             elif value is not entry.value:
                 entry.value = value = _placed(
                     entry.value, _checked(value, f"the {what} {entry.key}", entry.shape, self.dtype), self.flat
@@ -231,6 +241,8 @@ class ParameterStore:
 
     def unfilled(self) -> list[str]:
         """Keys of parameters that no backward pass has given a gradient yet."""
+        if not self._unfilled:  # (asked every step)
+            return []
         return [entry.key for entry in self.entries if not entry.filled]
 
     # ------------------------------------------------------------ writes

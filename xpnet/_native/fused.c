@@ -26,6 +26,21 @@ const char *xpnet_source_hash(void) { return XPNET_SOURCE_HASH; }
 #define FLUSH_END
 #endif
 
+/* The elementwise loops are built for several instruction sets, and the loader picks the best
+   one this CPU has (GCC's and Clang's target_clones, an ifunc resolved when the library loads):
+   the baseline build (no -march=native) runs on any x86-64, and AVX2 or AVX-512 where the CPU has
+   them. Every clone does the same IEEE operations in the same order (no contraction into FMA:
+   -ffp-contract=off), so all give the same numbers bit for bit (tests/test_fast_paths.py builds
+   the baseline alone, with -DXPNET_NO_CLONES, and compares). */
+#if defined(__x86_64__) && defined(__has_attribute) && !defined(XPNET_NO_CLONES)
+#if __has_attribute(target_clones)
+#define XPNET_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#endif
+#endif
+#ifndef XPNET_CLONES
+#define XPNET_CLONES
+#endif
+
 /* A part's range of an elementwise kernel over n elements: whole cache lines of 16 elements, so
    that no two threads write the same line. */
 #define XPNET_LINE_SPLIT(n, k, parts) (((n) + 15) / 16 * (k) / (parts) * 16)

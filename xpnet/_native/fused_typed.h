@@ -5,7 +5,7 @@
    same results). The file undefines those names at its end, for the next type. */
 
 /* Adam, in place over n elements. Subnormal moments flushed to zero inside the loop (FLUSH). */
-void NAME(xpnet_adam)(T *restrict p_, T *restrict m_, T *restrict v_, const T *restrict g_, ptrdiff_t n,
+XPNET_CLONES void NAME(xpnet_adam)(T *restrict p_, T *restrict m_, T *restrict v_, const T *restrict g_, ptrdiff_t n,
                       T lr_t, T c1, T c2, T eps_t) {
     FLUSH_BEGIN
     for (ptrdiff_t i = 0; i < n; ++i) {
@@ -33,7 +33,7 @@ void SPLIT(xpnet_adam)(T *p, T *m, T *v, const T *g, ptrdiff_t n, T lr_t, T c1, 
 }
 
 /* ReLU backward over n elements: out = where(a > 0, da, 0). */
-void NAME(xpnet_relu_backward)(T *restrict out_, const T *restrict a_, const T *restrict da_, ptrdiff_t n) {
+XPNET_CLONES void NAME(xpnet_relu_backward)(T *restrict out_, const T *restrict a_, const T *restrict da_, ptrdiff_t n) {
     for (ptrdiff_t i = 0; i < n; ++i) {
         T out;
         const T a = a_[i], da = da_[i];
@@ -56,7 +56,7 @@ void SPLIT(xpnet_relu_backward)(T *out, const T *a, const T *da, ptrdiff_t n, in
 }
 
 /* z (B rows of n) += b, then max(z, 0) when relu is set, in place in one pass; b may be NULL. */
-void NAME(xpnet_bias_act)(T *restrict z_, const T *restrict b_, ptrdiff_t B, ptrdiff_t n, int relu) {
+XPNET_CLONES void NAME(xpnet_bias_act)(T *restrict z_, const T *restrict b_, ptrdiff_t B, ptrdiff_t n, int relu) {
     for (ptrdiff_t r = 0; r < B; ++r) {
         T *restrict row = z_ + r * n;
         if (b_ && relu)
