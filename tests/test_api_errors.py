@@ -465,3 +465,61 @@ def test_numpy_integer_seeds_are_seeds():
     for name in a:
         np.testing.assert_array_equal(np.asarray(a[name]), np.asarray(b[name]))
     assert len(load_dataset("wdbc", seed=np.int32(1)).train) == 341
+
+
+_EVERY_ENTRY = r"""
+import numpy as np, xpnet as xn
+rng = np.random.default_rng(0)
+x = rng.normal(size=(300, 4)).astype(np.float32)
+model = xn.mlp(4, [5], 3, seed=0)
+device = model.device
+z = device.to_device(rng.normal(size=(300, 3)), "float32")
+entries = {
+    "fit": lambda y: xn.fit(model, "cross_entropy", "adam", x, y, batch_size=100),
+    "fit validation": lambda y: xn.fit(model, "cross_entropy", "adam", x, y % 3, validation_data=(x, y)),
+    "evaluate": lambda y: xn.evaluate(model, "cross_entropy", x, y),
+    "gradcheck": lambda y: xn.gradcheck(
+        xn.mlp(4, [5], 3, dtype="float64", seed=0), "cross_entropy", x[:4].astype(np.float64), y[:4]
+    ),
+    "loss.value": lambda y: xn.SoftmaxCrossEntropy().value(z, device.to_device(y)),
+    "loss.value_and_grad": lambda y: xn.SoftmaxCrossEntropy().value_and_grad(z, device.to_device(y)),
+    "Accuracy.count": lambda y: xn.Accuracy().count(z, device.to_device(y)),
+}
+def in_fit_mode(f):  # as within fit's loop: buffers reused, the device's Ops active
+    def run(y):
+        with device.ops.reusing(), device.ops.active():
+            return f(y)
+    return run
+entries.update({name + " (in fit's mode)": in_fit_mode(f) for name, f in list(entries.items()) if "." in name})
+entries["ops.softmax_cross_entropy"] = in_fit_mode(lambda y: device.ops.softmax_cross_entropy(z, device.to_device(y)))
+entries["ops.count_correct"] = in_fit_mode(lambda y: device.ops.count_correct(z, device.to_device(y)))
+for bad in (3, -1, 10**9, -10**9, 2**62):
+    y = np.zeros(300, np.int64)
+    y[:4] = bad
+    for name, call in entries.items():
+        try:
+            call(y)
+            print("ran", name, bad, flush=True)
+        except ValueError as exc:
+            print("refused", name, bad, str(exc).splitlines()[0][:80], flush=True)
+"""
+
+
+def test_every_public_entry_with_labels_out_of_range_refuses_them_or_runs_without_crashing():
+    """fit, evaluate, gradcheck, the loss, the metric and the Ops, each in the mode fit runs them:
+    a label of 3, -1, 10**9, -10**9 or 2**62 for 3 classes is refused with a ValueError; the ones that
+    index nothing by label (the accuracy count, the reference loss of the Ops) may run. The child
+    must live: a compiled kernel reading row[label] would crash it."""
+    run = subprocess.run([sys.executable, "-c", _EVERY_ENTRY], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, f"the child died with {run.returncode}: {run.stdout[-2000:]}{run.stderr[-2000:]}"
+    lines = run.stdout.splitlines()
+    assert len(lines) == 5 * 12, run.stdout
+    ran = {line.split(" ", 1)[1].rsplit(" ", 1)[0] for line in lines if line.startswith("ran ")}
+    assert ran <= {
+        "Accuracy.count",
+        "Accuracy.count (in fit's mode)",
+        "ops.count_correct",
+        "ops.softmax_cross_entropy",
+    }, ran
+    refused = [line for line in lines if line.startswith("refused fit ") or line.startswith("refused evaluate ")]
+    assert len(refused) == 5 * 3 and all("label" in line for line in refused), refused
