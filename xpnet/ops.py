@@ -138,6 +138,133 @@ class Ops:
         """∂L/∂z = ∂L/∂a where a > 0 (exactly where z > 0), else 0."""
         return self.xp.where(a > 0, da, 0.0)
 
+    # ------------------------------------------------------------ convolution and pooling
+    #: Images per chunk of a convolution: the columns of a chunk, never of the whole batch, are held.
+    conv_chunk = 8
+
+    def conv2d(self, x, W, b, *, stride: int, padding: int, site=None):
+        """y = W ⋆ x + b (cross-correlation, as in PyTorch) for images x (B, C, H, W) and kernels
+        W (O, C, k, k): y[n, o, i, j] = Σ_{c,u,v} W[o, c, u, v] · x̃[n, c, i·s + u, j·s + v] + b[o],
+        x̃ being x with ``padding`` zeros on each side. As one product per chunk of images: the
+        k·k shifted views of x̃ stacked into columns (im2col, (b, C·k·k, H'·W')), y = W₂ cols with
+        W₂ = W as (O, C·k·k)."""
+        xp = self.xp
+        batch, _, height, width = x.shape
+        out_channels, _, k, _ = W.shape
+        rows, cols_out = _conv_size(height, k, stride, padding), _conv_size(width, k, stride, padding)
+        W2 = xp.reshape(W, (out_channels, -1))
+        outputs = []
+        for start in range(0, batch, self.conv_chunk):
+            columns = self._columns(x[start : start + self.conv_chunk, ...], k, stride, padding, rows, cols_out)
+            outputs.append(xp.matmul(W2, columns))  # (b, O, H'·W')
+        y = xp.reshape(xp.concat(outputs, axis=0), (batch, out_channels, rows, cols_out))
+        return y if b is None else y + xp.reshape(b, (1, out_channels, 1, 1))
+
+    def conv2d_backward(self, dy, x, W, *, stride: int, padding: int, bias: bool, need_dx: bool, site=None):
+        """(∂L/∂W, ∂L/∂b, ∂L/∂x) for δ = ∂L/∂y (B, O, H', W'), chunk by chunk:
+        ∂L/∂W₂ = Σ_n δₙ colsₙᵀ, ∂L/∂b = Σ_{n,i,j} δ, and ∂L/∂x = col2im(W₂ᵀ δₙ): each column's
+        gradient added back at the k·k offsets it was read from (then the padding cut off)."""
+        xp = self.xp
+        batch, channels, height, width = x.shape
+        out_channels, _, k, _ = W.shape
+        rows, cols_out = dy.shape[2], dy.shape[3]
+        W2 = xp.reshape(W, (out_channels, -1))
+        grad_W = xp.zeros(W2.shape, dtype=W.dtype, device=array_api_compat.device(W))
+        pieces = []
+        for start in range(0, batch, self.conv_chunk):
+            part = x[start : start + self.conv_chunk, ...]
+            columns = self._columns(part, k, stride, padding, rows, cols_out)
+            d = xp.reshape(dy[start : start + self.conv_chunk, ...], (part.shape[0], out_channels, rows * cols_out))
+            grad_W = grad_W + xp.sum(xp.matmul(d, xp.matrix_transpose(columns)), axis=0)
+            if need_dx:
+                pieces.append(self._col2im(xp.matmul(xp.matrix_transpose(W2), d), part.shape, k, stride, padding))
+        grad_b = xp.sum(dy, axis=(0, 2, 3)) if bias else None
+        grad_x = xp.concat(pieces, axis=0) if need_dx else None
+        return xp.reshape(grad_W, W.shape), grad_b, grad_x
+
+    def _padded(self, x, padding: int):
+        """x (b, C, H, W) with ``padding`` zeros around each image."""
+        if not padding:
+            return x
+        xp = self.xp
+        b, c, h, w = x.shape
+        out = xp.zeros((b, c, h + 2 * padding, w + 2 * padding), dtype=x.dtype, device=array_api_compat.device(x))
+        out[:, :, padding : padding + h, padding : padding + w] = x
+        return out
+
+    def _columns(self, x, k: int, stride: int, padding: int, rows: int, cols: int):
+        """im2col: (b, C·k·k, H'·W'), the entry (c·k·k + u·k + v, i·W' + j) = x̃[c, i·s + u, j·s + v]."""
+        xp = self.xp
+        padded = self._padded(x, padding)
+        views = [padded[_window(u, v, stride, rows, cols)] for u in range(k) for v in range(k)]
+        stacked = xp.stack(views, axis=2)  # (b, C, k·k, H', W')
+        return xp.reshape(stacked, (x.shape[0], x.shape[1] * k * k, rows * cols))
+
+    def _col2im(self, columns, shape, k: int, stride: int, padding: int):
+        """The adjoint of ``_columns``: each column entry added back where it was read from."""
+        xp = self.xp
+        b, c, h, w = shape
+        rows, cols = _conv_size(h, k, stride, padding), _conv_size(w, k, stride, padding)
+        grads = xp.reshape(columns, (b, c, k, k, rows, cols))
+        out = xp.zeros(
+            (b, c, h + 2 * padding, w + 2 * padding), dtype=columns.dtype, device=array_api_compat.device(columns)
+        )
+        for u in range(k):
+            for v in range(k):
+                window = _window(u, v, stride, rows, cols)
+                out[window] = out[window] + grads[:, :, u, v, :, :]
+        return out[:, :, padding : padding + h, padding : padding + w] if padding else out
+
+    def max_pool2d(self, x, *, size: int, stride: int, site=None):
+        """(y, winner): y[n, c, i, j] = max over the size × size window at (i·s, j·s); ``winner`` the
+        window offset of the first maximum (ties: the first in row-major order wins, as in PyTorch),
+        which the backward pass needs."""
+        xp = self.xp
+        views = self._pool_views(x, size, stride)
+        best = views[0]
+        winner = xp.zeros(best.shape, dtype=xp.int32, device=array_api_compat.device(x))
+        for offset, view in enumerate(views[1:], start=1):
+            larger = view > best  # strictly: an equal later value does not take the place
+            best = xp.where(larger, view, best)
+            winner = xp.where(larger, xp.asarray(offset, dtype=xp.int32, device=array_api_compat.device(x)), winner)
+        return best, winner
+
+    def max_pool2d_backward(self, dy, winner, shape, *, size: int, stride: int, site=None):
+        """∂L/∂x: each δ added at its window's winner (where windows overlap, a value that wins
+        several gets the sum)."""
+        xp = self.xp
+        out = xp.zeros(shape, dtype=dy.dtype, device=array_api_compat.device(dy))
+        rows, cols = dy.shape[2], dy.shape[3]
+        for offset in range(size * size):
+            u, v = divmod(offset, size)
+            window = _window(u, v, stride, rows, cols)
+            out[window] = out[window] + xp.where(winner == offset, dy, 0.0)
+        return out
+
+    def avg_pool2d(self, x, *, size: int, stride: int, site=None):
+        """y = the mean of each size × size window at (i·s, j·s)."""
+        views = self._pool_views(x, size, stride)
+        total = views[0]
+        for view in views[1:]:
+            total = total + view
+        return total * (1.0 / (size * size))
+
+    def avg_pool2d_backward(self, dy, shape, *, size: int, stride: int, site=None):
+        """∂L/∂x: δ / size² added over each window."""
+        xp = self.xp
+        out = xp.zeros(shape, dtype=dy.dtype, device=array_api_compat.device(dy))
+        share = dy * (1.0 / (size * size))
+        for offset in range(size * size):
+            u, v = divmod(offset, size)
+            window = _window(u, v, stride, dy.shape[2], dy.shape[3])
+            out[window] = out[window] + share
+        return out
+
+    def _pool_views(self, x, size: int, stride: int) -> list:
+        """The size² strided views of x (B, C, H, W), one per window offset (u, v), row-major."""
+        rows, cols = (x.shape[2] - size) // stride + 1, (x.shape[3] - size) // stride + 1
+        return [x[_window(u, v, stride, rows, cols)] for u in range(size) for v in range(size)]
+
     # ------------------------------------------------------------ batches
     def batches(self, X, Y, order, batch_size: int):
         """(start, stop, xb, yb) for each mini-batch: rows order[start:stop] of X and Y (rows
@@ -345,3 +472,19 @@ def _reference(xp) -> Ops:
     if ops is None:
         ops = _REFERENCE[xp] = Ops(xp)
     return ops
+
+
+def _conv_size(n: int, k: int, stride: int, padding: int) -> int:
+    """The output length of a convolution over n positions: ⌊(n + 2p − k) / s⌋ + 1."""
+    return (n + 2 * padding - k) // stride + 1
+
+
+def _window(u: int, v: int, stride: int, rows: int, cols: int) -> tuple:
+    """The index of the positions that kernel or window offset (u, v) reads, for rows × cols outputs
+    at stride s: rows u, u + s, ..., and columns v, v + s, ..."""
+    return (
+        slice(None),
+        slice(None),
+        slice(u, u + stride * (rows - 1) + 1, stride),
+        slice(v, v + stride * (cols - 1) + 1, stride),
+    )
