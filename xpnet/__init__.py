@@ -3,6 +3,7 @@ Python Array API so that the same code trains on NumPy (CPU), CuPy (CUDA) and ar
 """
 
 from .backend import Device, DeviceError, available_devices, get_device
+from .conv import AvgPool2D, Conv2D, GlobalAvgPool2D, MaxPool2D
 from .gradcheck import GradcheckReport, gradcheck
 from .initializers import he_normal, he_uniform, xavier_normal, xavier_uniform, zeros
 from .layers import (
@@ -63,6 +64,10 @@ from .train import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "Conv2D",
+    "MaxPool2D",
+    "AvgPool2D",
+    "GlobalAvgPool2D",
     "Parameter",
     "ParameterStore",
     "Accuracy",

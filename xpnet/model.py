@@ -74,6 +74,8 @@ class Sequential:
                 break
             elif not layer.keeps_shape:
                 break
+        if self.layers and self.layers[0].input_name is None:  # the first layer's input is x itself
+            self.layers[0].input_name = "x"
         #: Positions i where layer i can compute layer i + 1 (an activation) in its own pass: each
         #: layer declares what it is (``activation``) and what it can absorb (``fusable_activations``).
         self._fusable = {

@@ -155,7 +155,8 @@ class Ops:
         W2 = xp.reshape(W, (out_channels, -1))
         outputs = []
         for start in range(0, batch, self.conv_chunk):
-            columns = self._columns(x[start : start + self.conv_chunk, ...], k, stride, padding, rows, cols_out)
+            stop = min(start + self.conv_chunk, batch)  # (a stop past the end is not the standard's)
+            columns = self._columns(x[start:stop, ...], k, stride, padding, rows, cols_out)
             outputs.append(xp.matmul(W2, columns))  # (b, O, H'·W')
         y = xp.reshape(xp.concat(outputs, axis=0), (batch, out_channels, rows, cols_out))
         return y if b is None else y + xp.reshape(b, (1, out_channels, 1, 1))
@@ -172,9 +173,10 @@ class Ops:
         grad_W = xp.zeros(W2.shape, dtype=W.dtype, device=array_api_compat.device(W))
         pieces = []
         for start in range(0, batch, self.conv_chunk):
-            part = x[start : start + self.conv_chunk, ...]
+            stop = min(start + self.conv_chunk, batch)
+            part = x[start:stop, ...]
             columns = self._columns(part, k, stride, padding, rows, cols_out)
-            d = xp.reshape(dy[start : start + self.conv_chunk, ...], (part.shape[0], out_channels, rows * cols_out))
+            d = xp.reshape(dy[start:stop, ...], (stop - start, out_channels, rows * cols_out))
             grad_W = grad_W + xp.sum(xp.matmul(d, xp.matrix_transpose(columns)), axis=0)
             if need_dx:
                 pieces.append(self._col2im(xp.matmul(xp.matrix_transpose(W2), d), part.shape, k, stride, padding))

@@ -1,0 +1,185 @@
+"""Convolution and pooling layers: gradcheck on random shapes, equality with PyTorch autograd,
+every backend, and bad input."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import assert_on_device, host, on
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import xpnet as xn
+
+
+def _model(layers, device="cpu"):
+    return xn.Sequential(layers, device=device, dtype="float64", seed=0)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    channels=st.integers(1, 3),
+    out_channels=st.integers(1, 3),
+    kernel=st.integers(1, 4),
+    stride=st.integers(1, 3),
+    padding=st.integers(0, 2),
+    extra=st.integers(0, 4),
+    batch=st.integers(1, 3),
+    seed=st.integers(0, 2**16),
+)
+def test_conv2d_passes_gradcheck_on_random_shapes(channels, out_channels, kernel, stride, padding, extra, batch, seed):
+    size = max(kernel - 2 * padding, 1) + extra
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(batch, channels, size, size + 1))
+    conv = xn.Conv2D(channels, out_channels, kernel, stride=stride, padding=padding)
+    rows, cols = conv.output_size(size, size + 1)
+    model = _model([conv, xn.Tanh(), xn.Flatten(), xn.Dense(out_channels * rows * cols, 2)])
+    report = xn.gradcheck(model, "cross_entropy", x, rng.integers(0, 2, batch))
+    assert report.max_error < 1e-6, report.table()
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    kind=st.sampled_from(["max", "avg"]),
+    size=st.integers(1, 3),
+    stride=st.integers(1, 3),
+    extra=st.integers(0, 3),
+    seed=st.integers(0, 2**16),
+)
+def test_pooling_passes_gradcheck_on_random_shapes(kind, size, stride, extra, seed):
+    rng = np.random.default_rng(seed)
+    h, w = size + extra, size + extra + 1
+    x = rng.normal(size=(2, 2, h, w))  # distinct values: a maximum is not at a tie, where it has no derivative
+    pool = (xn.MaxPool2D if kind == "max" else xn.AvgPool2D)(size, stride)
+    rows, cols = (h - size) // stride + 1, (w - size) // stride + 1
+    model = _model([xn.Conv2D(2, 2, 1), pool, xn.Flatten(), xn.Dense(2 * rows * cols, 2)])
+    report = xn.gradcheck(model, "cross_entropy", x, rng.integers(0, 2, 2))
+    assert report.max_error < 1e-6, report.table()
+
+
+def test_global_average_pooling_passes_gradcheck():
+    rng = np.random.default_rng(3)
+    model = _model([xn.Conv2D(2, 3, 3, padding="same"), xn.ReLU(), xn.GlobalAvgPool2D(), xn.Dense(3, 2)])
+    report = xn.gradcheck(model, "cross_entropy", rng.normal(size=(3, 2, 5, 6)), [0, 1, 1])
+    assert report.max_error < 1e-6, report.table()
+
+
+# ---------------------------------------------------------------- PyTorch autograd
+@pytest.mark.parametrize(
+    "shape, out_channels, kernel, stride, padding",
+    [
+        ((3, 2, 9, 8), 4, 3, 1, 0),
+        ((2, 3, 10, 10), 5, 5, 2, 2),
+        ((4, 1, 28, 28), 32, 3, 1, "same"),
+        ((2, 2, 7, 7), 3, 1, 3, 0),
+    ],
+)
+def test_conv2d_equals_pytorch_autograd(shape, out_channels, kernel, stride, padding):
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=shape)
+    layer = xn.Conv2D(shape[1], out_channels, kernel, stride=stride, padding=padding)
+    model = _model([layer])
+    W, b = np.array(layer.params["W"]), np.array(layer.params["b"])
+    y = model.forward(x, training=True)
+    tx, tW, tb = (torch.tensor(a, requires_grad=True) for a in (x, W, b))
+    ty = torch.nn.functional.conv2d(tx, tW, tb, stride=stride, padding=layer.pad)
+    dy = rng.normal(size=tuple(ty.shape))
+    ty.backward(torch.tensor(dy))
+    dx = model.backward(dy, input_grad=True)
+    for mine, theirs in ((y, ty), (dx, tx.grad), (layer.grads["W"], tW.grad), (layer.grads["b"], tb.grad)):
+        np.testing.assert_allclose(mine, theirs.detach().numpy(), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["max", "avg"])
+@pytest.mark.parametrize("size, stride", [(2, None), (3, 2), (2, 1), (3, 3)])
+def test_pooling_equals_pytorch_autograd_ties_included(kind, size, stride):
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(2)
+    x = np.round(rng.normal(size=(2, 3, 8, 9)), 0)  # many ties: the first maximum must win, as in PyTorch
+    layer = (xn.MaxPool2D if kind == "max" else xn.AvgPool2D)(size, stride)
+    model = _model([layer])
+    y = model.forward(x, training=True)
+    tx = torch.tensor(x, requires_grad=True)
+    pool = torch.nn.functional.max_pool2d if kind == "max" else torch.nn.functional.avg_pool2d
+    ty = pool(tx, size, stride or size)
+    dy = rng.normal(size=tuple(ty.shape))
+    ty.backward(torch.tensor(dy))
+    np.testing.assert_allclose(y, ty.detach().numpy(), rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(model.backward(dy, input_grad=True), tx.grad.numpy(), rtol=1e-10, atol=1e-12)
+
+
+# ------------------------------------------------------------------ every backend
+def test_the_layers_keep_namespace_device_and_dtype_on_every_backend(backend):
+    device = xn.Device(backend)
+    rng = np.random.default_rng(4)
+    layers = [
+        xn.Conv2D(1, 4, 3, padding=1),
+        xn.ReLU(),
+        xn.MaxPool2D(2),
+        xn.Conv2D(4, 4, 3, stride=2),
+        xn.AvgPool2D(1),
+        xn.GlobalAvgPool2D(),
+        xn.Dense(4, 3),
+    ]
+    model = xn.Sequential(layers, device=device, seed=0)
+    reference = xn.Sequential([type(layer)(**layer.config()) for layer in layers], seed=0)
+    x = rng.normal(size=(5, 1, 11, 11)).astype(np.float32)
+    out = model.forward(on(device, x), training=True)
+    assert_on_device(device, out, "float32")
+    dx = model.backward(on(device, np.ones((5, 3))), input_grad=True)
+    assert_on_device(device, dx, "float32")
+    for layer in model.layers:
+        for grad in layer.grads.values():
+            assert_on_device(device, grad, "float32")
+    np.testing.assert_allclose(host(device, out), reference.forward(x, training=True), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        host(device, dx), reference.backward(np.ones((5, 3), np.float32), input_grad=True), rtol=1e-4, atol=1e-6
+    )
+
+
+def test_a_cnn_trains_and_round_trips_through_config_and_checkpoint(tmp_path):
+    from xpnet.io import load_checkpoint, save_checkpoint
+
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(64, 1, 8, 8)).astype(np.float32)
+    y = (x[:, 0, :4].sum(axis=(1, 2)) > x[:, 0, 4:].sum(axis=(1, 2))).astype(int)
+    model = xn.Sequential(
+        [xn.Conv2D(1, 4, 3, padding="same"), xn.ReLU(), xn.MaxPool2D(2), xn.Flatten(), xn.Dense(64, 2)], seed=0
+    )
+    history = xn.fit(model, "cross_entropy", xn.Adam(0.01), x, y, epochs=8, batch_size=16)
+    assert history["loss"][-1] < 0.5 * history["loss"][0]
+    save_checkpoint(tmp_path / "cnn.safetensors", model)
+    rebuilt = load_checkpoint(tmp_path / "cnn.safetensors").build_model()
+    assert rebuilt.config() == model.config()
+    np.testing.assert_array_equal(xn.predict(rebuilt, x), xn.predict(model, x))
+
+
+# ----------------------------------------------------------------------- bad input
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda: xn.Conv2D(0, 2, 3), r"^Conv2D in_channels must be a positive integer, got 0$"),
+        (lambda: xn.Conv2D(1, 2, 2, padding="same"), r"^Conv2D padding 'same' needs stride 1 and an odd kernel_size"),
+        (lambda: xn.Conv2D(1, 2, 3, padding=-1), r"^Conv2D padding must be a non-negative integer, 'same' or 'valid'"),
+        (lambda: xn.Conv2D(1, 2, 3, stride=True), r"^Conv2D stride must be a positive integer, got True$"),
+        (lambda: xn.MaxPool2D(0), r"^MaxPool2D size must be a positive integer, got 0$"),
+        (lambda: xn.AvgPool2D(2, stride=2.5), r"^AvgPool2D stride must be a positive integer, got 2.5$"),
+    ],
+)
+def test_bad_layer_arguments_are_one_clear_error(make, message):
+    with pytest.raises(ValueError, match=message):
+        make()
+
+
+def test_bad_images_name_the_input_and_what_the_layer_takes():
+    model = xn.Sequential([xn.Conv2D(1, 2, 3), xn.ReLU(), xn.Flatten(), xn.Dense(2 * 3 * 3, 2)], seed=0)
+    with pytest.raises(ValueError, match=r"^x has shape \(2, 25\), but Conv2D\(.*\) takes images of shape"):
+        model.forward(np.zeros((2, 25), np.float32))
+    with pytest.raises(ValueError, match=r"^x has 3 channels \(shape \(2, 3, 5, 5\)\), but Conv2D\(.*\) takes 1$"):
+        model.forward(np.zeros((2, 3, 5, 5), np.float32))
+    with pytest.raises(ValueError, match=r"^x has images of 2×2, smaller than the 3×3 Conv2D"):
+        model.forward(np.zeros((2, 1, 2, 2), np.float32))
+    pool = xn.Sequential([xn.MaxPool2D(3)])
+    with pytest.raises(ValueError, match=r"^x has images of 2×4, smaller than the 3×3 MaxPool2D"):
+        pool.forward(np.zeros((1, 1, 2, 4), np.float32))
