@@ -30,6 +30,7 @@ from .losses import (
 )
 from .metrics import Accuracy, BinaryAccuracy, Metric, metric_registry, register_metric
 from .model import Sequential, mlp
+from .normalization import BatchNorm
 from .optim import (
     SGD,
     Adam,
@@ -64,6 +65,7 @@ from .train import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "BatchNorm",
     "Conv2D",
     "MaxPool2D",
     "AvgPool2D",

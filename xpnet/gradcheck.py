@@ -81,6 +81,9 @@ def gradcheck(
         device.set_rng_state(rng_state)
         return device.item(loss.value(model.forward(inputs, training=training), Y))
 
+    with device:  # layer state (running statistics) as it is now: the probes' passes must not move it
+        kept_state = {key: xp.asarray(a, copy=True) for key, a in model.named_state().items()}
+    model.forget_pass()  # a training pass of the caller's, pending: this backward is not its
     device.set_rng_state(rng_state)
     with device:
         _, delta = loss.value_and_grad(model.forward(X, training=training), Y)
@@ -118,4 +121,7 @@ def gradcheck(
         if check_input:
             probe("input", X, loss_of)
     device.set_rng_state(rng_state)
+    model.forget_pass()  # the probes' training passes have no backward
+    if kept_state:
+        model.load_state_dict({**model.named_parameters(), **kept_state})
     return report

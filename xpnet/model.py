@@ -90,6 +90,9 @@ class Sequential:
 
     # -------------------------------------------------------------- passes
     def forward(self, x, training: bool = False):
+        """The model's output for x. An evaluation pass that comes after a training pass and
+        before its backward is an aside: it leaves what the training pass stored, so the backward
+        gives that pass's gradients (``forget_pass`` when no backward will come)."""
         if type(x) is not self._array_type or x.dtype != self.dtype:  # (one check per step in fit)
             x = self._as_input(x)
         if not training and self._pending:  # between a training pass and its backward
@@ -103,6 +106,11 @@ class Sequential:
         self._output_shape = x.shape
         self._pending = training
         return x
+
+    def forget_pass(self) -> None:
+        """Forget the pending training pass (one whose backward will not come): the next evaluation
+        pass is then one a backward may follow, not an aside (see ``forward``)."""
+        self._pending = False
 
     def _forward_aside(self, x):
         """An evaluation pass that leaves what the pending training pass stored for its backward

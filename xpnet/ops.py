@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import math
 import threading
 
 import array_api_compat
@@ -266,6 +267,50 @@ class Ops:
         """The size² strided views of x (B, C, H, W), one per window offset (u, v), row-major."""
         rows, cols = (x.shape[2] - size) // stride + 1, (x.shape[3] - size) // stride + 1
         return [x[_window(u, v, stride, rows, cols)] for u in range(size) for v in range(size)]
+
+    # ------------------------------------------------------------ batch normalization
+    def batch_norm(self, x, gamma, beta, *, axes: tuple, eps: float, mean=None, var=None, site=None):
+        """(y, x̂, 1/σ, μ_B, σ²_B): y = γ x̂ + β with x̂ = (x − μ) / √(σ² + ε), over ``axes`` (the
+        batch, and the image positions of each channel). With ``mean`` and ``var`` (the running
+        statistics, evaluation) those are μ and σ², and μ_B, σ²_B are None; else the batch's own:
+        μ_B = mean(x), σ²_B = mean((x − μ_B)²) (biased, as the normalization uses it). γ, β, μ
+        and σ² are per feature (F,); ``shape`` puts them on the feature axis, 1."""
+        xp = self.xp
+        shape = [1] * x.ndim
+        shape[1] = x.shape[1]
+        shape = tuple(shape)
+        batch_mean = batch_var = None
+        if mean is None:
+            batch_mean = xp.mean(x, axis=axes)
+            centred = x - xp.reshape(batch_mean, shape)
+            batch_var = xp.mean(centred * centred, axis=axes)
+            inv_std = 1.0 / xp.sqrt(batch_var + eps)
+        else:
+            centred = x - xp.reshape(mean, shape)
+            inv_std = 1.0 / xp.sqrt(var + eps)
+        x_hat = centred * xp.reshape(inv_std, shape)
+        y = xp.reshape(gamma, shape) * x_hat + xp.reshape(beta, shape)
+        return y, x_hat, inv_std, batch_mean, batch_var
+
+    def batch_norm_backward(self, dy, x_hat, inv_std, gamma, *, axes: tuple, batch_statistics: bool, site=None):
+        """(∂L/∂x, ∂L/∂γ, ∂L/∂β): ∂L/∂γ = Σ δ x̂, ∂L/∂β = Σ δ over ``axes``; with the batch's own
+        statistics (training), which depend on x, for N values per feature,
+            ∂L/∂x = (1/σ) / N · (N ĝ − Σ ĝ − x̂ Σ ĝ x̂),  ĝ = γ δ,
+        and with fixed statistics (evaluation) ∂L/∂x = γ δ / σ."""
+        xp = self.xp
+        shape = [1] * dy.ndim
+        shape[1] = dy.shape[1]
+        shape = tuple(shape)
+        grad_gamma = xp.sum(dy * x_hat, axis=axes)
+        grad_beta = xp.sum(dy, axis=axes)
+        g = dy * xp.reshape(gamma, shape)
+        scale = xp.reshape(inv_std, shape)
+        if not batch_statistics:
+            return g * scale, grad_gamma, grad_beta
+        count = math.prod(dy.shape) // dy.shape[1]
+        sum_g = xp.reshape(xp.sum(g, axis=axes), shape)
+        sum_gx = xp.reshape(xp.sum(g * x_hat, axis=axes), shape)
+        return scale * (1.0 / count) * (count * g - sum_g - x_hat * sum_gx), grad_gamma, grad_beta
 
     # ------------------------------------------------------------ batches
     def batches(self, X, Y, order, batch_size: int):
