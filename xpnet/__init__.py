@@ -13,6 +13,7 @@ from .layers import (
     Layer,
     LeakyReLU,
     ReLU,
+    Residual,
     Sigmoid,
     Softmax,
     Tanh,
@@ -65,6 +66,7 @@ from .train import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "Residual",
     "BatchNorm",
     "Conv2D",
     "MaxPool2D",

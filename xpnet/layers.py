@@ -21,6 +21,7 @@ register themselves, and a layer of your own joins them with ``@xpnet.register_l
 
 from __future__ import annotations
 
+import json
 import math
 
 from . import functional as F
@@ -29,6 +30,8 @@ from .registry import Registry
 
 __all__ = [
     "Layer",
+    "Residual",
+    "walk",
     "layer_registry",
     "register_layer",
     "Dense",
@@ -75,6 +78,9 @@ class Layer:
     input_features: int | None = None
     #: Set by Sequential on the layer that receives the model's input: errors then name it "x".
     input_name: str | None = None
+    #: The layers inside this one (a block such as Residual), whose parameters and state are the
+    #: model's too, under the keys "{index}.{inner index}.{name}".
+    sublayers: tuple = ()
 
     def __init__(self):
         self._params: dict = {}
@@ -162,6 +168,53 @@ def register_layer(cls=None, *, name: str | None = None):
     A different class under a taken name is refused with a ValueError naming both; registering
     the same class again does nothing."""
     return layer_registry.register(cls, name=name)
+
+
+def walk(layers, prefix: str = ""):
+    """(key prefix, layer) for each layer and, after it, each layer inside it: "0", "1", "1.0", ..."""
+    for i, layer in enumerate(layers):
+        name = f"{prefix}{i}"
+        yield name, layer
+        yield from walk(layer.sublayers, name + ".")
+
+
+def layer_spec(layer: Layer, where: str) -> dict:
+    """``{"type": <registered name>, **layer.config()}``, checked: a layer whose class is not
+    registered, or whose config is not JSON constructor keyword arguments, is refused here
+    (ValueError naming ``where``), not when a saved model fails to load."""
+    kind = layer_registry.name_of(type(layer))
+    if kind is None:
+        raise ValueError(
+            f"{where} ({type(layer).__qualname__}) cannot be saved: its class is not registered, so "
+            "a saved model could not rebuild it; decorate the class with @xpnet.register_layer"
+        )
+    args = layer.config()
+    if not isinstance(args, dict) or not all(isinstance(key, str) for key in args) or "type" in args:
+        raise ValueError(
+            f"{where} ({kind}): config() must return a dict of constructor keyword arguments "
+            f"(not including 'type'), got {args!r:.200}"
+        )
+    try:
+        json.dumps(args, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(
+            f"{where} ({kind}): config() must return JSON values (numbers, strings, booleans, None, "
+            f"lists, dicts), got {args!r:.200} ({exc})"
+        ) from None
+    return {"type": kind, **args}
+
+
+def layer_from_spec(spec, where: str) -> Layer:
+    """The layer a ``layer_spec`` describes, its class found in the layer registry."""
+    if not isinstance(spec, dict) or "type" not in spec:
+        raise ValueError(f"{where} must be a dict with a 'type', got {spec!r:.200}")
+    spec = dict(spec)
+    kind = spec.pop("type")
+    layer_class = layer_registry.lookup(kind, where=" in the model config")
+    try:
+        return layer_class(**spec)
+    except TypeError as exc:
+        raise ValueError(f"{where} ({kind}) cannot be rebuilt from its config {spec!r:.200}: {exc}") from None
 
 
 @register_layer
@@ -415,3 +468,65 @@ class Flatten(Layer):
         if tuple(dy.shape) != (self.shape[0], math.prod(self.shape[1:])):
             _misshapen(self, dy, (self.shape[0], math.prod(self.shape[1:])))
         return self.xp.reshape(dy, self.shape)
+
+
+@register_layer
+class Residual(Layer):
+    """A residual block: y = x + f(x), f the given layers applied in order (their output must
+    have x's shape). Backward: ∂L/∂x = δ + ∂f/∂xᵀ δ, the gradient through both paths.
+
+    Its layers' parameters and state are the model's, keyed "{block index}.{inner index}.{name}"."""
+
+    default_init = None  # a layer before the block takes the initializer of the layer after it
+    keeps_shape = True
+
+    def __init__(self, layers):
+        super().__init__()
+        if isinstance(layers, (str, bytes)) or not hasattr(layers, "__iter__"):
+            raise TypeError(f"Residual takes a list of layers, got {layers!r:.200}")
+        inner = [
+            layer if isinstance(layer, Layer) else layer_from_spec(layer, f"layer {j} of a Residual block")
+            for j, layer in enumerate(layers)
+        ]
+        if not inner:
+            raise ValueError("Residual needs at least one layer")
+        self.sublayers = tuple(inner)
+
+    def build(self, device, dtype, next_layer=None):
+        super().build(device, dtype, next_layer)
+        for j, layer in enumerate(self.sublayers):
+            # the activation an inner Dense or Conv2D feeds: within the block, else what follows it
+            following = next((later for later in self.sublayers[j + 1 :] if later.default_init), next_layer)
+            layer.build(device, dtype, following)
+
+    def forward(self, x, training=False):
+        out = x
+        for layer in self.sublayers:
+            out = layer.forward(out, training)
+        if out.shape != x.shape:
+            raise ValueError(
+                f"Residual: its layers turn input of shape {tuple(x.shape)} into {tuple(out.shape)}; "
+                "y = x + f(x) needs f(x) of x's shape"
+            )
+        self.shape = tuple(x.shape)
+        return x + out
+
+    def backward(self, dy, need_input_grad=True):
+        if tuple(dy.shape) != getattr(self, "shape", None):
+            _misshapen(self, dy, getattr(self, "shape", ()))
+        delta = dy
+        for layer in reversed(self.sublayers):
+            delta = layer.backward(delta, need_input_grad=True)
+        return dy + delta
+
+    def check_parameters(self) -> None:
+        for layer in self.sublayers:
+            layer.check_parameters()
+
+    def config(self):
+        return {
+            "layers": [layer_spec(layer, f"layer {j} of a Residual block") for j, layer in enumerate(self.sublayers)]
+        }
+
+    def __repr__(self) -> str:
+        return f"Residual([{', '.join(repr(layer) for layer in self.sublayers)}])"

@@ -12,13 +12,12 @@ of the shape and dtype of the last output. Anything else is refused with a messa
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 
 from array_api_compat import is_writeable_array
 
 from .backend import Device, dtype_name, get_device, is_device_array
-from .layers import Dense, Dropout, Layer, layer_registry
+from .layers import Dense, Dropout, Layer, layer_from_spec, layer_registry, layer_spec, walk
 from .parameters import ParameterStore
 
 __all__ = ["Sequential", "mlp"]
@@ -45,20 +44,20 @@ class Sequential:
                 # the activation a Dense layer feeds, looking through Dropout and Flatten
                 following = next((later for later in self.layers[i + 1 :] if later.default_init), None)
                 layer.build(self.device, self.dtype, following)
-        first = [i for i, layer in enumerate(self.layers) if layer.params]
+        first = [i for i, layer in enumerate(self.layers) if any(inner.params for _, inner in walk([layer]))]
         self._first_trainable = first[0] if first else len(self.layers)
         with self.device:
             #: Parameters, gradients and optimizer slots, in the layout the device's Ops ask for.
             self.store = ParameterStore(self.layers, self.device.ops, self.dtype)
         self._slots = [(entry.key, entry.layer, entry.name) for entry in self.store.entries]
         self._state_keys = []  # (key, layer, name) of every non-trainable array (Layer.state)
-        for i, layer in enumerate(self.layers):
+        for prefix, layer in walk(self.layers):
             for name in layer.state:
                 if name in layer.params:
                     raise ValueError(
-                        f"layer {i} ({type(layer).__name__}) has {name!r} both as a parameter and as state"
+                        f"layer {prefix} ({type(layer).__name__}) has {name!r} both as a parameter and as state"
                     )
-                self._state_keys.append((f"{i}.{name}", layer, name))
+                self._state_keys.append((f"{prefix}.{name}", layer, name))
         self.has_gradients = False  # set by backward
         self._array_type = _array_type(self.device)
         self._output_shape = None  # of the last forward pass: the shape backward's δ must have
@@ -115,12 +114,13 @@ class Sequential:
     def _forward_aside(self, x):
         """An evaluation pass that leaves what the pending training pass stored for its backward
         (each layer's inputs, outputs and masks) as it was: the gradients come out the same."""
-        kept = [_per_call_state(layer) for layer in self.layers]
+        every = [layer for _, layer in walk(self.layers)]
+        kept = [_per_call_state(layer) for layer in every]
         shape, self._pending = self._output_shape, False
         try:
             return self.forward(x, training=False)
         finally:
-            for layer, state in zip(self.layers, kept):
+            for layer, state in zip(every, kept):
                 vars(layer).clear()
                 vars(layer).update(state)
             self._output_shape, self._pending = shape, True
@@ -284,28 +284,7 @@ class Sequential:
         A layer whose class is not registered, or whose config is not JSON constructor keyword
         arguments, is refused here (ValueError), not when the saved model fails to load.
         """
-        specs = []
-        for i, layer in enumerate(self.layers):
-            kind = layer_registry.name_of(type(layer))
-            if kind is None:
-                raise ValueError(
-                    f"layer {i} ({type(layer).__qualname__}) cannot be saved: its class is not registered, so "
-                    "a saved model could not rebuild it; decorate the class with @xpnet.register_layer"
-                )
-            args = layer.config()
-            if not isinstance(args, dict) or not all(isinstance(key, str) for key in args) or "type" in args:
-                raise ValueError(
-                    f"layer {i} ({kind}): config() must return a dict of constructor keyword arguments "
-                    f"(not including 'type'), got {args!r:.200}"
-                )
-            try:
-                json.dumps(args, allow_nan=False)
-            except (TypeError, ValueError) as exc:
-                raise ValueError(
-                    f"layer {i} ({kind}): config() must return JSON values (numbers, strings, booleans, None, "
-                    f"lists, dicts), got {args!r:.200} ({exc})"
-                ) from None
-            specs.append({"type": kind, **args})
+        specs = [layer_spec(layer, f"layer {i}") for i, layer in enumerate(self.layers)]
         return {"layers": specs, "dtype": dtype_name(self.dtype)}
 
     @classmethod
@@ -318,19 +297,13 @@ class Sequential:
         for i, spec in enumerate(config["layers"]):
             if not isinstance(spec, dict) or "type" not in spec:
                 raise ValueError(f"layer {i} of the model config must be a dict with a 'type', got {spec!r:.200}")
-            spec = dict(spec)
-            kind = spec.pop("type")
-            layer_class = layer_registry.lookup(kind, where=" in the model config")
-            try:
-                layers.append(layer_class(**spec))
-            except TypeError as exc:
-                raise ValueError(f"layer {i} ({kind}) cannot be rebuilt from its config {spec!r:.200}: {exc}") from None
+            layers.append(layer_from_spec(spec, f"layer {i}"))
         return cls(layers, device=device, dtype=config.get("dtype", "float32"), seed=seed)
 
     def summary(self) -> str:
         rows = [f"{'#':>3}  {'layer':<34} {'parameters':>12}"]
         for i, layer in enumerate(self.layers):
-            count = sum(math.prod(p.shape) for p in layer.params.values())
+            count = sum(math.prod(p.shape) for _, inner in walk([layer]) for p in inner.params.values())
             rows.append(f"{i:>3}  {layer!r:<34} {count:>12,}")
         rows.append(f"     {'total':<34} {self.num_parameters():>12,}")
         return "\n".join(rows)

@@ -24,6 +24,7 @@ import math
 from array_api_compat import array_namespace
 
 from .backend import dtype_name
+from .layers import walk
 
 __all__ = ["Parameter", "ParameterStore"]
 
@@ -153,12 +154,13 @@ class ParameterStore:
     def __init__(self, layers, ops, dtype):
         self.dtype = dtype
         self.entries: list[_Entry] = []
-        for i, layer in enumerate(layers):
+        every = [layer for _, layer in walk(layers)]  # blocks' inner layers too (Residual)
+        for prefix, layer in walk(layers):
             exempt = set(layer.no_decay)
             for name, value in layer.params.items():
-                label = f"parameter {name!r} of layer {i} ({type(layer).__name__})"
+                label = f"parameter {name!r} of layer {prefix} ({type(layer).__name__})"
                 _checked(value, label, tuple(getattr(value, "shape", ())), dtype)
-                self.entries.append(_Entry(f"{i}.{name}", layer, name, value, decay=name not in exempt))
+                self.entries.append(_Entry(f"{prefix}.{name}", layer, name, value, decay=name not in exempt))
         self.by_key = {entry.key: entry for entry in self.entries}
         self._unfilled = len(self.entries)  # parameters no backward pass has given a gradient yet
         # decayed parameters first, then the rest: each kind is one run of the flat layout
@@ -181,7 +183,7 @@ class ParameterStore:
                 view[...] = entry.value
                 entry.value = view
                 entry.grad = self._view(self._flat_grads, entry)
-        for layer in layers:
+        for layer in every:
             mine = [entry for entry in self.entries if entry.layer is layer]
             layer._adopt(
                 _Window({e.name: e.value for e in mine}, self._putter(layer, "value"), "a layer's parameters"),
