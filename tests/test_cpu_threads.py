@@ -405,3 +405,49 @@ def test_openblas_runs_on_the_pool_only_while_xpnet_computes(pooled, tmp_path):
     counts = dict(item.split("=") for item in done.stdout.split())
     assert counts["describe"] == counts["after_fit"] == counts["after_all"] == "0", counts
     assert int(counts["fit"]) > 0 and int(counts["predict"]) > 0 and int(counts["evaluate"]) > 0, counts
+
+
+_FORK_IN_FIT = r"""
+import os
+import numpy as np
+import xpnet as xn
+from xpnet._fast_numpy import native_status
+
+lib = native_status()[0]
+a = np.random.default_rng(0).random((600, 600), dtype=np.float32)
+y = (a[:, 0] > 0.5).astype(int)
+
+
+class ForkOnce(xn.Callback):
+    done = False
+
+    def on_batch_end(self, state):
+        if self.done:
+            return
+        self.done = True
+        pid = os.fork()
+        if pid == 0:  # the child, forked while fit holds the hook: its products on OpenBLAS's threads
+            before = lib.xpnet_blas_calls()
+            c = a @ a
+            xn.fit(xn.mlp(600, [8], 2, seed=1), "cross_entropy", "sgd", a, y, batch_size=600)
+            after_fit = lib.xpnet_blas_calls()
+            c = a @ a
+            os._exit(0 if (lib.xpnet_blas_calls() == after_fit and c.shape == (600, 600)) else 3)
+        _, status = os.waitpid(pid, 0)
+        print("child", os.WEXITSTATUS(status), flush=True)
+
+
+xn.fit(xn.mlp(600, [600], 2, seed=0), "cross_entropy", "sgd", a, y, batch_size=300, callbacks=[ForkOnce()])
+before = lib.xpnet_blas_calls()
+c = a @ a
+print("parent", lib.xpnet_blas_calls() - before)
+"""
+
+
+def test_a_fork_inside_fit_leaves_the_child_with_openblass_own_threads(pooled, tmp_path):
+    script = tmp_path / "fork_fit.py"
+    script.write_text(_FORK_IN_FIT)
+    env = {**os.environ, "OPENBLAS_NUM_THREADS": "2", "XPNET_FAST": "1", "XPNET_THREADS": "1"}
+    done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["child", "0", "parent", "0"], done.stdout

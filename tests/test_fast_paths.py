@@ -338,6 +338,11 @@ elif setup == "not-a-library":
 elif setup == "stale":
     from xpnet._native import sources
     sources.source_hash = lambda folder=None: "0" * 32
+elif setup == "unreadable-sources":  # a packager left a header out: the library cannot be checked
+    from xpnet._native import sources
+    def missing(folder=None):
+        raise FileNotFoundError(2, "No such file or directory", "pool.h")
+    sources.source_hash = missing
 import numpy as np
 import xpnet as xn
 model = xn.mlp(4, [5], 2, seed=0)
@@ -354,6 +359,7 @@ print(model.device.describe())
         ("not-built", "they were not built when xpnet was installed"),
         ("not-a-library", "cannot be loaded"),
         ("stale", "was built from other sources than these"),
+        ("unreadable-sources", "their sources cannot be read to check"),
     ],
 )
 def test_missing_or_unusable_kernels_give_one_warning_line_and_numpy_passes(tmp_path, setup, why):

@@ -408,7 +408,9 @@ def test_unknown_names_list_the_registered_ones_and_say_how_to_register():
     with pytest.raises(ValueError) as info:
         xn.Sequential.from_config({"layers": [{"type": "Conv9"}]})
     message = str(info.value)
-    assert message.startswith("unknown layer type 'Conv9' in the model config; registered: AvgPool2D, BatchNorm, Conv2D, Dense, ")
+    assert message.startswith(
+        "unknown layer type 'Conv9' in the model config; registered: AvgPool2D, BatchNorm, Conv2D, Dense, "
+    )
     assert "Scale" in message and message.endswith(
         "a layer of your own must be registered with @xpnet.register_layer before it is loaded"
     )

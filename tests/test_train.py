@@ -441,6 +441,7 @@ class _CountedProducts:
 
     def __init__(self, W):
         self.W, self.products = W, 0
+        self.shape, self.dtype = W.shape, W.dtype
 
     def __array_ufunc__(self, ufunc, method, *inputs, **kwargs):  # `delta @ W` and np.matmul(..., out=)
         self.products += ufunc is np.matmul

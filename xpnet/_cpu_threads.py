@@ -116,14 +116,34 @@ _reserved: dict = {}  # native library -> whether its pool's workers started
 threads_now = 1
 
 
-def hold(native, numpy_dir: str, blas_name: str) -> bool:
+_generation = 0  # counts forks: a hold taken before a fork is not the child's to release
+
+
+def _after_fork_in_child() -> None:
+    """A child forked while xpnet held the hook computes on its own: OpenBLAS gets its own threads
+    back (the pool's workers do not exist in the child), and the parent's holds are not its own."""
+    global _holders, threads_now, _generation, _LOCK
+    _LOCK = threading.Lock()
+    if _holders:
+        for found in list(_HOOKED):
+            found[0](None)
+    _holders, threads_now, _generation = 0, 1, _generation + 1
+
+
+_HOOKED: list = []  # the (setter, threads) pairs hooked in this process
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def hold(native, numpy_dir: str, blas_name: str):
     """Hand NumPy's OpenBLAS the pool of the compiled library ``native`` for as long as someone
     holds it (fit, evaluate and predict do, through ``Ops.computing``). Returns whether this call
-    holds it (then ``release`` must follow); False where nothing can be hooked."""
+    holds it: a token for ``release``, or None where nothing can be hooked."""
     global _holders, threads_now
     found = _hookable(native, numpy_dir, blas_name)
     if found is None:
-        return False
+        return None
     setter, threads = found
     with _LOCK:
         if _holders == 0:
@@ -131,19 +151,24 @@ def hold(native, numpy_dir: str, blas_name: str) -> bool:
                 native.xpnet_pool_reserve.argtypes, native.xpnet_pool_reserve.restype = [ctypes.c_int], ctypes.c_int
                 _reserved[native] = native.xpnet_pool_reserve(threads) == 0
             if not _reserved[native]:
-                return False
+                return None
             setter(ctypes.cast(native.xpnet_blas_callback, ctypes.c_void_p))
+            if found not in _HOOKED:
+                _HOOKED.append(found)
             threads_now = threads
         _holders += 1
-    return True
+        return (_generation, found)
 
 
-def release(native, numpy_dir: str, blas_name: str) -> None:
-    """Undo one ``hold``; the last one gives OpenBLAS its own threads back (a NULL callback is
-    OpenBLAS's default: its products then run on its own threads again)."""
+def release(token) -> None:
+    """Undo the ``hold`` that returned ``token``; the last one gives OpenBLAS its own threads back
+    (a NULL callback is OpenBLAS's default: its products then run on its own threads again). A
+    hold of the parent process, in a forked child, is not undone there."""
     global _holders, threads_now
-    setter = _hookable(native, numpy_dir, blas_name)[0]
+    generation, (setter, _) = token
     with _LOCK:
+        if generation != _generation:
+            return
         _holders -= 1
         if _holders == 0:
             threads_now = 1

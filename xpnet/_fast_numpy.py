@@ -53,13 +53,14 @@ def native_status() -> tuple:
     if os.environ.get("XPNET_NATIVE", "1") == "0":
         return None, "no compiled kernels (XPNET_NATIVE=0): NumPy passes"
     with _NATIVE_LOCK:
-        if not _NATIVE:
-            library, reason = _find_library()
-            if library is None:
-                # one line: no source line under it ("<xpnet>" is no file linecache reads)
-                warnings.warn_explicit(f"xpnet: {reason}", NativeKernelsWarning, "<xpnet>", 0, module="xpnet")
-            _NATIVE.append((library, reason))
-        return _NATIVE[0]
+        if _NATIVE:
+            return _NATIVE[0]
+        library, reason = _find_library()
+        _NATIVE.append((library, reason))  # before the warning: under -W error it raises, once
+    if library is None:
+        # one line: no source line under it ("<xpnet>" is no file linecache reads)
+        warnings.warn_explicit(f"xpnet: {reason}", NativeKernelsWarning, "<xpnet>", 0, module="xpnet")
+    return library, reason
 
 
 def _native_library():
@@ -81,7 +82,13 @@ def _find_library():
         built = lib.xpnet_source_hash().decode()
     except (OSError, AttributeError) as exc:
         return None, f"no compiled kernels: {path.name} cannot be loaded ({exc}); NumPy passes run instead"
-    if built != sources.source_hash():
+    try:
+        here = sources.source_hash()
+    except OSError as exc:  # a source missing beside the library: it cannot be told from a stale build
+        return None, (
+            f"no compiled kernels: their sources cannot be read to check {path.name} ({exc}); NumPy passes run instead"
+        )
+    if built != here:
         return None, (
             f"no compiled kernels: {path.name} was built from other sources than these (a stale build: "
             "reinstall xpnet, or run pip install -e . in a checkout); NumPy passes run instead"
@@ -247,13 +254,13 @@ class NumpyFastPaths:
         """Within this, NumPy's OpenBLAS runs its products on the pool the kernels split over
         (``_cpu_threads.hold``); on leaving, the last holder gives OpenBLAS its own threads back."""
         native = self.native
-        held = native is not None and _cpu_threads.hold(native, *self._blas())
+        held = None if native is None else _cpu_threads.hold(native, *self._blas())
         try:
             yield self
         finally:
-            if held:
+            if held is not None:
                 self.finish_ahead()  # no copy of ours may run on the pool past this
-                _cpu_threads.release(native, *self._blas())
+                _cpu_threads.release(held)
 
     def take_rows(self, X, order, start: int, stop: int, out):
         """out = X[order[start:stop]], rows gathered into a reused buffer (order: a permutation,
@@ -329,7 +336,8 @@ class NumpyFastPaths:
         if b is None and not relu:
             return out
         found = self._kernel("xpnet_bias_act", out.nbytes, (out,) if b is None else (out, b))
-        if found is not None and out.ndim == 2:
+        # the compiled pass reads b[c] for every column c: only for a bias of exactly that length
+        if found is not None and out.ndim == 2 and (b is None or b.shape == (out.shape[1],)):
             kernel, addresses, tail = found
             bias = addresses[1] if b is not None else None
             kernel(addresses[0], bias, out.shape[0], out.shape[1], relu, *tail)

@@ -48,7 +48,9 @@ class Conv2D(Layer):
     He or Xavier initialization counts the receptive field in the fans: fan_in = C·k·k.
     """
 
-    no_decay = ("b",)
+    @property
+    def no_decay(self) -> tuple:
+        return ("b",) if self.bias else ()  # the bias, when there is one, takes no weight decay
 
     def __init__(
         self,

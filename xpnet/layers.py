@@ -239,7 +239,9 @@ class Dense(Layer):
         self.bias = bias
         self.x = None
 
-    no_decay = ("b",)
+    @property
+    def no_decay(self) -> tuple:
+        return ("b",) if self.bias else ()  # the bias, when there is one, takes no weight decay
 
     @property
     def input_features(self) -> int:

@@ -14,11 +14,9 @@ from __future__ import annotations
 import contextlib
 import math
 
-from array_api_compat import is_writeable_array
-
 from .backend import Device, dtype_name, get_device, is_device_array
 from .layers import Dense, Dropout, Layer, layer_from_spec, layer_registry, layer_spec, walk
-from .parameters import ParameterStore
+from .parameters import ParameterStore, placed
 
 __all__ = ["Sequential", "mlp"]
 
@@ -36,6 +34,19 @@ class Sequential:
         for layer in self.layers:
             if not isinstance(layer, Layer):
                 raise TypeError(f"Sequential takes Layer objects, got {layer!r}")
+        seen: dict = {}
+        for prefix, layer in walk(self.layers):  # one place in one model for each layer object
+            if getattr(layer, "_adopted", False):
+                raise ValueError(
+                    f"layer {prefix} ({layer!r:.100}) is already in another model: a layer's parameters belong to one "
+                    "model; make another layer (type(layer)(**layer.config()))"
+                )
+            if id(layer) in seen:
+                raise ValueError(
+                    f"layer {prefix} is the same {type(layer).__name__} object as layer {seen[id(layer)]}: each place "
+                    "in a model needs its own layer"
+                )
+            seen[id(layer)] = prefix
         self.device = get_device(device, seed=seed)
         self.xp = self.device.xp
         self.dtype = self.device.dtype(dtype)
@@ -48,16 +59,9 @@ class Sequential:
         self._first_trainable = first[0] if first else len(self.layers)
         with self.device:
             #: Parameters, gradients and optimizer slots, in the layout the device's Ops ask for.
-            self.store = ParameterStore(self.layers, self.device.ops, self.dtype)
+            self.store = ParameterStore(self.layers, self.device.ops, self.dtype, self.device.owns, self.device.name)
         self._slots = [(entry.key, entry.layer, entry.name) for entry in self.store.entries]
-        self._state_keys = []  # (key, layer, name) of every non-trainable array (Layer.state)
-        for prefix, layer in walk(self.layers):
-            for name in layer.state:
-                if name in layer.params:
-                    raise ValueError(
-                        f"layer {prefix} ({type(layer).__name__}) has {name!r} both as a parameter and as state"
-                    )
-                self._state_keys.append((f"{prefix}.{name}", layer, name))
+        self.named_state()  # layer state as built: arrays of the model's device, named apart from parameters
         self.has_gradients = False  # set by backward
         self._array_type = _array_type(self.device)
         self._output_shape = None  # of the last forward pass: the shape backward's δ must have
@@ -235,8 +239,23 @@ class Sequential:
         return self.store.named_grads()
 
     def named_state(self) -> dict:
-        """Every layer's non-trainable arrays (``Layer.state``), by "{index}.{name}"."""
-        return {key: layer.state[name] for key, layer, name in self._state_keys}
+        """Every layer's non-trainable arrays (``Layer.state``), by "{index}.{name}", as the layers
+        hold them now (state a layer makes after it is built counts too). A name that is also a
+        parameter's, or a value that is not an array of the model's device, is a ValueError."""
+        found = {}
+        for prefix, layer in walk(self.layers):
+            for name, value in layer.state.items():
+                if name in layer.params:
+                    raise ValueError(
+                        f"layer {prefix} ({type(layer).__name__}) has {name!r} both as a parameter and as state"
+                    )
+                if not (hasattr(value, "shape") and hasattr(value, "dtype")) or not self.device.owns(value):
+                    raise ValueError(
+                        f"layer {prefix} ({type(layer).__name__}) holds state {name!r} that is not an array of the "
+                        f"model's device ({self.device.name}): {type(value).__name__}"
+                    )
+                found[f"{prefix}.{name}"] = value
+        return found
 
     def num_parameters(self) -> int:
         return self.store.total
@@ -273,8 +292,9 @@ class Sequential:
         with self.device:
             for key, _, _ in self._slots:
                 self.store.assign(key, staged[key])
-            for key, layer, name in self._state_keys:
-                layer.state[name] = _assign(layer.state[name], staged[key])
+            states = {f"{prefix}.{name}": (layer, name) for prefix, layer in walk(self.layers) for name in layer.state}
+            for key, (layer, name) in states.items():
+                layer.state[name] = placed(layer.state[name], staged[key], self.store.writable)
 
     # -------------------------------------------------------- description
     def config(self) -> dict:
@@ -351,14 +371,6 @@ def dtype_kind(dtype) -> str:
 def _array_type(device: Device) -> type:
     """The array type of the device's namespace (what fit's batches are)."""
     return type(device.to_device([0.0], "float32"))
-
-
-def _assign(current, value):
-    """Write ``value`` into ``current`` when it can be written, else hand back ``value`` to rebind."""
-    if is_writeable_array(current):
-        current[...] = value
-        return current
-    return value
 
 
 ACTIVATIONS = {"relu": "ReLU", "leaky_relu": "LeakyReLU", "tanh": "Tanh", "sigmoid": "Sigmoid"}

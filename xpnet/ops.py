@@ -439,8 +439,10 @@ class BufferedOps(Ops):
         return self.fast.linear(x, W, b, out, relu=activation == "relu")
 
     def affine_backward(self, delta, x, W, *, bias, need_dx, dW=None, db=None, site=None):
-        if dW is None or (bias and db is None):  # no gradient arrays to write into yet
-            return super().affine_backward(delta, x, W, bias=bias, need_dx=need_dx, site=site)
+        if dW is None:  # no gradient arrays to write into yet (the first backward): new ones
+            dW = self.fast.buffer({}, "dW", tuple(W.shape), W.dtype)
+        if bias and db is None:
+            db = self.fast.buffer({}, "db", (W.shape[0],), W.dtype)
         dx = None
         if need_dx and self._mode.reusing and site is not None:
             dx = self.fast.buffer(site, "dx", tuple(x.shape), delta.dtype)
@@ -465,12 +467,14 @@ class BufferedOps(Ops):
     def adam(self, p, g, m, v, lr_t, beta1, beta2, eps_t, *, decay=0.0, site=None):
         """One pass per operation on the flat store's arrays (the compiled kernel where there is
         one): the decoupled decay θ ← θ − decay·θ first, then the Adam step, which ignores θ."""
-        if site is None or p.ndim != 1:  # not a group of the flat store (whose arrays are writable)
+        if site is None or not site.get("flat"):  # not the flat store's spans, which are writable
             return super().adam(p, g, m, v, lr_t, beta1, beta2, eps_t, decay=decay, site=site)
         if decay:
             p -= decay * p
-        scratch = self.fast.buffer(site, "adam", tuple(p.shape), p.dtype)
-        self.fast.adam_(p, g, m, v, scratch, lr_t, beta1, beta2, eps_t)
+        xp, n = self.xp, math.prod(p.shape)
+        flat = [a if a.ndim == 1 else xp.reshape(a, (n,)) for a in (p, g, m, v)]  # views of contiguous spans
+        scratch = self.fast.buffer(site, "adam", (n,), p.dtype)
+        self.fast.adam_(*flat, scratch, lr_t, beta1, beta2, eps_t)
         return p, m, v
 
     def softmax_cross_entropy(self, z, labels):

@@ -223,6 +223,7 @@ class Optimizer:
 
     slot_names: tuple[str, ...] = ()
     #: Whether ``update`` treats each element alone (then groups of parameters may come at once).
+    #: Read from the class that defines ``update``: a subclass with an update of its own declares it again.
     elementwise = False
 
     def __init__(self, lr: float | Schedule = 0.01, *, weight_decay: float = 0.0, clip_norm: float | None = None):
@@ -277,7 +278,7 @@ class Optimizer:
         """Slots for ``model``'s parameters (``initial``: checked arrays by key and slot name)."""
         with model.device:
             self._slots = model.store.slots(self.slot_names, initial)
-            self._groups = model.store.groups(self._slots, self.elementwise)
+            self._groups = model.store.groups(self._slots, _declared_elementwise(type(self)))
         self._device, self.ops = model.device, model.device.ops
         self._model_ref = weakref.ref(model)
 
@@ -468,6 +469,15 @@ class Optimizer:
 
     def _check_slot(self, label, slot, array, device, xp) -> None:
         """What else a saved slot must satisfy (Adam's second moment: never negative)."""
+
+
+def _declared_elementwise(cls) -> bool:
+    """``elementwise`` as the class that defines ``update`` declares it: a subclass that writes its
+    own update (per-parameter norms, say) does not inherit the declaration of the update it replaces."""
+    for klass in cls.__mro__:
+        if "update" in klass.__dict__:
+            return bool(klass.__dict__.get("elementwise", False))
+    return False
 
 
 #: Optimizer classes by name, matched ignoring case ("adamw" finds AdamW): ``get_optimizer``,

@@ -11,8 +11,9 @@
 #define XPNET_KERNELS_H
 
 /* Adam on one element: m += (1 - b1)(g - m); v += (1 - b2)(g^2 - v); p -= lr_t m / (sqrt(v) + eps_t),
-   with c1 = 1 - b1 and c2 = 1 - b2 rounded as NumPy rounds them (the reference's operations in
-   its order: both round alike, without fused multiply-adds). */
+   with c1 = 1 - b1 and c2 = 1 - b2 rounded as NumPy rounds them. m and v are the reference's
+   operations in its order, without fused multiply-adds, so they round alike; the step is
+   lr_t * (m / (sqrt(v) + eps_t)), one rounding apart from the reference's (lr_t * m) / (...). */
 #define XPNET_ADAM(p, m, v, g, lr_t, c1, c2, eps_t)                \
     do {                                                           \
         const T mi_ = (m) + (c1) * ((g) - (m));                    \
