@@ -183,3 +183,17 @@ def test_bad_images_name_the_input_and_what_the_layer_takes():
     pool = xn.Sequential([xn.MaxPool2D(3)])
     with pytest.raises(ValueError, match=r"^x has images of 2×4, smaller than the 3×3 MaxPool2D"):
         pool.forward(np.zeros((1, 1, 2, 4), np.float32))
+
+
+def test_the_mnist_cnn_has_the_well_known_shape():
+    model = xn.cnn(seed=0)
+    assert model.num_parameters() == 34_826
+    kinds = [type(layer).__name__ for layer in model.layers]
+    assert kinds == ["Conv2D", "ReLU", "MaxPool2D", "Conv2D", "ReLU", "MaxPool2D", "Flatten", "Dropout", "Dense"]
+    with_bn = xn.cnn(batch_norm=True, seed=0)
+    assert [type(layer).__name__ for layer in with_bn.layers][:3] == ["Conv2D", "BatchNorm", "ReLU"]
+    assert with_bn.num_parameters() == 34_826 - 32 - 64 + 2 * (32 + 64)  # no conv bias; γ and β per channel
+    out = model.forward(np.zeros((2, 1, 28, 28), np.float32))
+    assert out.shape == (2, 10)
+    with pytest.raises(ValueError, match=r"^cnn needs images of at least 10×10, got 8×8$"):
+        xn.cnn(image_size=8)

@@ -30,7 +30,7 @@ from .losses import (
     register_loss,
 )
 from .metrics import Accuracy, BinaryAccuracy, Metric, metric_registry, register_metric
-from .model import Sequential, mlp
+from .model import Sequential, cnn, mlp
 from .normalization import BatchNorm
 from .optim import (
     SGD,
@@ -66,6 +66,7 @@ from .train import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "cnn",
     "Residual",
     "BatchNorm",
     "Conv2D",

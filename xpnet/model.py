@@ -18,7 +18,7 @@ from .backend import Device, dtype_name, get_device, is_device_array
 from .layers import Dense, Dropout, Layer, layer_from_spec, layer_registry, layer_spec, walk
 from .parameters import ParameterStore, placed
 
-__all__ = ["Sequential", "mlp"]
+__all__ = ["Sequential", "mlp", "cnn"]
 
 
 class Sequential:
@@ -402,4 +402,41 @@ def mlp(
             layers.append(Dropout(dropout))
         width = size
     layers.append(Dense(width, n_outputs))
+    return Sequential(layers, device=device, dtype=dtype, seed=seed)
+
+
+def cnn(
+    *,
+    batch_norm: bool = False,
+    in_channels: int = 1,
+    image_size: int = 28,
+    n_outputs: int = 10,
+    dropout: float = 0.5,
+    device: Device | str = "cpu",
+    dtype: str = "float32",
+    seed: int | None = None,
+) -> Sequential:
+    """The well-known small MNIST convolutional network (34,826 parameters on 28×28 images):
+
+        conv 32 3×3 → ReLU → max-pool 2 → conv 64 3×3 → ReLU → max-pool 2 → flatten → dropout 0.5 → dense 10
+
+    With ``batch_norm``, a BatchNorm after each convolution (its bias then dropped: the batch mean
+    takes it out). Images come as (batch, in_channels, image_size, image_size)."""
+    from .conv import Conv2D, MaxPool2D
+    from .layers import Flatten
+    from .normalization import BatchNorm
+
+    side = ((image_size - 2) // 2 - 2) // 2  # each 3×3 convolution takes 2, each pooling halves
+    if side < 1:
+        raise ValueError(f"cnn needs images of at least 10×10, got {image_size}×{image_size}")
+    layers: list[Layer] = []
+    for c_in, c_out in ((in_channels, 32), (32, 64)):
+        layers.append(Conv2D(c_in, c_out, 3, bias=not batch_norm))
+        if batch_norm:
+            layers.append(BatchNorm(c_out))
+        layers += [layer_registry.lookup("ReLU")(), MaxPool2D(2)]
+    layers.append(Flatten())
+    if dropout:
+        layers.append(Dropout(dropout))
+    layers.append(Dense(64 * side * side, n_outputs))
     return Sequential(layers, device=device, dtype=dtype, seed=seed)

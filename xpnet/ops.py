@@ -226,10 +226,11 @@ class Ops:
         views = self._pool_views(x, size, stride)
         best = views[0]
         winner = xp.zeros(best.shape, dtype=xp.int32, device=array_api_compat.device(x))
+        device = array_api_compat.device(x)
         for offset, view in enumerate(views[1:], start=1):
             larger = view > best  # strictly: an equal later value does not take the place
-            best = xp.where(larger, view, best)
-            winner = xp.where(larger, xp.asarray(offset, dtype=xp.int32, device=array_api_compat.device(x)), winner)
+            winner = xp.where(larger, xp.asarray(offset, dtype=xp.int32, device=device), winner)
+            best = xp.maximum(best, view)  # (where larger, the view; else best: the same values)
         return best, winner
 
     def max_pool2d_backward(self, dy, winner, shape, *, size: int, stride: int, site=None):
@@ -241,7 +242,9 @@ class Ops:
         for offset in range(size * size):
             u, v = divmod(offset, size)
             window = _window(u, v, stride, rows, cols)
-            out[window] = out[window] + xp.where(winner == offset, dy, 0.0)
+            share = xp.where(winner == offset, dy, 0.0)
+            # windows side by side (stride = size) never share a position: assigned, not added
+            out[window] = share if stride >= size else out[window] + share
         return out
 
     def avg_pool2d(self, x, *, size: int, stride: int, site=None):
