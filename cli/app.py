@@ -76,6 +76,7 @@ def train(
     ),
     dataset: str | None = typer.Option(None, help="mnist, wdbc, fashion-mnist or kmnist [default: mnist]"),
     data_dir: str | None = typer.Option(None, help="a folder with the dataset's files (IDX, or wdbc.csv)"),
+    model: str | None = typer.Option(None, help="mlp, cnn (the MNIST CNN) or cnn-bn (with BatchNorm) [default: mlp]"),
     hidden: str | None = typer.Option(None, help="hidden layer sizes, comma-separated [default: 128,64]"),
     activation: str | None = typer.Option(None, help="relu, leaky_relu, tanh or sigmoid [default: relu]"),
     dropout: float | None = typer.Option(None, help="dropout rate after each hidden layer [default: 0]"),
@@ -96,11 +97,12 @@ def train(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress and no epoch lines: the result only"),
     json_output: bool = typer.Option(False, "--json", help="print one JSON object at the end, nothing else"),
 ):
-    """Train an MLP (default: 784-128-64-10 on the embedded MNIST, on the CPU)."""
+    """Train an MLP (default: 784-128-64-10 on the embedded MNIST, on the CPU) or a CNN (--model cnn)."""
     options = dict(
         device=device,
         dataset=dataset,
         data_dir=data_dir,
+        model=model,
         hidden=hidden,
         activation=activation,
         dropout=dropout,
@@ -123,8 +125,9 @@ def train(
         if not talk:
             return []
         typer.echo(
-            f"training on {config['dataset']} with {config['device']}: hidden {config['hidden']}, "
-            f"{config['optimizer']} lr {config['lr']}, {config['epochs']} epochs, batch {config['batch_size']}"
+            f"training on {config['dataset']} with {config['device']}: "
+            + (f"hidden {config['hidden']}, " if config["model"] == "mlp" else f"model {config['model']}, ")
+            + f"{config['optimizer']} lr {config['lr']}, {config['epochs']} epochs, batch {config['batch_size']}"
         )
         return [ProgressBar(sys.stdout, interactive=sys.stdout.isatty())]
 

@@ -44,6 +44,7 @@ DEFAULTS = {
     "device": "cpu",
     "dataset": "mnist",
     "data_dir": None,
+    "model": "mlp",
     "hidden": "128,64",
     "activation": "relu",
     "dropout": 0.0,
@@ -60,6 +61,10 @@ DEFAULTS = {
 }
 DEFAULT_LR = {"sgd": 0.1, "momentum": 0.05, "adam": 1e-3, "adamw": 1e-3}
 SCHEDULES = ("none", "step", "exponential", "cosine", "warmup")
+#: The networks --model names: the MLP of --hidden, and the MNIST CNN (xn.cnn), with BatchNorm or not.
+MODELS = ("mlp", "cnn", "cnn-bn")
+#: The CNN's dropout before its last layer, unless --dropout says otherwise.
+CNN_DROPOUT = 0.5
 #: Every field a saved config.json must hold, besides these.
 SAVED_EXTRA = ("xpnet_version",)
 
@@ -77,6 +82,7 @@ def parse_hidden(text) -> list[int]:
 _TYPES = {
     "device": str,
     "dataset": str,
+    "model": str,
     "activation": str,
     "optimizer": str,
     "schedule": str,
@@ -120,6 +126,7 @@ def _resolved(config: dict, options: dict, saved: dict | None) -> dict:
         if not isinstance(config[key], kind) or isinstance(config[key], bool):
             raise CLIError(f"{key} must be of type {getattr(kind, '__name__', 'number')}, got {config[key]!r}")
     config["dataset"] = config["dataset"].lower()  # as load_dataset reads it
+    _check_model(config, options, saved)
     if config["data_dir"] is not None:
         if not isinstance(config["data_dir"], str):
             raise CLIError(f"data_dir must be a folder name or null, got {config['data_dir']!r}")
@@ -168,10 +175,28 @@ def _resolved(config: dict, options: dict, saved: dict | None) -> dict:
     return config
 
 
+def _check_model(config: dict, options: dict, saved: dict | None) -> None:
+    """--model: one of MODELS; a CNN takes images, has no --hidden or --activation, and drops out
+    CNN_DROPOUT before its last layer unless --dropout is given."""
+    model = config["model"]
+    if model not in MODELS:
+        raise CLIError(f"--model must be one of {', '.join(MODELS)}, got {model!r}")
+    if model == "mlp":
+        return
+    if config["dataset"] == "wdbc":
+        raise CLIError(f"--model {model} takes images; wdbc is a table of 30 features: use --model mlp")
+    for option in ("hidden", "activation"):
+        if options.get(option) is not None:
+            raise CLIError(f"--{option} shapes the MLP; --model {model} is a fixed network (xn.cnn)")
+    if saved is None and options.get("dropout") is None:
+        config["dropout"] = CNN_DROPOUT
+
+
 def _check_saved_fields(saved, source: str) -> None:
     if not isinstance(saved, dict):
         raise CLIError(f"{source} does not hold a JSON object")
-    missing = [key for key in DEFAULTS if key not in saved]
+    # "model" came with the CNNs: a run saved before it is an MLP's
+    missing = [key for key in DEFAULTS if key not in saved and key != "model"]
     unknown = [key for key in saved if key not in DEFAULTS and key not in SAVED_EXTRA]
     if missing:
         raise CLIError(f"{source} lacks {', '.join(missing)}: it is damaged or not an xpnet run configuration")
@@ -203,6 +228,12 @@ class Data:
     dataset: object
     loss: str
     extra: dict
+    #: The shape of one example as the model takes it: (C, H, W) for a CNN, None for rows.
+    example_shape: tuple | None = None
+
+    def model_input(self, x):
+        """x (rows of pixels, or images) as the model takes it."""
+        return x if self.example_shape is None else np.reshape(x, (x.shape[0], *self.example_shape))
 
 
 def load_data(config: dict) -> Data:
@@ -223,13 +254,24 @@ def load_data(config: dict) -> Data:
     if dataset.task == "binary":  # tables are standardized with the training split's statistics
         dataset = dataset.standardized()
         extra = {"data_mean": dataset.standardization[0], "data_std": dataset.standardization[1]}
-    return Data(dataset, "bce" if dataset.task == "binary" else "cross_entropy", extra)
+    shape = None
+    if config["model"] != "mlp":  # the images of every split as (N, 1, H, W): views, no copies
+        shape = (1, *dataset.image_shape)
+        dataset = dataclasses.replace(
+            dataset,
+            **{
+                name: xn.data.Split(np.reshape(part.x, (len(part), *shape)), part.y)
+                for name in ("train", "val", "test")
+                if (part := getattr(dataset, name)) is not None
+            },
+        )
+    return Data(dataset, "bce" if dataset.task == "binary" else "cross_entropy", extra, shape)
 
 
 def class_probabilities(model, data: Data, x) -> np.ndarray:
     """(N, C) class probabilities on the host: softmax of the logits, or [1 − σ, σ] for a binary
     model's single logit."""
-    logits = model.device.to_host(xn.predict(model, x)).astype(np.float64)  # float32 exp overflows above ~88
+    logits = model.device.to_host(xn.predict(model, data.model_input(x))).astype(np.float64)  # exp: float64
     if data.dataset.task == "binary":
         p = 1.0 / (1.0 + np.exp(-np.clip(logits[:, 0], -500, 500)))
         return np.stack([1.0 - p, p], axis=1)
@@ -255,10 +297,16 @@ def training_bytes(config: dict, data: Data) -> tuple[int, int]:
     """(parameters, bytes) of training the run's MLP: each parameter with its gradient, two
     optimizer slots and early stopping's copy of the best weights, plus a batch's activations
     and their gradients (three arrays per layer)."""
-    widths = [data.dataset.num_features, *config["hidden"], data.dataset.num_outputs]
-    parameters = sum((fan_in + 1) * fan_out for fan_in, fan_out in zip(widths, widths[1:]))
     itemsize = 4 if config["dtype"] == "float32" else 8
     batch = min(config["batch_size"], len(data.dataset.train))
+    if config["model"] != "mlp":  # the CNN's activations per example: 28², 32·26², 32·13², 64·11², 64·5², 10
+        side = data.dataset.image_shape[0]
+        sizes = [side - 2, (side - 2) // 2, (side - 2) // 2 - 2, ((side - 2) // 2 - 2) // 2]
+        widths = [side * side, 32 * sizes[0] ** 2, 32 * sizes[1] ** 2, 64 * sizes[2] ** 2, 64 * sizes[3] ** 2, 10]
+        parameters = 32 * 10 + 64 * (32 * 9 + 1) + (64 * sizes[3] ** 2 + 1) * data.dataset.num_outputs
+        return parameters, itemsize * (5 * parameters + 3 * batch * sum(widths))
+    widths = [data.dataset.num_features, *config["hidden"], data.dataset.num_outputs]
+    parameters = sum((fan_in + 1) * fan_out for fan_in, fan_out in zip(widths, widths[1:]))
     return parameters, itemsize * (5 * parameters + 3 * batch * sum(widths))
 
 
@@ -279,6 +327,17 @@ def check_memory(config: dict, data: Data) -> None:
 def build_model(config: dict, data: Data, device: xn.Device) -> xn.Sequential:
     check_memory(config, data)
     try:
+        if config["model"] != "mlp":
+            return xn.cnn(
+                batch_norm=config["model"] == "cnn-bn",
+                in_channels=data.example_shape[0],
+                image_size=data.example_shape[1],
+                n_outputs=data.dataset.num_outputs,
+                dropout=config["dropout"],
+                device=device,
+                dtype=config["dtype"],
+                seed=config["seed"],
+            )
         return xn.mlp(
             data.dataset.num_features,
             config["hidden"],

@@ -1,0 +1,83 @@
+"""``xpnet train --model cnn|cnn-bn``: images reach the network as (N, 1, 28, 28); evaluate, predict
+and --resume work with CNNs (BatchNorm's running statistics included). On a small slice of MNIST,
+written as IDX files, so that a CNN epoch takes seconds."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from conftest import assert_one_line_error
+from typer.testing import CliRunner
+
+from cli.app import app
+from xpnet.data import load_dataset, write_idx
+from xpnet.io import load_checkpoint
+
+runner = CliRunner()
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def small_mnist(tmp_path_factory):
+    """600 training and 200 test images of MNIST, as the four IDX files."""
+    folder = tmp_path_factory.mktemp("small-mnist")
+    ds = load_dataset("mnist", flatten=False)
+    for split, stem, n in ((ds.train, "train", 600), (ds.test, "t10k", 200)):
+        write_idx(folder / f"{stem}-images-idx3-ubyte", np.round(split.x[:n] * 255).astype(np.uint8))
+        write_idx(folder / f"{stem}-labels-idx1-ubyte", split.y[:n].astype(np.uint8))
+    return folder
+
+
+def _train(folder, run, *extra):
+    result = invoke(
+        "train", "--data-dir", folder, "--batch-size", 64, "--val-split", 0.1, "--out", run, "--json", *extra
+    )
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
+
+
+@pytest.mark.parametrize("model", ["cnn", "cnn-bn"])
+def test_a_cnn_trains_evaluates_predicts_and_resumes_bit_for_bit(small_mnist, tmp_path, model):
+    whole = _train(small_mnist, tmp_path / "whole", "--model", model, "--epochs", 3)
+    assert whole["test_accuracy"] > 0.5  # 540 images, 3 epochs: well above chance (0.1)
+    config = json.loads((tmp_path / "whole" / "config.json").read_text())
+    assert config["model"] == model and config["dropout"] == 0.5
+    saved = load_checkpoint(tmp_path / "whole" / "checkpoint.safetensors")
+    kinds = [layer["type"] for layer in saved.meta["model"]["layers"]]
+    assert kinds[:2] == (["Conv2D", "BatchNorm"] if model == "cnn-bn" else ["Conv2D", "ReLU"])
+    if model == "cnn-bn":
+        assert "1.running_mean" in saved.model and "1.running_var" in saved.model
+
+    _train(small_mnist, tmp_path / "part", "--model", model, "--epochs", 1)
+    result = invoke("train", "--resume", tmp_path / "part", "--epochs", 3, "--json")
+    assert result.exit_code == 0, result.output
+    resumed = load_checkpoint(tmp_path / "part" / "checkpoint.safetensors")
+    for key, value in saved.model.items():  # parameters and BatchNorm's running statistics
+        np.testing.assert_array_equal(resumed.model[key], value, err_msg=key)
+    assert json.loads(result.stdout)["test_accuracy"] == whole["test_accuracy"]
+
+    report = invoke("evaluate", tmp_path / "whole", "--json")
+    assert report.exit_code == 0, report.output
+    assert json.loads(report.stdout)["accuracy"] == pytest.approx(whole["test_accuracy"])
+    test = load_dataset("mnist", flatten=False).test
+    np.save(tmp_path / "rows.npy", test.x[:3].reshape(3, -1))
+    predicted = invoke("predict", tmp_path / "whole", tmp_path / "rows.npy")
+    assert predicted.exit_code == 0, predicted.output
+    assert len(predicted.stdout.splitlines()) == 3
+
+
+def test_cnn_options_that_do_not_apply_are_one_clear_error(small_mnist, tmp_path):
+    run = tmp_path / "run"
+    assert_one_line_error(
+        invoke("train", "--model", "cnn", "--hidden", "32", "--out", run), 2, "--hidden shapes the MLP; --model cnn"
+    )
+    assert_one_line_error(
+        invoke("train", "--model", "cnn", "--dataset", "wdbc", "--out", run), 2, "--model cnn takes images; wdbc"
+    )
+    assert_one_line_error(invoke("train", "--model", "resnet", "--out", run), 2, "--model must be one of mlp, cnn")
+    assert not run.exists()
