@@ -47,8 +47,11 @@ def plot_run(run_dir, device=None) -> list[Path]:
         predicted = probabilities.argmax(axis=1)
         written.append(_confusion(plt, ds, predicted, out))
         if ds.image_shape is not None:
-            first = model.layers[0].params["W"]
-            written.append(_weights(plt, model.device.to_host(first), ds.image_shape, out))
+            first = model.device.to_host(model.layers[0].params["W"])
+            # a Dense's rows are images of the input; a Conv2D's filters are k×k images (their first channel)
+            shape = ds.image_shape if first.ndim == 2 else first.shape[2:]
+            unit = "neurons" if first.ndim == 2 else "filters"
+            written.append(_weights(plt, first if first.ndim == 2 else first[:, 0], shape, out, unit))
             written.append(_mistakes(plt, ds, probabilities, predicted, out))
     return written
 
@@ -123,7 +126,7 @@ def _confusion(plt, ds, predicted, out: Path) -> Path:
     return _save(plt, fig, out / "confusion.png")
 
 
-def _weights(plt, weights: np.ndarray, shape, out: Path) -> Path:
+def _weights(plt, weights: np.ndarray, shape, out: Path, unit: str = "neurons") -> Path:
     count = min(weights.shape[0], 64)
     cols = 8
     rows = math.ceil(count / cols)
@@ -134,7 +137,7 @@ def _weights(plt, weights: np.ndarray, shape, out: Path) -> Path:
             image = weights[i].reshape(shape)
             limit = np.abs(image).max() or 1.0
             ax.imshow(image, cmap="seismic", vmin=-limit, vmax=limit)
-    fig.suptitle(f"first-layer weights: {count} of {weights.shape[0]} neurons (red +, blue −)")
+    fig.suptitle(f"first-layer weights: {count} of {weights.shape[0]} {unit} (red +, blue −)")
     return _save(plt, fig, out / "first_layer_weights.png")
 
 

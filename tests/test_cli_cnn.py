@@ -69,6 +69,10 @@ def test_a_cnn_trains_evaluates_predicts_and_resumes_bit_for_bit(small_mnist, tm
     predicted = invoke("predict", tmp_path / "whole", tmp_path / "rows.npy")
     assert predicted.exit_code == 0, predicted.output
     assert len(predicted.stdout.splitlines()) == 3
+    plotted = invoke("plot", tmp_path / "whole")
+    assert plotted.exit_code == 0, plotted.output
+    names = sorted(path.name for path in (tmp_path / "whole" / "plots").glob("*.png"))
+    assert names == ["confusion.png", "curves.png", "first_layer_weights.png", "misclassified.png"]
 
 
 def test_cnn_options_that_do_not_apply_are_one_clear_error(small_mnist, tmp_path):
