@@ -37,15 +37,23 @@ def relative(a, b) -> float:
     return float(np.max(np.abs(a - b)) / scale) if scale > 0 else float(np.max(np.abs(a - b), initial=0.0))
 
 
+ROWS, IMAGES = (8, 6), (8, 2, 6, 6)
+#: Each layer checked: the layers of a small model (after a Dense or a Conv2D that feeds it) and
+#: the input's shape.
 LAYERS = {
-    "Dense": lambda: [xn.Dense(6, 5)],
-    "ReLU": lambda: [xn.Dense(6, 5), xn.ReLU()],
-    "LeakyReLU": lambda: [xn.Dense(6, 5), xn.LeakyReLU(0.1)],
-    "Sigmoid": lambda: [xn.Dense(6, 5), xn.Sigmoid()],
-    "Tanh": lambda: [xn.Dense(6, 5), xn.Tanh()],
-    "Softmax": lambda: [xn.Dense(6, 5), xn.Softmax()],
-    "Dropout": lambda: [xn.Dense(6, 5), xn.Dropout(0.3)],
-    "Flatten": lambda: [xn.Flatten(), xn.Dense(6, 5)],
+    "Dense": (lambda: [xn.Dense(6, 5)], ROWS),
+    "ReLU": (lambda: [xn.Dense(6, 5), xn.ReLU()], ROWS),
+    "LeakyReLU": (lambda: [xn.Dense(6, 5), xn.LeakyReLU(0.1)], ROWS),
+    "Sigmoid": (lambda: [xn.Dense(6, 5), xn.Sigmoid()], ROWS),
+    "Tanh": (lambda: [xn.Dense(6, 5), xn.Tanh()], ROWS),
+    "Softmax": (lambda: [xn.Dense(6, 5), xn.Softmax()], ROWS),
+    "Dropout": (lambda: [xn.Dense(6, 5), xn.Dropout(0.3)], ROWS),
+    "Flatten": (lambda: [xn.Flatten(), xn.Dense(6, 5)], (8, 2, 3)),
+    "Conv2D": (lambda: [xn.Conv2D(2, 3, 3, padding=1), xn.Conv2D(3, 2, 3, stride=2)], IMAGES),
+    "MaxPool2D": (lambda: [xn.Conv2D(2, 3, 1), xn.MaxPool2D(2)], IMAGES),
+    "AvgPool2D": (lambda: [xn.Conv2D(2, 3, 1), xn.AvgPool2D(3, 2)], IMAGES),
+    "BatchNorm": (lambda: [xn.Conv2D(2, 3, 3, bias=False), xn.BatchNorm(3)], IMAGES),
+    "Residual": (lambda: [xn.Residual([xn.Conv2D(2, 2, 3, padding="same"), xn.ReLU()])], IMAGES),
 }
 
 
@@ -57,13 +65,15 @@ def layer_checks(device: str, dtype: str, seed: int) -> list[Check]:
     tolerance = 1e-5 if dtype == "float32" else 1e-12
     rng = np.random.default_rng(seed)
     checks = []
-    for name, make in LAYERS.items():
-        x = rng.normal(size=(8, 2, 3) if name == "Flatten" else (8, 6))
-        dy = rng.normal(size=(8, 5))
+    for name, (make, shape) in LAYERS.items():
+        x = rng.normal(size=shape)
+        dy = None
         results = []
         for where in ("cpu", device):
             model = xn.Sequential(make(), device=where, dtype=dtype, seed=seed)
             out = model.forward(model.device.to_device(x, dtype), training=True)
+            if dy is None:  # δ of the output's shape, drawn once for both devices
+                dy = rng.normal(size=tuple(out.shape))
             dx = model.backward(model.device.to_device(dy, dtype), input_grad=True)
             grads = {k: _host(model, g) for k, g in model.named_gradients().items()}
             results.append((_host(model, out), _host(model, dx), grads))

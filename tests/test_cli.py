@@ -559,7 +559,9 @@ def test_parity_against_the_strict_stand_in():
     assert result.exit_code == 0, result.output
     lines = result.stdout.splitlines()
     assert lines[0] == "parity: cpu against strict:device1"
-    assert lines[-1] == "34 of 34 checks passed"  # 8 layers × forward/backward × 2 dtypes, 2 optimizers
+    assert lines[-1] == "54 of 54 checks passed"  # 13 layers × forward/backward × 2 dtypes, 2 optimizers
+    for name in ("Conv2D", "MaxPool2D", "AvgPool2D", "BatchNorm", "Residual"):
+        assert any(line.startswith(f"{name} backward (float64)") and line.endswith("ok") for line in lines), name
     assert any(line.startswith("parameters after 10 Adam steps") and line.endswith("ok") for line in lines)
 
 
@@ -575,7 +577,7 @@ def test_parity_fails_loudly_when_a_device_computes_differently(monkeypatch):
         def backward(self, dy, need_input_grad=True):
             return dy
 
-    monkeypatch.setattr(parity, "LAYERS", {"Skewed": lambda: [xpnet.Dense(6, 5), Skewed()]})
+    monkeypatch.setattr(parity, "LAYERS", {"Skewed": (lambda: [xpnet.Dense(6, 5), Skewed()], parity.ROWS)})
     result = invoke("parity", "--device", "strict:device1", "--no-mnist")
     assert result.exit_code == 1
     assert "Skewed forward (float32)" in result.stdout and "FAILED" in result.stdout
