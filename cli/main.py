@@ -41,6 +41,15 @@ def _ignore_interrupts(signal) -> None:
         pass
 
 
+def _defer_interrupts(interrupted: list):
+    """SIGINT only noted (in ``interrupted``) from now on; returns the handler to put back, or
+    None where handlers cannot be set (not the main thread)."""
+    try:
+        return signal.signal(signal.SIGINT, lambda signum, frame: interrupted.append(signum))
+    except (ValueError, OSError):
+        return None
+
+
 def _restore_interrupts(signal, handler) -> None:
     try:
         signal.signal(signal.SIGINT, handler)
@@ -71,6 +80,11 @@ def _streams_present() -> None:
 
 
 def _run(argv: list[str] | None) -> int:
+    # A Ctrl-C during the imports (typer, rich, NumPy, xpnet and what they import) waits until
+    # they are done: raised inside a third-party import, it could meet a bare ``except:`` there and
+    # be lost, and the command would go on as if never interrupted.
+    interrupted: list = []
+    previous = _defer_interrupts(interrupted)
     try:
         import typer
 
@@ -78,6 +92,11 @@ def _run(argv: list[str] | None) -> int:
     except ImportError as exc:  # typer missing: the library works, the command line does not
         _say(f"the command line needs typer ({exc}): pip install xpnet")
         return 2
+    finally:
+        if previous is not None:
+            _restore_interrupts(signal, previous)
+    if interrupted:
+        raise KeyboardInterrupt
     try:
         result = app(args=argv, prog_name="xpnet", standalone_mode=False)
         sys.stdout.flush()  # a closed pipe shows here, not as an ignored exception at exit
