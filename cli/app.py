@@ -22,6 +22,7 @@ app = typer.Typer(
     add_completion=False,
     no_args_is_help=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # help text as written: its "[default: ...]" is not rich markup to strip
     help="xpnet: train and inspect neural networks on NumPy (cpu) or CuPy (cuda).",
 )
 
@@ -79,17 +80,24 @@ def train(
     model: str | None = typer.Option(None, help="mlp, cnn (the MNIST CNN) or cnn-bn (with BatchNorm) [default: mlp]"),
     hidden: str | None = typer.Option(None, help="hidden layer sizes, comma-separated [default: 128,64]"),
     activation: str | None = typer.Option(None, help="relu, leaky_relu, tanh or sigmoid [default: relu]"),
-    dropout: float | None = typer.Option(None, help="dropout rate after each hidden layer [default: 0]"),
+    dropout: float | None = typer.Option(
+        None, help="dropout rate after each hidden layer (the CNN: before its last layer) [default: 0; cnn 0.5]"
+    ),
     optimizer: str | None = typer.Option(None, help="sgd, momentum, adam or adamw [default: adam]"),
     lr: float | None = typer.Option(None, help="learning rate [default: 0.001 for adam/adamw, 0.1 sgd, 0.05 momentum]"),
     weight_decay: float | None = typer.Option(None, help="L2 (decoupled for adamw) weight decay [default: 0]"),
-    schedule: str | None = typer.Option(None, help="none, step (halve per epoch), exponential, cosine, warmup"),
+    schedule: str | None = typer.Option(
+        None, help="none, step (halve per epoch), exponential, cosine, warmup [default: none]"
+    ),
     epochs: int | None = typer.Option(None, help="epochs in all (with --resume: the new total) [default: 5]"),
     batch_size: int | None = typer.Option(None, help="examples per step [default: 128]"),
     seed: int | None = typer.Option(None, help="seed for weights, split, batch order, dropout [default: 0]"),
     val_split: float | None = typer.Option(None, help="fraction of training data for validation [default: 0.1]"),
     early_stopping: int | None = typer.Option(
-        None, "--early-stopping", metavar="PATIENCE", help="stop after PATIENCE epochs without a better val loss"
+        None,
+        "--early-stopping",
+        metavar="PATIENCE",
+        help="stop after PATIENCE epochs without a better val loss [default: 0, off]",
     ),
     dtype: str | None = typer.Option(None, help="float32 or float64 [default: float32]"),
     out: str | None = typer.Option(None, metavar="RUN_DIR", help="run folder [default: runs/DATASET-TIME]"),

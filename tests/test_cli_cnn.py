@@ -85,3 +85,30 @@ def test_cnn_options_that_do_not_apply_are_one_clear_error(small_mnist, tmp_path
     )
     assert_one_line_error(invoke("train", "--model", "resnet", "--out", run), 2, "--model must be one of mlp, cnn")
     assert not run.exists()
+
+
+def test_train_help_shows_each_options_default():
+    result = runner.invoke(app, ["train", "--help"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0
+    text = " ".join(result.stdout.split()).split("Options:", 1)[1]
+    expected = [
+        ("--device", "cpu"),
+        ("--dataset", "mnist"),
+        ("--model", "mlp"),
+        ("--hidden", "128,64"),
+        ("--activation", "relu"),
+        ("--dropout", "0; cnn 0.5"),
+        ("--optimizer", "adam"),
+        ("--schedule", "none"),
+        ("--epochs", "5"),
+        ("--batch-size", "128"),
+        ("--seed", "0"),
+        ("--val-split", "0.1"),
+        ("--early-stopping", "0, off"),
+        ("--dtype", "float32"),
+        ("--out", "runs/DATASET-TIME"),
+    ]
+    starts = [text.index(f" {option} ") for option, _ in expected] + [len(text)]
+    assert starts[:-1] == sorted(starts[:-1])  # in this order in the help
+    for (option, default), start, end in zip(expected, starts, starts[1:]):
+        assert f"[default: {default}]" in text[start:end], option
