@@ -7,8 +7,7 @@ image, one matrix product per chunk of images), as Dense computes through ``Ops.
 
 from __future__ import annotations
 
-from .initializers import get_initializer
-from .layers import Layer, _misshapen, register_layer
+from .layers import Layer, _misshapen, _Weighted, register_layer
 
 __all__ = ["Conv2D", "MaxPool2D", "AvgPool2D", "GlobalAvgPool2D"]
 
@@ -36,7 +35,7 @@ def _images(layer, x, channels: int | None, smallest: int) -> None:
 
 
 @register_layer
-class Conv2D(Layer):
+class Conv2D(_Weighted):
     """A 2-D convolution (cross-correlation, as in PyTorch) of NCHW images:
 
         y[n, o, i, j] = Σ_{c,u,v} W[o, c, u, v] · x̃[n, c, i·s + u, j·s + v] + b[o]
@@ -47,10 +46,6 @@ class Conv2D(Layer):
         ∂L/∂W = Σₙ δₙ colsₙᵀ,  ∂L/∂b = Σ_{n,i,j} δ,  ∂L/∂x = col2im(Wᵀ δ)
     He or Xavier initialization counts the receptive field in the fans: fan_in = C·k·k.
     """
-
-    @property
-    def no_decay(self) -> tuple:
-        return ("b",) if self.bias else ()  # the bias, when there is one, takes no weight decay
 
     def __init__(
         self,
@@ -88,13 +83,8 @@ class Conv2D(Layer):
 
     def build(self, device, dtype, next_layer=None):
         super().build(device, dtype, next_layer)
-        name = self.init
-        if name == "auto":  # He before ReLU-like units, Xavier before the rest, as Dense
-            name = next_layer.default_init if next_layer is not None else Layer.default_init
-        shape = (self.out_channels, self.in_channels, self.kernel_size, self.kernel_size)
-        self.params["W"] = get_initializer(name)(device, shape, dtype)
-        if self.bias:
-            self.params["b"] = get_initializer("zeros")(device, (self.out_channels,), dtype)
+        k = self.kernel_size
+        self._make_weights(device, dtype, next_layer, (self.out_channels, self.in_channels, k, k))
 
     def output_size(self, height: int, width: int) -> tuple[int, int]:
         """(H', W') for images of height × width."""
@@ -124,10 +114,7 @@ class Conv2D(Layer):
             need_dx=need_input_grad,
             site=self.scratch,
         )
-        self.grads["W"] = dW
-        if self.bias:
-            self.grads["b"] = db
-        return dx
+        return self._hand_over(dW, db, dx)
 
     def config(self):
         return {

@@ -217,8 +217,42 @@ def layer_from_spec(spec, where: str) -> Layer:
         raise ValueError(f"{where} ({kind}) cannot be rebuilt from its config {spec!r:.200}: {exc}") from None
 
 
+def build_in_order(layers, device, dtype, after: Layer | None = None) -> None:
+    """Build each layer with the layer its weights feed: the next one with a ``default_init``
+    (looking through Dropout, Flatten, pooling), else ``after`` (what follows the list)."""
+    for i, layer in enumerate(layers):
+        following = next((later for later in layers[i + 1 :] if later.default_init), after)
+        layer.build(device, dtype, following)
+
+
+class _Weighted(Layer):
+    """A layer with a weight W and, when ``bias`` is set, a bias b per row of W (Dense, Conv2D):
+    their initialization, their weight decay (W takes it, b does not) and their gradients."""
+
+    @property
+    def no_decay(self) -> tuple:
+        return ("b",) if self.bias else ()
+
+    def _make_weights(self, device, dtype, next_layer, shape) -> None:
+        """W of ``shape`` from ``init`` ("auto": He before ReLU-like units, Xavier before the rest
+        and at the output) and b of zeros."""
+        name = self.init
+        if name == "auto":
+            name = next_layer.default_init if next_layer is not None else Layer.default_init
+        self.params["W"] = get_initializer(name)(device, shape, dtype)
+        if self.bias:
+            self.params["b"] = get_initializer("zeros")(device, (shape[0],), dtype)
+
+    def _hand_over(self, dW, db, dx):
+        """Give the store ∂L/∂W and ∂L/∂b; return ∂L/∂x."""
+        self.grads["W"] = dW
+        if self.bias:
+            self.grads["b"] = db
+        return dx
+
+
 @register_layer
-class Dense(Layer):
+class Dense(_Weighted):
     """A fully connected layer: z = W·x + b for each example, z = x Wᵀ + b for a batch.
 
     W is shaped (out_features, in_features): row j holds the weights of neuron j.
@@ -240,22 +274,12 @@ class Dense(Layer):
         self.x = None
 
     @property
-    def no_decay(self) -> tuple:
-        return ("b",) if self.bias else ()  # the bias, when there is one, takes no weight decay
-
-    @property
     def input_features(self) -> int:
         return self.in_features
 
     def build(self, device, dtype, next_layer=None):
         super().build(device, dtype, next_layer)
-        name = self.init
-        if name == "auto":  # He before ReLU-like units, Xavier before the rest and at the output
-            name = next_layer.default_init if next_layer is not None else Layer.default_init
-        shape = (self.out_features, self.in_features)
-        self.params["W"] = get_initializer(name)(device, shape, dtype)
-        if self.bias:
-            self.params["b"] = get_initializer("zeros")(device, (self.out_features,), dtype)
+        self._make_weights(device, dtype, next_layer, (self.out_features, self.in_features))
 
     fusable_activations = ("relu",)
 
@@ -307,10 +331,7 @@ class Dense(Layer):
             db=self.grads.get("b"),
             site=self.scratch,
         )
-        self.grads["W"] = dW
-        if self.bias:
-            self.grads["b"] = db
-        return dx
+        return self._hand_over(dW, db, dx)
 
     def config(self):
         return {
@@ -496,10 +517,7 @@ class Residual(Layer):
 
     def build(self, device, dtype, next_layer=None):
         super().build(device, dtype, next_layer)
-        for j, layer in enumerate(self.sublayers):
-            # the activation an inner Dense or Conv2D feeds: within the block, else what follows it
-            following = next((later for later in self.sublayers[j + 1 :] if later.default_init), next_layer)
-            layer.build(device, dtype, following)
+        build_in_order(self.sublayers, device, dtype, next_layer)  # within the block, else what follows it
 
     def forward(self, x, training=False):
         out = x

@@ -15,7 +15,7 @@ import contextlib
 import math
 
 from .backend import Device, dtype_name, get_device, is_device_array
-from .layers import Dense, Dropout, Layer, layer_from_spec, layer_registry, layer_spec, walk
+from .layers import Dense, Dropout, Layer, build_in_order, layer_from_spec, layer_registry, layer_spec, walk
 from .parameters import ParameterStore, placed
 
 __all__ = ["Sequential", "mlp", "cnn"]
@@ -51,10 +51,7 @@ class Sequential:
         self.xp = self.device.xp
         self.dtype = self.device.dtype(dtype)
         with self.device:
-            for i, layer in enumerate(self.layers):
-                # the activation a Dense layer feeds, looking through Dropout and Flatten
-                following = next((later for later in self.layers[i + 1 :] if later.default_init), None)
-                layer.build(self.device, self.dtype, following)
+            build_in_order(self.layers, self.device, self.dtype)
         first = [i for i, layer in enumerate(self.layers) if any(inner.params for _, inner in walk([layer]))]
         self._first_trainable = first[0] if first else len(self.layers)
         with self.device:
