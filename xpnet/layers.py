@@ -142,9 +142,6 @@ class Layer:
     def backward(self, dy, need_input_grad: bool = True):
         raise NotImplementedError
 
-    def check_parameters(self) -> None:
-        """Raise ValueError if a parameter no longer has the layer's shape (fit asks once an epoch)."""
-
     def config(self) -> dict:
         """The constructor keyword arguments that rebuild this layer, as JSON values (numbers,
         strings, booleans, None, lists, dicts): ``type(layer)(**layer.config())`` is the same
@@ -299,21 +296,6 @@ class Dense(_Weighted):
         self.x = x
         site = self.scratch if training else None  # evaluation outputs are always new arrays
         return self.ops.affine(x, self.params["W"], self.params.get("b"), activation=activation, site=site)
-
-    def check_parameters(self) -> None:
-        """ValueError unless W and b still have this layer's shapes (fit checks this once per epoch:
-        the compiled bias pass reads b for every output column)."""
-        W, b = self.params.get("W"), self.params.get("b")
-        if W is None or tuple(W.shape) != (self.out_features, self.in_features):
-            raise ValueError(
-                f"{self!r} holds W of shape {None if W is None else tuple(W.shape)}, expected "
-                f"{(self.out_features, self.in_features)}: load parameters with model.load_state_dict"
-            )
-        if self.bias and (b is None or tuple(b.shape) != (self.out_features,)):
-            raise ValueError(
-                f"{self!r} holds b of shape {None if b is None else tuple(b.shape)}, expected "
-                f"{(self.out_features,)}: load parameters with model.load_state_dict"
-            )
 
     def backward(self, delta, need_input_grad=True):
         """∂L/∂W = δᵀ x, ∂L/∂b = Σ δ, ∂L/∂x = δ W (``Ops.affine_backward``)."""
@@ -538,10 +520,6 @@ class Residual(Layer):
         for layer in reversed(self.sublayers):
             delta = layer.backward(delta, need_input_grad=True)
         return dy + delta
-
-    def check_parameters(self) -> None:
-        for layer in self.sublayers:
-            layer.check_parameters()
 
     def config(self):
         return {

@@ -59,7 +59,6 @@ class Sequential:
             self.store = ParameterStore(self.layers, self.device.ops, self.dtype, self.device.owns, self.device.name)
         self._slots = [(entry.key, entry.layer, entry.name) for entry in self.store.entries]
         self.named_state()  # layer state as built: arrays of the model's device, named apart from parameters
-        self.has_gradients = False  # set by backward
         self._array_type = _array_type(self.device)
         self._output_shape = None  # of the last forward pass: the shape backward's δ must have
         self._pending = False  # a training pass has run and its backward has not
@@ -199,7 +198,6 @@ class Sequential:
         with self.device:
             for i in range(len(self.layers) - 1, stop - 1, -1):
                 delta = self.layers[i].backward(delta, need_input_grad=input_grad or i > stop)
-        self.has_gradients = True
         return delta if input_grad else None
 
     def _refuse_delta(self, delta, expected) -> None:
@@ -219,9 +217,7 @@ class Sequential:
     def reusing_buffers(self):
         """Within this, training-mode outputs may live in buffers reused every step (fit's loop,
         which consumes each step's arrays before the next): the device's Ops in ``reusing()``."""
-        for layer in self.layers:  # a fused pass trusts the parameters' shapes: checked here, once
-            layer.check_parameters()
-        with self.device.ops.reusing():
+        with self.device.ops.reusing():  # (the store keeps every parameter at its shape)
             yield self
 
     # ---------------------------------------------------------- parameters
