@@ -74,23 +74,13 @@ class Ops:
             mode.reusing = before
 
     @staticmethod
-    @contextlib.contextmanager
     def trusting(labels):
         """Within this, ``labels`` count as checked (``trusted``): the caller checked them."""
-        token = _TRUSTED.set(labels)
-        try:
-            yield labels
-        finally:
-            _TRUSTED.reset(token)
+        return _set_within(_TRUSTED, labels)
 
-    @contextlib.contextmanager
     def active(self):
         """Make this the Ops that losses and metrics use for arrays of its namespace."""
-        token = _CURRENT.set(self)
-        try:
-            yield self
-        finally:
-            _CURRENT.reset(token)
+        return _set_within(_CURRENT, self)
 
     def computing(self):
         """A context for a whole computation (``fit``, ``evaluate``, ``predict``): within it the
@@ -486,6 +476,16 @@ class BufferedOps(Ops):
             return super().softmax_cross_entropy(z, labels)
         delta = self.fast.buffer({}, "delta", tuple(z.shape), z.dtype)  # new each call: δ is the caller's
         return self.fast.softmax_cross_entropy(z, labels, delta)
+
+
+@contextlib.contextmanager
+def _set_within(variable: contextvars.ContextVar, value):
+    """``variable`` holds ``value`` within the block (and the block gets it), as before after it."""
+    token = variable.set(value)
+    try:
+        yield value
+    finally:
+        variable.reset(token)
 
 
 def trust(labels):
