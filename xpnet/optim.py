@@ -310,10 +310,10 @@ class Optimizer:
             if new is not param.value:
                 store.set_value(param, new)
 
-    def _decayed(self, param, g=None):
+    def _decayed(self, param):
         """g + λθ for parameters that take weight decay (``param.decay``, declared by the layer:
         Dense's weights do, its bias does not)."""
-        g = param.grad if g is None else g
+        g = param.grad
         if not self.weight_decay or not param.decay:
             return g
         return g + self.weight_decay * param.value

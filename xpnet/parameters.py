@@ -163,8 +163,6 @@ class ParameterStore:
         self.total = sum(entry.size for entry in self.entries)
         self._ops = ops
         values = ops.flat_storage(self.total, dtype) if self.total else None
-        #: "flat" (one array per kind, each parameter a view into it) or "separate".
-        self.layout = "separate" if values is None else "flat"
         self._flat_values = values
         self._flat_grads = ops.flat_storage(self.total, dtype) if values is not None else None
         #: Whether arrays of this namespace can be written in place (all but a few, such as JAX's)
@@ -191,6 +189,11 @@ class ParameterStore:
     @property
     def flat(self) -> bool:
         return self._flat_values is not None
+
+    @property
+    def layout(self) -> str:
+        """ "flat" (one array per kind, each parameter a view into it) or "separate"."""
+        return "flat" if self.flat else "separate"
 
     def _view(self, flat, entry):
         lo, hi = self._offsets[entry.key]
