@@ -22,7 +22,7 @@ SOURCE_HASH = runpy.run_path(str(NATIVE / "sources.py"))["source_hash"](NATIVE)
 KERNELS = Extension(
     "xpnet._native.fused",
     sources=["xpnet/_native/fused.c", "xpnet/_native/pool.c"],
-    depends=["xpnet/_native/fused_typed.h", "xpnet/_native/pool.h", "xpnet/_native/xpnet_kernels.h"],
+    depends=[f"xpnet/_native/{name}" for name in ("fused_typed.h", "images_typed.h", "pool.h", "xpnet_kernels.h")],
     extra_compile_args=["-std=c11", "-O3", "-fno-math-errno", "-ffp-contract=off", "-pthread", "-Wall", "-Wextra"],
     extra_link_args=["-pthread"],
     libraries=["m"],

@@ -221,7 +221,7 @@ def _lowbias32_in_uint32(x: np.ndarray) -> np.ndarray:
 def test_the_dropout_hash_is_uint32_arithmetic_on_every_backend(backend):
     """The stream is computed in int64 with a split multiply (not every library has uint32
     arithmetic): its draws equal the uint32 formula's, so masks are those of earlier versions."""
-    from xpnet.backend import _U32, _mix32
+    from xpnet._random import _U32, _mix32
 
     device = Device(backend, seed=5)
     k0, k1 = device._dropout_key

@@ -32,6 +32,8 @@ _SYMBOLS = (("xpnet_adam_f32", ctypes.c_float), ("xpnet_adam_f64", ctypes.c_doub
 _SPLIT_BYTES = 1 << 17
 #: The largest batch (of the training inputs) that fit gathers ahead, in bytes: it takes a second buffer.
 _AHEAD_BYTES = 1 << 24
+#: The most bytes of im2col columns a convolution holds at once: its images go a chunk at a time.
+COLUMN_BYTES = 1 << 22
 
 
 class NativeKernelsWarning(RuntimeWarning):
@@ -133,6 +135,25 @@ def _declare(lib) -> None:
         function.argtypes = [pointer, pointer, ctypes.c_ssize_t, ctypes.c_ssize_t]
         function.restype = ctypes.c_longlong
     lib.xpnet_blas_calls.argtypes, lib.xpnet_blas_calls.restype = [], ctypes.c_longlong
+    size, part = ctypes.c_ssize_t, ctypes.c_int
+    images = [pointer, pointer, *[size] * 9, part]  # out, in, b, C, H, W, k, s, p, H', W', parts
+    pools = [pointer, pointer, pointer, *[size] * 7, part]  # out, out/in, in, planes, H, W, size, s, H', W', parts
+    columns = [pointer, pointer, pointer, size, size, size, part]  # out, in/sums, in/bias, b, O, P, parts
+    for suffix in ("f32", "f64"):
+        for name, argtypes in (
+            ("xpnet_im2col", images),
+            ("xpnet_col2im", images),
+            ("xpnet_from_columns", columns),
+            ("xpnet_to_columns", columns),
+            ("xpnet_max_pool", pools),
+            ("xpnet_max_pool_backward", pools),
+        ):
+            function = getattr(lib, f"{name}_{suffix}")
+            function.argtypes, function.restype = argtypes, None
+    for suffix, scalar in (("f32", ctypes.c_float), ("f64", ctypes.c_double)):
+        function = getattr(lib, f"xpnet_dropout_{suffix}")
+        function.argtypes = [pointer, pointer, pointer, size, ctypes.c_uint32, ctypes.c_uint32, scalar, scalar, part]
+        function.restype = None
 
 
 #: Every NumpyFastPaths, so that a forked child gets fresh gather-ahead locks (a lock held by
@@ -406,6 +427,212 @@ class NumpyFastPaths:
         delta *= 1.0 / batch
         return (loss / batch).astype(z.dtype), delta
 
+    # ------------------------------------------------------------- dropout
+    def dropout(self, x, rate, draw, out, mask):
+        """Inverted dropout of x into ``out`` with its mask into ``mask``: the draw's uniform
+        numbers, the mask and the product in one compiled pass (the reference's numbers, bit for
+        bit). None where the kernel does not take these arrays."""
+        suffix = self._images(x, out, mask)
+        if suffix is None or not (x.shape == out.shape == mask.shape) or not 0.0 <= rate < 1.0:
+            return None
+        kernel = getattr(self.native, "xpnet_dropout" + suffix)
+        kernel(_at(out), _at(mask), _at(x), x.size, draw[0], draw[1], rate, 1.0 / (1.0 - rate), self._parts(x.nbytes))
+        return out, mask
+
+    # ------------------------------------------------ convolution and pooling
+    def _images(self, *arrays):
+        """The compiled image kernels' suffix ("_f32", "_f64") for these arrays, or None: no
+        library, another element type, mixed types, or an array that is not C-contiguous."""
+        if self.native is None:
+            return None
+        dtype = arrays[0].dtype
+        if dtype.char not in "fd" or dtype.byteorder not in "=|":
+            return None
+        if any(a.dtype != dtype or not a.flags.c_contiguous for a in arrays):
+            return None
+        return "_f32" if dtype.char == "f" else "_f64"
+
+    def _parts(self, nbytes: int) -> int:
+        return self.threads if nbytes >= _SPLIT_BYTES else 1
+
+    @staticmethod
+    def _chunk(batch: int, column_bytes: int) -> int:
+        """Images per chunk: as many as keep a chunk's im2col columns within COLUMN_BYTES."""
+        return max(1, min(batch, COLUMN_BYTES // max(column_bytes, 1)))
+
+    #: (B, C, H, W, k, H', W') of a convolution the kernels can run, else None (``_conv_geometry``).
+    conv_geometry = staticmethod(lambda x, W, stride, padding: _conv_geometry(x, W, stride, padding))
+    #: (H', W') of a pooling the kernels can run, else None (``_pool_geometry``).
+    pool_geometry = staticmethod(lambda x, size, stride: _pool_geometry(x, size, stride))
+
+    def conv2d(self, x, W, b, stride, padding, out, site):
+        """y = W ⋆ x + b into ``out`` (B, O, H', W'), a chunk of images at a time: the compiled
+        im2col into cols (C·k·k, n·H'·W'), one product Y = W₂ cols (O, n·H'·W'), and Y put in
+        NCHW order with the bias added, by one compiled pass. The columns and Y live in ``site``.
+        None where the compiled kernels do not take these arrays (the caller computes the
+        reference): every shape is checked here, before any kernel runs."""
+        geometry = _conv_geometry(x, W, stride, padding)
+        suffix = self._images(x, W, out) if geometry else None
+        if suffix is None or (b is not None and (b.shape != (W.shape[0],) or self._images(b, W) is None)):
+            return None
+        batch, channels, height, width, k, rows, cols_out = geometry
+        if out.shape != (batch, W.shape[0], rows, cols_out):
+            return None
+        lib, plane, depth, outs = self.native, rows * cols_out, channels * k * k, W.shape[0]
+        im2col, from_columns = getattr(lib, "xpnet_im2col" + suffix), getattr(lib, "xpnet_from_columns" + suffix)
+        W2 = W.reshape(outs, depth)
+        per = self._chunk(batch, depth * plane * x.itemsize)
+        columns = self.buffer(site, "columns", (depth * per * plane,), x.dtype)
+        products = self.buffer(site, "products", (outs * per * plane,), x.dtype)
+        bias = None if b is None else _at(b)
+        for start in range(0, batch, per):
+            n = min(per, batch - start)
+            cols, Y = (
+                columns[: depth * n * plane].reshape(depth, n * plane),
+                products[: outs * n * plane].reshape(outs, -1),
+            )
+            image = x[start : start + n]
+            im2col(
+                _at(cols),
+                _at(image),
+                n,
+                channels,
+                height,
+                width,
+                k,
+                stride,
+                padding,
+                rows,
+                cols_out,
+                self._parts(cols.nbytes),
+            )
+            np.matmul(W2, cols, out=Y)
+            from_columns(_at(out[start : start + n]), _at(Y), bias, n, outs, plane, self._parts(Y.nbytes))
+        return out
+
+    def conv2d_backward(self, dy, x, W, stride, padding, dW, db, dx, site):
+        """∂L/∂W into ``dW``, ∂L/∂b into ``db`` (None: no bias) and ∂L/∂x into ``dx`` (None: not
+        wanted), a chunk of images at a time: cols again by im2col, D = δ as (O, n·H'·W') (its
+        sums added to ∂L/∂b in the same compiled pass), ∂L/∂W₂ += D colsᵀ, and ∂L/∂x = col2im(W₂ᵀ D)
+        into the columns' buffer, then compiled col2im. None where the kernels do not take these
+        arrays (nothing written then)."""
+        geometry = _conv_geometry(x, W, stride, padding)
+        arrays = (x, W, dy, dW) + tuple(a for a in (db, dx) if a is not None)
+        suffix = self._images(*arrays) if geometry else None
+        if suffix is None:
+            return None
+        batch, channels, height, width, k, rows, cols_out = geometry
+        outs = W.shape[0]
+        if dy.shape != (batch, outs, rows, cols_out) or dW.shape != W.shape:
+            return None
+        if (db is not None and db.shape != (outs,)) or (dx is not None and dx.shape != x.shape):
+            return None
+        lib, plane, depth = self.native, rows * cols_out, channels * k * k
+        im2col, col2im = getattr(lib, "xpnet_im2col" + suffix), getattr(lib, "xpnet_col2im" + suffix)
+        to_columns = getattr(lib, "xpnet_to_columns" + suffix)
+        W2, dW2 = W.reshape(outs, depth), dW.reshape(outs, depth)
+        per = self._chunk(batch, depth * plane * x.itemsize)
+        columns = self.buffer(site, "columns", (depth * per * plane,), x.dtype)
+        products = self.buffer(site, "products", (outs * per * plane,), x.dtype)
+        partial = self.buffer(site, "dW", (outs, depth), x.dtype) if per < batch else None
+        if db is not None:
+            db[...] = 0
+        sums = None if db is None else _at(db)
+        for start in range(0, batch, per):
+            n = min(per, batch - start)
+            cols, D = (
+                columns[: depth * n * plane].reshape(depth, n * plane),
+                products[: outs * n * plane].reshape(outs, -1),
+            )
+            image = x[start : start + n]
+            im2col(
+                _at(cols),
+                _at(image),
+                n,
+                channels,
+                height,
+                width,
+                k,
+                stride,
+                padding,
+                rows,
+                cols_out,
+                self._parts(cols.nbytes),
+            )
+            to_columns(_at(D), sums, _at(dy[start : start + n]), n, outs, plane, self._parts(D.nbytes))
+            if start == 0:
+                np.matmul(D, cols.T, out=dW2)
+            else:
+                np.matmul(D, cols.T, out=partial)
+                dW2 += partial
+            if dx is not None:
+                np.matmul(W2.T, D, out=cols)  # the columns' gradient, where the columns were
+                col2im(
+                    _at(dx[start : start + n]),
+                    _at(cols),
+                    n,
+                    channels,
+                    height,
+                    width,
+                    k,
+                    stride,
+                    padding,
+                    rows,
+                    cols_out,
+                    self._parts(cols.nbytes),
+                )
+        return dW, db, dx
+
+    def max_pool2d(self, x, size, stride, out, winner):
+        """Max pooling of x (B, C, H, W) into ``out`` and the first winners' window offsets into
+        ``winner`` (int32), both (B, C, H', W'), by one compiled pass; None where it does not fit."""
+        geometry = _pool_geometry(x, size, stride)
+        if geometry is None or self._images(x, out) is None or not winner.flags.c_contiguous:
+            return None
+        rows, cols_out = geometry
+        if out.shape != winner.shape or out.shape != (*x.shape[:2], rows, cols_out) or winner.dtype != np.int32:
+            return None
+        kernel = getattr(self.native, "xpnet_max_pool" + self._images(x))
+        planes = x.shape[0] * x.shape[1]
+        kernel(
+            _at(out),
+            _at(winner),
+            _at(x),
+            planes,
+            x.shape[2],
+            x.shape[3],
+            size,
+            stride,
+            rows,
+            cols_out,
+            self._parts(x.nbytes),
+        )
+        return out, winner
+
+    def max_pool2d_backward(self, dy, winner, size, stride, dx):
+        """∂L/∂x into ``dx``: 0, then each δ added at its window's winner (a winner outside
+        0 .. size² − 1 adds nothing), by one compiled pass; None where it does not fit."""
+        geometry = _pool_geometry(dx, size, stride)
+        if geometry is None or self._images(dy, dx) is None or not winner.flags.c_contiguous:
+            return None
+        if winner.dtype != np.int32 or dy.shape != winner.shape or dy.shape != (*dx.shape[:2], *geometry):
+            return None
+        kernel = getattr(self.native, "xpnet_max_pool_backward" + self._images(dx))
+        planes = dx.shape[0] * dx.shape[1]
+        kernel(
+            _at(dx),
+            _at(dy),
+            _at(winner),
+            planes,
+            dx.shape[2],
+            dx.shape[3],
+            size,
+            stride,
+            *geometry,
+            self._parts(dx.nbytes),
+        )
+        return dx
+
     # ------------------------------------------------------------- metrics
     def count_correct(self, z, labels):
         """How many rows of logits z (B, C) have their argmax at the integer label, as an int;
@@ -450,3 +677,36 @@ class NumpyFastPaths:
         np.divide(m, t, out=t)
         t *= lr_t
         p -= t
+
+
+def _at(array) -> int:
+    """The address of an array's data (cheaper than ``ndarray.ctypes.data``)."""
+    return array.__array_interface__["data"][0]
+
+
+def _whole(value, smallest: int) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= smallest
+
+
+def _conv_geometry(x, W, stride, padding):
+    """(B, C, H, W, k, H', W') of a convolution the compiled kernels can run, else None: NCHW
+    images, square kernels over the same channels, a stride of at least 1, a padding of at least
+    0, and at least one output position."""
+    if x.ndim != 4 or W.ndim != 4 or W.shape[1] != x.shape[1] or W.shape[2] != W.shape[3]:
+        return None
+    if not (_whole(stride, 1) and _whole(padding, 0)) or W.shape[2] < 1 or min(x.shape) < 1 or W.shape[0] < 1:
+        return None
+    k = W.shape[2]
+    rows, cols = (x.shape[2] + 2 * padding - k) // stride + 1, (x.shape[3] + 2 * padding - k) // stride + 1
+    if x.shape[2] + 2 * padding < k or x.shape[3] + 2 * padding < k:
+        return None
+    return (*x.shape, k, rows, cols)
+
+
+def _pool_geometry(x, size, stride):
+    """(H', W') of a pooling the compiled kernels can run on x (B, C, H, W), else None."""
+    if x.ndim != 4 or not (_whole(size, 1) and _whole(stride, 1)) or min(x.shape) < 1:
+        return None
+    if x.shape[2] < size or x.shape[3] < size:
+        return None
+    return (x.shape[2] - size) // stride + 1, (x.shape[3] - size) // stride + 1

@@ -21,38 +21,18 @@ Every other module computes through ``device.xp`` only.
 
 from __future__ import annotations
 
-import math
 import os
 from typing import Any
 
 import numpy as np
 
+from . import _random
 from .backends import DeviceError, array_backend, available_names, resolve
 from .checks import checked_integer
 
 __all__ = ["Device", "DeviceError", "available_devices", "get_device"]
 
 _FLOAT_DTYPES = ("float32", "float64")
-_U32 = 0xFFFFFFFF
-
-
-def _mul32(x, c: int):
-    """x · c mod 2³² for an int64 array x of values below 2³² and a constant c below 2³², without
-    overflow: c is split into 16-bit halves, so no product reaches 2⁴⁹ (every backend has int64;
-    not all have uint32 arithmetic, and Python ints above 2³¹ do not mix with int32 or uint32)."""
-    low, high = c & 0xFFFF, c >> 16
-    return (x * low + (((x * high) & 0xFFFF) << 16)) & _U32
-
-
-def _mix32(x):
-    """A 32-bit integer hash (Wellons' 'lowbias32'); works on Python ints and int64 arrays of
-    values below 2³²."""
-    mul = (lambda v, c: (v * c) & _U32) if isinstance(x, int) else _mul32
-    x = x ^ (x >> 16)
-    x = mul(x, 0x7FEB352D)
-    x = x ^ (x >> 15)
-    x = mul(x, 0x846CA68B)
-    return x ^ (x >> 16)
 
 
 class Device:
@@ -201,18 +181,17 @@ class Device:
         """Uniform [0, 1) numbers computed on the device by a counter-based hash.
 
         Draw k of a run hashes (seed, k, element index): the same numbers on NumPy, CuPy and
-        array-api-strict, with no host transfer. Used for dropout masks.
+        array-api-strict, with no host transfer. (Dropout takes its draws through ``next_draw``
+        and ``Ops.dropout``, whose compiled version computes the same numbers.)
         """
-        xp = self.xp
-        k0, k1 = self._dropout_key
-        key = _mix32(k0 ^ _mix32((self._dropout_counter * 0x9E3779B9 + k1) & _U32))
+        key, k1 = self.next_draw()
+        return _random.uniform(self.xp, self.native, key, k1, shape, self.dtype(dtype))
+
+    def next_draw(self) -> tuple[int, int]:
+        """(key, k1) of the next draw of the dropout stream (``xpnet._random``), which it uses up."""
+        key = _random.draw_key(self._dropout_key, self._dropout_counter)
         self._dropout_counter += 1
-        n = math.prod(shape)
-        bits = _mul32(xp.arange(n, dtype=xp.int64, device=self.native), 0x9E3779B9)
-        bits = _mix32(_mix32(bits ^ key) ^ k1)
-        # The top 24 bits give floats k / 2**24 exactly representable in float32.
-        u = xp.astype(bits >> 8, self.dtype(dtype))
-        return xp.reshape(u * (1.0 / 16777216.0), tuple(shape))
+        return key, self._dropout_key[1]
 
     def rng_state(self) -> dict:
         """The random streams' state, JSON-serializable, for checkpoints and exact resumes."""

@@ -112,6 +112,8 @@ class Conv2D(_Weighted):
             padding=self.pad,
             bias=self.bias,
             need_dx=need_input_grad,
+            dW=self.grads.get("W"),
+            db=self.grads.get("b"),
             site=self.scratch,
         )
         return self._hand_over(dW, db, dx)
@@ -167,7 +169,9 @@ class MaxPool2D(_Pool):
 
     def backward(self, dy, need_input_grad=True):
         self._checked_delta(dy)
-        return self.ops.max_pool2d_backward(dy, self.winner, self.shape, size=self.size, stride=self.stride)
+        return self.ops.max_pool2d_backward(
+            dy, self.winner, self.shape, size=self.size, stride=self.stride, site=self.scratch
+        )
 
 
 @register_layer

@@ -443,9 +443,8 @@ class Dropout(Layer):
         if not training or self.rate == 0.0:
             self.mask = None
             return x
-        keep = self.device.random(tuple(x.shape), x.dtype) >= self.rate
-        self.mask = self.xp.astype(keep, x.dtype) * (1.0 / (1.0 - self.rate))
-        return x * self.mask
+        y, self.mask = self.ops.dropout(x, self.rate, self.device.next_draw(), site=self.scratch)
+        return y
 
     def backward(self, dy, need_input_grad=True):
         if self.mask is None:

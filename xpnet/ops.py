@@ -28,6 +28,7 @@ import threading
 
 import array_api_compat
 
+from . import _random
 from . import functional as F
 
 __all__ = ["Ops", "BufferedOps", "ops_for", "trust", "trusted", "untrust"]
@@ -129,6 +130,15 @@ class Ops:
         """∂L/∂z = ∂L/∂a where a > 0 (exactly where z > 0), else 0."""
         return self.xp.where(a > 0, da, 0.0)
 
+    def dropout(self, x, rate: float, draw: tuple, *, site=None):
+        """(y, mask) of inverted dropout: mask = [u ≥ rate] / (1 − rate), y = x · mask, for u the
+        uniform numbers of ``draw`` = (key, k1) of the device's dropout stream (``Device.next_draw``,
+        ``xpnet._random``): the same masks on every backend."""
+        xp = self.xp
+        u = _random.uniform(xp, array_api_compat.device(x), draw[0], draw[1], tuple(x.shape), x.dtype)
+        mask = xp.astype(u >= rate, x.dtype) * (1.0 / (1.0 - rate))
+        return x * mask, mask
+
     # ------------------------------------------------------------ convolution and pooling
     #: Images per chunk of a convolution: the columns of a chunk, never of the whole batch, are held.
     conv_chunk = 8
@@ -152,10 +162,14 @@ class Ops:
         y = xp.reshape(xp.concat(outputs, axis=0), (batch, out_channels, rows, cols_out))
         return y if b is None else y + xp.reshape(b, (1, out_channels, 1, 1))
 
-    def conv2d_backward(self, dy, x, W, *, stride: int, padding: int, bias: bool, need_dx: bool, site=None):
+    def conv2d_backward(
+        self, dy, x, W, *, stride: int, padding: int, bias: bool, need_dx: bool, dW=None, db=None, site=None
+    ):
         """(∂L/∂W, ∂L/∂b, ∂L/∂x) for δ = ∂L/∂y (B, O, H', W'), chunk by chunk:
         ∂L/∂W₂ = Σ_n δₙ colsₙᵀ, ∂L/∂b = Σ_{n,i,j} δ, and ∂L/∂x = col2im(W₂ᵀ δₙ): each column's
-        gradient added back at the k·k offsets it was read from (then the padding cut off)."""
+        gradient added back at the k·k offsets it was read from (then the padding cut off).
+        ``dW``, ``db``: the current gradient arrays, which a faster Ops may write into (as in
+        ``affine_backward``)."""
         xp = self.xp
         batch, channels, height, width = x.shape
         out_channels, _, k, _ = W.shape

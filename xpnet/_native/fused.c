@@ -4,6 +4,7 @@
    xpnet/_fast_numpy.py. Without it, NumPy passes compute the same numbers. */
 #include <math.h>
 #include <stddef.h>
+#include <stdint.h>
 #include <stdlib.h>
 
 #include "pool.h"
@@ -49,6 +50,15 @@ const char *xpnet_source_hash(void) { return XPNET_SOURCE_HASH; }
     (XPNET_LINE_SPLIT(n, (part) + 1, parts) < (n) ? XPNET_LINE_SPLIT(n, (part) + 1, parts) : (n))
 
 #include "xpnet_kernels.h"
+
+/* Wellons' 'lowbias32' integer hash, the dropout stream's (xpnet/_random.py). */
+static inline uint32_t xpnet_lowbias32(uint32_t x) {
+    x ^= x >> 16;
+    x *= 0x7FEB352Du;
+    x ^= x >> 15;
+    x *= 0x846CA68Bu;
+    return x ^ (x >> 16);
+}
 
 #define XPNET_CAT_(a, b) a##b
 #define XPNET_CAT(a, b) XPNET_CAT_(a, b)

@@ -135,6 +135,37 @@ long long NAME(xpnet_count_correct)(const T *restrict z, const long long *restri
     return correct;
 }
 
+/* Inverted dropout over n elements: u = the dropout stream's number of element i (xpnet/_random.py:
+   (lowbias32(lowbias32(i·φ ^ key) ^ k1) >> 8) · 2⁻²⁴, in T as the reference computes it),
+   mask = u ≥ rate ? scale : 0, y = x · mask. Element i of the whole array is ``first`` + i. */
+XPNET_CLONES static void NAME(dropout_range)(T *restrict y_, T *restrict mask_, const T *restrict x_, ptrdiff_t first,
+                                             ptrdiff_t n, uint32_t key, uint32_t k1, T rate, T scale) {
+    for (ptrdiff_t i = 0; i < n; ++i) {
+        const uint32_t bits = xpnet_lowbias32(xpnet_lowbias32((uint32_t)(first + i) * 0x9E3779B9u ^ key) ^ k1);
+        const T u = (T)(bits >> 8) * (T)(1.0 / 16777216.0);
+        const T mask = u >= rate ? scale : (T)0;
+        mask_[i] = mask;
+        y_[i] = x_[i] * mask;
+    }
+}
+
+struct NAME(dropout_task) { T *y, *mask; const T *x; ptrdiff_t n; uint32_t key, k1; T rate, scale; };
+
+static void NAME(dropout_part)(void *ctx, int part, int parts) {
+    const struct NAME(dropout_task) *t = ctx;
+    const ptrdiff_t lo = XPNET_LINES_LO(t->n, part, parts), hi = XPNET_LINES_HI(t->n, part, parts);
+    if (lo < hi) NAME(dropout_range)(t->y + lo, t->mask + lo, t->x + lo, lo, hi - lo, t->key, t->k1, t->rate, t->scale);
+}
+
+void NAME(xpnet_dropout)(T *y, T *mask, const T *x, ptrdiff_t n, uint32_t key, uint32_t k1, T rate, T scale,
+                         int parts) {
+    struct NAME(dropout_task) task = {y, mask, x, n, key, k1, rate, scale};
+    xpnet_pool_run(NAME(dropout_part), &task, parts);
+}
+
+/* Convolution's columns and max pooling. */
+#include "images_typed.h"
+
 #undef T
 #undef SQRT
 #undef EXP

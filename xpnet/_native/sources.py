@@ -11,7 +11,7 @@ import hashlib
 from pathlib import Path
 
 #: Every file the library is built from.
-SOURCES = ("fused.c", "fused_typed.h", "pool.c", "pool.h", "xpnet_kernels.h")
+SOURCES = ("fused.c", "fused_typed.h", "images_typed.h", "pool.c", "pool.h", "xpnet_kernels.h")
 
 
 def source_hash(folder=None) -> str:

@@ -66,7 +66,55 @@ class NumpyBackend(Backend):
 class NumpyOps(BufferedOps):
     """The NumPy overrides: batches gathered by compiled row copies into reused buffers, the next
     batch's rows copied ahead by the pool's idle workers; softmax cross-entropy and the count of
-    correct predictions in one compiled pass each."""
+    correct predictions in one compiled pass each; convolutions as compiled im2col, one OpenBLAS
+    product per chunk of images and compiled rearrangements, and max pooling in one compiled
+    pass each way. Where the compiled kernels do not take the arrays, the reference computes."""
+
+    def _output(self, site, name, shape, dtype):
+        """Where a result goes: the layer's reused buffer within ``reusing()``, else a new array."""
+        if self._mode.reusing and site is not None:
+            return self.fast.buffer(site, name, tuple(shape), dtype)
+        return np.empty(shape, dtype=dtype)
+
+    def dropout(self, x, rate, draw, *, site=None):
+        out, mask = self._output(site, "y", x.shape, x.dtype), self._output(site, "mask", x.shape, x.dtype)
+        done = self.fast.dropout(x, rate, draw, out, mask)
+        return super().dropout(x, rate, draw, site=site) if done is None else done
+
+    def conv2d(self, x, W, b, *, stride, padding, site=None):
+        geometry = self.fast.conv_geometry(x, W, stride, padding)
+        if geometry is not None:
+            out = self._output(site, "y", (x.shape[0], W.shape[0], *geometry[-2:]), x.dtype)
+            if self.fast.conv2d(x, W, b, stride, padding, out, {} if site is None else site) is not None:
+                return out
+        return super().conv2d(x, W, b, stride=stride, padding=padding, site=site)
+
+    def conv2d_backward(self, dy, x, W, *, stride, padding, bias, need_dx, dW=None, db=None, site=None):
+        dW = np.empty(W.shape, dtype=W.dtype) if dW is None else dW
+        if bias and db is None:
+            db = np.empty(W.shape[:1], dtype=W.dtype)
+        dx = self._output(site, "dx", x.shape, x.dtype) if need_dx else None
+        done = self.fast.conv2d_backward(
+            dy, x, W, stride, padding, dW, db if bias else None, dx, {} if site is None else site
+        )
+        if done is None:
+            return super().conv2d_backward(dy, x, W, stride=stride, padding=padding, bias=bias, need_dx=need_dx)
+        return done
+
+    def max_pool2d(self, x, *, size, stride, site=None):
+        geometry = self.fast.pool_geometry(x, size, stride)
+        if geometry is not None:
+            shape = (*x.shape[:2], *geometry)
+            out, winner = self._output(site, "y", shape, x.dtype), self._output(site, "winner", shape, np.int32)
+            if self.fast.max_pool2d(x, size, stride, out, winner) is not None:
+                return out, winner
+        return super().max_pool2d(x, size=size, stride=stride, site=site)
+
+    def max_pool2d_backward(self, dy, winner, shape, *, size, stride, site=None):
+        dx = self._output(site, "dx", shape, dy.dtype)
+        if self.fast.max_pool2d_backward(dy, winner, size, stride, dx) is not None:
+            return dx
+        return super().max_pool2d_backward(dy, winner, shape, size=size, stride=stride, site=site)
 
     def count_correct(self, z, labels):
         if labels.ndim == 1 and z.ndim == 2:
