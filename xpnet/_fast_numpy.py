@@ -151,6 +151,10 @@ def _declare(lib) -> None:
             function = getattr(lib, f"{name}_{suffix}")
             function.argtypes, function.restype = argtypes, None
     for suffix, scalar in (("f32", ctypes.c_float), ("f64", ctypes.c_double)):
+        function = getattr(lib, f"xpnet_batch_norm_{suffix}")  # y, x̂, 1/σ, μ, σ², x, γ, β, B, C, P, ε, batch
+        function.argtypes, function.restype = [*[pointer] * 8, size, size, size, scalar, part, part], None
+        function = getattr(lib, f"xpnet_batch_norm_backward_{suffix}")  # dx, dγ, dβ, δ, x̂, 1/σ, γ, B, C, P, batch
+        function.argtypes, function.restype = [*[pointer] * 7, size, size, size, part, part], None
         function = getattr(lib, f"xpnet_dropout_{suffix}")
         function.argtypes = [pointer, pointer, pointer, size, ctypes.c_uint32, ctypes.c_uint32, scalar, scalar, part]
         function.restype = None
@@ -426,6 +430,46 @@ class NumpyFastPaths:
         delta[rows, labels] -= 1.0
         delta *= 1.0 / batch
         return (loss / batch).astype(z.dtype), delta
+
+    # ------------------------------------------------------- batch normalization
+    def batch_norm(self, x, gamma, beta, eps, mean, var, y, x_hat):
+        """Batch normalization of x (B, C) or (B, C, H, W) per channel into ``y`` and ``x_hat``:
+        (y, x̂, 1/σ, μ_B, σ²_B) as ``Ops.batch_norm`` returns them, μ_B and σ²_B None when the
+        running ``mean`` and ``var`` are given. One compiled pass per channel for the statistics
+        (sums in double precision), one for the output. None where the kernel does not fit."""
+        given = mean is not None
+        arrays = (x, gamma, beta, y, x_hat) + ((mean, var) if given else ())
+        suffix = self._images(*arrays) if x.ndim in (2, 4) and min(x.shape) > 0 else None
+        channels = x.shape[1]
+        if suffix is None or not (x.shape == y.shape == x_hat.shape) or (mean is None) != (var is None):
+            return None
+        if any(a.shape != (channels,) for a in arrays[1:3] + arrays[5:]):
+            return None
+        inv_std = np.empty(channels, x.dtype)
+        if not given:
+            mean, var = np.empty(channels, x.dtype), np.empty(channels, x.dtype)
+        kernel = getattr(self.native, "xpnet_batch_norm" + suffix)
+        plane = x.shape[2] * x.shape[3] if x.ndim == 4 else 1
+        pointers = (y, x_hat, inv_std, mean, var, x, gamma, beta)
+        kernel(*map(_at, pointers), x.shape[0], channels, plane, eps, 0 if given else 1, self._parts(x.nbytes))
+        return y, x_hat, inv_std, (None if given else mean), (None if given else var)
+
+    def batch_norm_backward(self, dy, x_hat, inv_std, gamma, batch_statistics, dx):
+        """(∂L/∂x into ``dx``, ∂L/∂γ, ∂L/∂β) of ``Ops.batch_norm_backward``, one compiled pass per
+        channel for the sums and one for ∂L/∂x; None where the kernel does not fit."""
+        arrays = (dy, x_hat, inv_std, gamma, dx)
+        suffix = self._images(*arrays) if dy.ndim in (2, 4) and min(dy.shape) > 0 else None
+        channels = dy.shape[1]
+        if suffix is None or not (dy.shape == x_hat.shape == dx.shape):
+            return None
+        if inv_std.shape != (channels,) or gamma.shape != (channels,):
+            return None
+        grad_gamma, grad_beta = np.empty(channels, dy.dtype), np.empty(channels, dy.dtype)
+        kernel = getattr(self.native, "xpnet_batch_norm_backward" + suffix)
+        plane = dy.shape[2] * dy.shape[3] if dy.ndim == 4 else 1
+        pointers = (dx, grad_gamma, grad_beta, dy, x_hat, inv_std, gamma)
+        kernel(*map(_at, pointers), dy.shape[0], channels, plane, int(bool(batch_statistics)), self._parts(dy.nbytes))
+        return dx, grad_gamma, grad_beta
 
     # ------------------------------------------------------------- dropout
     def dropout(self, x, rate, draw, out, mask):

@@ -62,13 +62,22 @@ class BatchNorm(Layer):
             )
         gamma, beta = self.params["gamma"], self.params["beta"]
         if training:
-            y, x_hat, inv_std, mean, var = self.ops.batch_norm(x, gamma, beta, axes=axes, eps=self.eps)
+            y, x_hat, inv_std, mean, var = self.ops.batch_norm(
+                x, gamma, beta, axes=axes, eps=self.eps, site=self.scratch
+            )
             m = self.momentum
             self.state["running_mean"] = (1.0 - m) * self.state["running_mean"] + m * mean
             self.state["running_var"] = (1.0 - m) * self.state["running_var"] + m * (var * (count / (count - 1)))
         else:
             y, x_hat, inv_std, _, _ = self.ops.batch_norm(
-                x, gamma, beta, axes=axes, eps=self.eps, mean=self.state["running_mean"], var=self.state["running_var"]
+                x,
+                gamma,
+                beta,
+                axes=axes,
+                eps=self.eps,
+                mean=self.state["running_mean"],
+                var=self.state["running_var"],
+                site=self.scratch,
             )
         self._cache = (x_hat, inv_std, axes, training)
         return y
@@ -80,7 +89,7 @@ class BatchNorm(Layer):
         if dy.shape != x_hat.shape:
             _misshapen(self, dy, x_hat.shape)
         dx, self.grads["gamma"], self.grads["beta"] = self.ops.batch_norm_backward(
-            dy, x_hat, inv_std, self.params["gamma"], axes=axes, batch_statistics=training
+            dy, x_hat, inv_std, self.params["gamma"], axes=axes, batch_statistics=training, site=self.scratch
         )
         return dx
 

@@ -266,3 +266,96 @@ void NAME(xpnet_max_pool_backward)(T *dx, const T *dy, const int *winner, ptrdif
     struct NAME(pool_task) task = {{dx, dy, NULL, NULL, planes, 1, H, W, size, s, 0, Ho, Wo}, NULL, winner};
     xpnet_pool_run(NAME(max_pool_backward_part), &task, parts);
 }
+
+/* Batch normalization of x viewed as (B, C, P): per channel c, over its B·P values (P = H·W for
+   images, 1 for rows of features). The reference's operations in T, in its order; only its sums
+   are taken here in double precision, in order. With ``batch`` set, mean and var are written
+   (the batch's mean and biased variance); else they are read (the running estimates). */
+struct NAME(bn_task) {
+    T *y, *x_hat, *inv_std, *mean, *var;
+    const T *x, *gamma, *beta;
+    ptrdiff_t B, C, P;
+    T eps;
+    int batch;
+};
+
+static void NAME(batch_norm_part)(void *ctx, int part, int parts) {
+    const struct NAME(bn_task) *t = ctx;
+    const ptrdiff_t N = t->B * t->P, step = t->C * t->P;
+    for (ptrdiff_t c = t->C * part / parts; c < t->C * (part + 1) / parts; ++c) {
+        const T *x = t->x + c * t->P;
+        if (t->batch) {
+            double total = 0;
+            for (ptrdiff_t n = 0; n < t->B; ++n)
+                for (ptrdiff_t e = 0; e < t->P; ++e) total += (double)x[n * step + e];
+            const T mean = (T)(total / (double)N);
+            double squares = 0;
+            for (ptrdiff_t n = 0; n < t->B; ++n)
+                for (ptrdiff_t e = 0; e < t->P; ++e) {
+                    const T centred = x[n * step + e] - mean;
+                    squares += (double)(centred * centred);
+                }
+            t->mean[c] = mean;
+            t->var[c] = (T)(squares / (double)N);
+        }
+        const T mean = t->mean[c], inv_std = (T)1 / SQRT(t->var[c] + t->eps), gamma = t->gamma[c], beta = t->beta[c];
+        t->inv_std[c] = inv_std;
+        for (ptrdiff_t n = 0; n < t->B; ++n)
+            for (ptrdiff_t e = 0; e < t->P; ++e) {
+                const ptrdiff_t at = c * t->P + n * step + e;
+                const T x_hat = (t->x[at] - mean) * inv_std;
+                t->x_hat[at] = x_hat;
+                t->y[at] = gamma * x_hat + beta;
+            }
+    }
+}
+
+/* y, x̂ (B, C, P) and 1/σ (C,), with mean and var (C,) written (batch) or read (not batch). */
+void NAME(xpnet_batch_norm)(T *y, T *x_hat, T *inv_std, T *mean, T *var, const T *x, const T *gamma, const T *beta,
+                            ptrdiff_t B, ptrdiff_t C, ptrdiff_t P, T eps, int batch, int parts) {
+    struct NAME(bn_task) task = {y, x_hat, inv_std, mean, var, x, gamma, beta, B, C, P, eps, batch};
+    xpnet_pool_run(NAME(batch_norm_part), &task, parts);
+}
+
+/* The backward pass, per channel: ∂L/∂γ = Σ δ x̂, ∂L/∂β = Σ δ, g = γ δ; with the batch's
+   statistics ∂L/∂x = (1/σ)(1/N) (N g − Σ g − x̂ Σ g x̂), else ∂L/∂x = g / σ. */
+struct NAME(bn_backward_task) {
+    T *dx, *dgamma, *dbeta;
+    const T *dy, *x_hat, *inv_std, *gamma;
+    ptrdiff_t B, C, P;
+    int batch;
+};
+
+static void NAME(batch_norm_backward_part)(void *ctx, int part, int parts) {
+    const struct NAME(bn_backward_task) *t = ctx;
+    const ptrdiff_t N = t->B * t->P, step = t->C * t->P;
+    for (ptrdiff_t c = t->C * part / parts; c < t->C * (part + 1) / parts; ++c) {
+        const T gamma = t->gamma[c], scale = t->inv_std[c];
+        double sum_dy = 0, sum_dyx = 0, sum_g = 0, sum_gx = 0;
+        for (ptrdiff_t n = 0; n < t->B; ++n)
+            for (ptrdiff_t e = 0; e < t->P; ++e) {
+                const ptrdiff_t at = c * t->P + n * step + e;
+                const T dy = t->dy[at], x_hat = t->x_hat[at], g = dy * gamma;
+                sum_dy += (double)dy;
+                sum_dyx += (double)(dy * x_hat);
+                sum_g += (double)g;
+                sum_gx += (double)(g * x_hat);
+            }
+        t->dgamma[c] = (T)sum_dyx;
+        t->dbeta[c] = (T)sum_dy;
+        const T count = (T)N, factor = scale * (T)(1.0 / (double)N), sg = (T)sum_g, sgx = (T)sum_gx;
+        for (ptrdiff_t n = 0; n < t->B; ++n)
+            for (ptrdiff_t e = 0; e < t->P; ++e) {
+                const ptrdiff_t at = c * t->P + n * step + e;
+                const T g = t->dy[at] * gamma;
+                t->dx[at] = t->batch ? factor * (count * g - sg - t->x_hat[at] * sgx) : g * scale;
+            }
+    }
+}
+
+/* dx (B, C, P), ∂L/∂γ and ∂L/∂β (C,) from δ and the forward's x̂ and 1/σ. */
+void NAME(xpnet_batch_norm_backward)(T *dx, T *dgamma, T *dbeta, const T *dy, const T *x_hat, const T *inv_std,
+                                     const T *gamma, ptrdiff_t B, ptrdiff_t C, ptrdiff_t P, int batch, int parts) {
+    struct NAME(bn_backward_task) task = {dx, dgamma, dbeta, dy, x_hat, inv_std, gamma, B, C, P, batch};
+    xpnet_pool_run(NAME(batch_norm_backward_part), &task, parts);
+}

@@ -76,6 +76,24 @@ class NumpyOps(BufferedOps):
             return self.fast.buffer(site, name, tuple(shape), dtype)
         return np.empty(shape, dtype=dtype)
 
+    def batch_norm(self, x, gamma, beta, *, axes, eps, mean=None, var=None, site=None):
+        if axes == ((0,) if x.ndim == 2 else (0, 2, 3)):  # over the batch (and positions) per channel
+            y, x_hat = self._output(site, "y", x.shape, x.dtype), self._output(site, "x_hat", x.shape, x.dtype)
+            done = self.fast.batch_norm(x, gamma, beta, eps, mean, var, y, x_hat)
+            if done is not None:
+                return done
+        return super().batch_norm(x, gamma, beta, axes=axes, eps=eps, mean=mean, var=var, site=site)
+
+    def batch_norm_backward(self, dy, x_hat, inv_std, gamma, *, axes, batch_statistics, site=None):
+        if axes == ((0,) if dy.ndim == 2 else (0, 2, 3)):
+            dx = self._output(site, "dx", dy.shape, dy.dtype)
+            done = self.fast.batch_norm_backward(dy, x_hat, inv_std, gamma, batch_statistics, dx)
+            if done is not None:
+                return done
+        return super().batch_norm_backward(
+            dy, x_hat, inv_std, gamma, axes=axes, batch_statistics=batch_statistics, site=site
+        )
+
     def dropout(self, x, rate, draw, *, site=None):
         out, mask = self._output(site, "y", x.shape, x.dtype), self._output(site, "mask", x.shape, x.dtype)
         done = self.fast.dropout(x, rate, draw, out, mask)
