@@ -78,6 +78,12 @@ def train(
     dataset: str | None = typer.Option(None, help="mnist, wdbc, fashion-mnist or kmnist [default: mnist]"),
     data_dir: str | None = typer.Option(None, help="a folder with the dataset's files (IDX, or wdbc.csv)"),
     model: str | None = typer.Option(None, help="mlp, cnn (the MNIST CNN) or cnn-bn (with BatchNorm) [default: mlp]"),
+    arch: str | None = typer.Option(
+        None,
+        metavar="SPEC",
+        help="a network of your own, such as conv(32,3),relu,maxpool(2),flatten,dense(10) (the grammar: README) "
+        "[default: none]",
+    ),
     hidden: str | None = typer.Option(None, help="hidden layer sizes, comma-separated [default: 128,64]"),
     activation: str | None = typer.Option(None, help="relu, leaky_relu, tanh or sigmoid [default: relu]"),
     dropout: float | None = typer.Option(
@@ -105,12 +111,14 @@ def train(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress and no epoch lines: the result only"),
     json_output: bool = typer.Option(False, "--json", help="print one JSON object at the end, nothing else"),
 ):
-    """Train an MLP (default: 784-128-64-10 on the embedded MNIST, on the CPU) or a CNN (--model cnn)."""
+    """Train an MLP (default: 784-128-64-10 on the embedded MNIST, on the CPU), a CNN (--model cnn) or the
+    network of an --arch spec."""
     options = dict(
         device=device,
         dataset=dataset,
         data_dir=data_dir,
         model=model,
+        arch=arch,
         hidden=hidden,
         activation=activation,
         dropout=dropout,
@@ -132,9 +140,10 @@ def train(
     def display(config):
         if not talk:
             return []
+        network = {"mlp": f"hidden {config['hidden']}", "arch": f"arch {config['arch']}"}
         typer.echo(
             f"training on {config['dataset']} with {config['device']}: "
-            + (f"hidden {config['hidden']}, " if config["model"] == "mlp" else f"model {config['model']}, ")
+            + f"{network.get(config['model'], 'model ' + config['model'])}, "
             + f"{config['optimizer']} lr {config['lr']}, {config['epochs']} epochs, batch {config['batch_size']}"
         )
         return [ProgressBar(sys.stdout, interactive=sys.stdout.isatty())]
@@ -322,17 +331,26 @@ def parity(
 @reports_errors
 def bench(
     device: str = typer.Option("cpu", help="the device xpnet trains on (cuda: the GPU benchmark)"),
+    model: str = typer.Option("mlp", help="mlp (784-128-64-10) or cnn (the MNIST CNN of --model cnn)"),
     batch_sizes: str | None = typer.Option(
         None, help="comma-separated batch sizes [default: 32,128,512; 128,512,4096 on cuda]"
     ),
-    epochs: int = typer.Option(5, help="epochs per implementation (the median of epochs 2..N is reported)"),
+    epochs: int | None = typer.Option(
+        None, help="epochs per implementation (the median of epochs 2..N is reported) [default: 5; cnn 3]"
+    ),
     rss: bool = typer.Option(True, help="CPU: measure each implementation's peak RSS in a short separate process"),
     json_file: str | None = typer.Option(None, "--json", metavar="FILE", help="also write the rows as JSON"),
 ):
     """Train MNIST with xpnet and the references, interleaved; print a table.
 
-    On the CPU: PyTorch eager, scikit-learn and the bare matmuls. On a GPU: PyTorch eager and
-    PyTorch with CUDA graphs on the same card, and xpnet without its fused kernels."""
+    On the CPU: PyTorch eager, scikit-learn (the MLP only) and the bare matmuls (for the CNN,
+    those of its im2col form). On a GPU: PyTorch eager and PyTorch with CUDA graphs on the same
+    card, and xpnet without its fused kernels."""
+    from .bench import MODELS
+
+    if model not in MODELS:
+        raise CLIError(f"--model must be one of {', '.join(MODELS)}, got {model!r}")
+    epochs = (3 if model == "cnn" else 5) if epochs is None else epochs
     gpu = make_device(device).kind == "cupy"
     batch_sizes = batch_sizes or ("128,512,4096" if gpu else "32,128,512")
     try:
@@ -344,11 +362,11 @@ def bench(
     if gpu:
         from .bench_gpu import run_gpu_benchmark, table
 
-        rows = run_gpu_benchmark(sizes, epochs, device=device, log=typer.echo)
+        rows = run_gpu_benchmark(sizes, epochs, device=device, model=model, log=typer.echo)
     else:
         from .bench import run_benchmark, table
 
-        rows = run_benchmark(sizes, epochs, device=device, measure_rss=rss, log=typer.echo)
+        rows = run_benchmark(sizes, epochs, device=device, measure_rss=rss, model=model, log=typer.echo)
     typer.echo(table(rows))
     if json_file:
         Path(json_file).write_text(json.dumps(rows, indent=2))

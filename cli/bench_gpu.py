@@ -1,6 +1,8 @@
 """GPU benchmark on MNIST: xpnet on CuPy against PyTorch eager on the same card.
 
-One process trains the 784-128-64-10 ReLU MLP (softmax cross-entropy, Adam lr 1e-3) with:
+One process trains the 784-128-64-10 ReLU MLP (softmax cross-entropy, Adam lr 1e-3), or the
+MNIST CNN with ``model="cnn"`` (``xpnet bench --model cnn --device cuda``; untested on a GPU so
+far), with:
 
 * ``xpnet``: CuPy with the fast paths (fused CUDA kernels, buffers reused across steps);
 * ``xpnet-reference``: CuPy running the Array API reference code (``fast=False``);
@@ -22,7 +24,7 @@ import math
 import xpnet as xn
 from xpnet.data import load_dataset
 
-from .bench import TorchClock, TorchRun, XpnetRun, available, initial_weights, interleave, ratio_cell
+from .bench import MODELS, TorchClock, TorchRun, XpnetRun, available, initial_weights, interleave, ratio_cell
 
 IMPLEMENTATIONS = ("xpnet", "xpnet-reference", "pytorch", "pytorch-graph")
 
@@ -93,13 +95,13 @@ def torch_device(device: xn.Device) -> tuple[str | None, str | None]:
     return "cpu", None
 
 
-def _make(name, data, batch_size, seed, device_name, torch_target, initial):
+def _make(name, data, batch_size, seed, device_name, torch_target, initial, model="mlp"):
     if name == "xpnet":
-        return XpnetRun(data, batch_size, seed, xn.Device(device_name))
+        return XpnetRun(data, batch_size, seed, xn.Device(device_name), model)
     if name == "xpnet-reference":
-        return XpnetRun(data, batch_size, seed, xn.Device(device_name, fast=False))
+        return XpnetRun(data, batch_size, seed, xn.Device(device_name, fast=False), model)
     cls = TorchGraphRun if name == "pytorch-graph" else TorchRun
-    return cls(data, batch_size, seed, initial, device=torch_target)
+    return cls(data, batch_size, seed, initial, device=torch_target, model=model)
 
 
 def run_gpu_benchmark(
@@ -110,6 +112,7 @@ def run_gpu_benchmark(
     seed=0,
     implementations=IMPLEMENTATIONS,
     data=None,
+    model="mlp",
     log=print,
 ) -> list[dict]:
     data = data if data is not None else load_dataset("mnist")
@@ -125,14 +128,14 @@ def run_gpu_benchmark(
         else:
             names.append(name)
     log(
-        f"MNIST 784-128-64-10 ReLU, Adam 1e-3, {epochs} epochs on {target.describe()}; "
+        f"{MODELS[model]}, Adam 1e-3, {epochs} epochs on {target.describe()}; "
         f"interleaved epoch by epoch: {', '.join(names)}"
     )
     n = data.train.x.shape[0]
     rows = []
     for batch_size in batch_sizes:
-        initial = initial_weights(seed, target)
-        runs = {name: _make(name, data, batch_size, seed, device, torch_target, initial) for name in names}
+        initial = initial_weights(seed, target, model)
+        runs = {name: _make(name, data, batch_size, seed, device, torch_target, initial, model) for name in names}
         for name, run, seconds, times in interleave(runs, epochs, batch_size, log):
             rows.append(
                 {

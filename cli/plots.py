@@ -47,13 +47,23 @@ def plot_run(run_dir, device=None) -> list[Path]:
         predicted = probabilities.argmax(axis=1)
         written.append(_confusion(plt, ds, predicted, out))
         if ds.image_shape is not None:
-            first = model.device.to_host(model.layers[0].params["W"])
+            first = _first_weights(model)
             # a Dense's rows are images of the input; a Conv2D's filters are k×k images (their first channel)
-            shape = ds.image_shape if first.ndim == 2 else first.shape[2:]
-            unit = "neurons" if first.ndim == 2 else "filters"
-            written.append(_weights(plt, first if first.ndim == 2 else first[:, 0], shape, out, unit))
+            if first is not None and (first.ndim == 4 or first.shape[1] == math.prod(ds.image_shape)):
+                shape = ds.image_shape if first.ndim == 2 else first.shape[2:]
+                unit = "neurons" if first.ndim == 2 else "filters"
+                written.append(_weights(plt, first if first.ndim == 2 else first[:, 0], shape, out, unit))
             written.append(_mistakes(plt, ds, probabilities, predicted, out))
     return written
+
+
+def _first_weights(model):
+    """The weight W of the model's first Dense or Conv2D (inside a residual block too), on the host;
+    None when it has none (an --arch network may start with BatchNorm or a block)."""
+    from xpnet.layers import walk
+
+    layer = next((layer for _, layer in walk(model.layers) if "W" in layer.params), None)
+    return None if layer is None else model.device.to_host(layer.params["W"])
 
 
 def read_metrics(path: Path) -> list[dict]:

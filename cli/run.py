@@ -45,6 +45,7 @@ DEFAULTS = {
     "dataset": "mnist",
     "data_dir": None,
     "model": "mlp",
+    "arch": None,
     "hidden": "128,64",
     "activation": "relu",
     "dropout": 0.0,
@@ -63,6 +64,8 @@ DEFAULT_LR = {"sgd": 0.1, "momentum": 0.05, "adam": 1e-3, "adamw": 1e-3}
 SCHEDULES = ("none", "step", "exponential", "cosine", "warmup")
 #: The networks --model names: the MLP of --hidden, and the MNIST CNN (xn.cnn), with BatchNorm or not.
 MODELS = ("mlp", "cnn", "cnn-bn")
+#: The model of a run whose network is the --arch spec (xn.from_arch): set by --arch, never given alone.
+ARCH = "arch"
 #: The CNN's dropout before its last layer, unless --dropout says otherwise.
 CNN_DROPOUT = 0.5
 #: Every field a saved config.json must hold, besides these.
@@ -177,7 +180,10 @@ def _resolved(config: dict, options: dict, saved: dict | None) -> dict:
 
 def _check_model(config: dict, options: dict, saved: dict | None) -> None:
     """--model: one of MODELS; a CNN takes images, has no --hidden or --activation, and drops out
-    CNN_DROPOUT before its last layer unless --dropout is given."""
+    CNN_DROPOUT before its last layer unless --dropout is given. --arch: see ``_check_arch``."""
+    if options.get("arch") is not None or config["arch"] is not None or config["model"] == ARCH:
+        _check_arch(config, options)
+        return
     model = config["model"]
     if model not in MODELS:
         raise CLIError(f"--model must be one of {', '.join(MODELS)}, got {model!r}")
@@ -192,11 +198,50 @@ def _check_model(config: dict, options: dict, saved: dict | None) -> None:
         config["dropout"] = CNN_DROPOUT
 
 
+def _check_arch(config: dict, options: dict) -> None:
+    """--arch SPEC: the network is the spec's (xn.from_arch), recorded as model "arch" with the
+    spec written back without whitespace. --model, --hidden, --activation and --dropout do not
+    apply (dropout goes into the spec); wdbc, a table, takes a spec without image layers."""
+    arch, model = config["arch"], options.get("model")
+    if model not in (None, ARCH) and arch is not None:
+        if options.get("arch") is None:  # a resume
+            raise CLIError(f"the run's network is its --arch spec; --model {model} names another")
+        raise CLIError(f"--arch gives the whole network; --model {model} names another: give one of them")
+    if options.get("arch") is not None:
+        config["model"] = ARCH
+    if arch is None:
+        raise CLIError("--model arch is the network of an --arch SPEC: give --arch (or --model mlp, cnn or cnn-bn)")
+    if config["model"] != ARCH:  # a saved config's two fields disagree
+        raise CLIError(f"arch is given, so model must be {ARCH!r}, got {config['model']!r}")
+    if not isinstance(arch, str):
+        raise CLIError(f"arch must be an architecture spec (text) or null, got {arch!r}")
+    for option, instead in (("hidden", "dense(N) layers"), ("activation", "activations"), ("dropout", "dropout(RATE)")):
+        if options.get(option) is not None:
+            raise CLIError(f"--{option} does not apply to --arch: write {instead} into the spec")
+    try:
+        config["arch"] = xn.arch.canonical_arch(arch)
+        images = xn.arch.arch_takes_images(arch)
+    except ValueError as exc:
+        raise CLIError(f"--arch: {exc}") from None
+    if images and config["dataset"] == "wdbc":
+        raise CLIError(
+            f"--arch with {', '.join(xn.arch.IMAGE_LAYERS)} layers takes images; wdbc is a table of 30 features: "
+            "use dense, bn, dropout and activations alone"
+        )
+
+
+def takes_images(config: dict) -> bool:
+    """Whether the run's network takes images (N, 1, H, W): the CNNs, and an --arch with image layers."""
+    if config["model"] == ARCH:
+        return xn.arch.arch_takes_images(config["arch"])
+    return config["model"] != "mlp"
+
+
 def _check_saved_fields(saved, source: str) -> None:
     if not isinstance(saved, dict):
         raise CLIError(f"{source} does not hold a JSON object")
-    # "model" came with the CNNs: a run saved before it is an MLP's
-    missing = [key for key in DEFAULTS if key not in saved and key != "model"]
+    # "model" came with the CNNs, "arch" after them: a run saved before it is an MLP's (or a CNN's)
+    missing = [key for key in DEFAULTS if key not in saved and key not in ("model", "arch")]
     unknown = [key for key in saved if key not in DEFAULTS and key not in SAVED_EXTRA]
     if missing:
         raise CLIError(f"{source} lacks {', '.join(missing)}: it is damaged or not an xpnet run configuration")
@@ -228,7 +273,8 @@ class Data:
     dataset: object
     loss: str
     extra: dict
-    #: The shape of one example as the model takes it: (C, H, W) for a CNN, None for rows.
+    #: The shape of one example as the model takes it: (C, H, W) for a CNN (or an --arch with
+    #: image layers), None for rows.
     example_shape: tuple | None = None
 
     def model_input(self, x):
@@ -255,7 +301,7 @@ def load_data(config: dict) -> Data:
         dataset = dataset.standardized()
         extra = {"data_mean": dataset.standardization[0], "data_std": dataset.standardization[1]}
     shape = None
-    if config["model"] != "mlp":  # the images of every split as (N, 1, H, W): views, no copies
+    if takes_images(config):  # the images of every split as (N, 1, H, W): views, no copies
         shape = (1, *dataset.image_shape)
         dataset = dataclasses.replace(
             dataset,
@@ -299,6 +345,10 @@ def training_bytes(config: dict, data: Data) -> tuple[int, int]:
     and their gradients (three arrays per layer)."""
     itemsize = 4 if config["dtype"] == "float32" else 8
     batch = min(config["batch_size"], len(data.dataset.train))
+    if config["model"] == ARCH:  # the spec laid out: its parameters and each layer's output per example
+        plan = arch_plan(config, data)
+        widths = [math.prod(plan.input_shape), plan.activations]
+        return plan.parameters, itemsize * (5 * plan.parameters + 3 * batch * sum(widths))
     if config["model"] != "mlp":  # the CNN's activations per example: 28², 32·26², 32·13², 64·11², 64·5², 10
         side = data.dataset.image_shape[0]
         sizes = [side - 2, (side - 2) // 2, (side - 2) // 2 - 2, ((side - 2) // 2 - 2) // 2]
@@ -317,15 +367,28 @@ def check_memory(config: dict, data: Data) -> None:
     parameters, needed = training_bytes(config, data)
     limit = memory_limit()
     if limit is not None and needed > limit:
+        network = "--arch" if config["model"] == ARCH else f"--hidden {','.join(map(str, config['hidden']))}"
         raise CLIError(
-            f"--hidden {','.join(map(str, config['hidden']))} with --batch-size {config['batch_size']} makes a "
+            f"{network} with --batch-size {config['batch_size']} makes a "
             f"network of {parameters:,} parameters that needs about {format_bytes(needed)} to train, more than the "
             f"{format_bytes(limit)} of memory here"
         )
 
 
+def arch_plan(config: dict, data: Data):
+    """The run's --arch spec laid out for its data (``xpnet.arch.plan_arch``), or one line saying why not."""
+    shape = data.example_shape or (data.dataset.num_features,)
+    try:
+        return xn.arch.plan_arch(config["arch"], shape, data.dataset.num_outputs)
+    except ValueError as exc:
+        raise CLIError(f"--arch: {exc}") from None
+
+
 def build_model(config: dict, data: Data, device: xn.Device) -> xn.Sequential:
     check_memory(config, data)
+    if config["model"] == ARCH:
+        layers = arch_plan(config, data).layers
+        return xn.Sequential(layers, device=device, dtype=config["dtype"], seed=config["seed"])
     try:
         if config["model"] != "mlp":
             return xn.cnn(

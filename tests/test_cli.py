@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -91,9 +92,11 @@ def test_progress_bar_on_a_terminal():
     xpnet.fit(
         model, "cross_entropy", xpnet.SGD(0.1), x, (x[:, 0] > 0).astype(int), epochs=1, batch_size=10, callbacks=[bar]
     )
-    text = stream.getvalue()
-    assert text.count("\r[") == 4 and "100%" in text and "samples/s" in text and "left" in text
-    assert text.endswith("samples/s\n") and "epoch 1/1  loss" in text
+    text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", stream.getvalue())  # rich's colours and cursor moves
+    redraws = re.findall(r"epoch 1/1 \S+ +(\d+)% loss (\d\.\d{4})  (\d+) samples/s  0:00 left", text)
+    # one redraw per batch of 10 of 40 (then rich's last frame, as it stops: the same 100%)
+    assert [int(done) for done, _, _ in redraws] in ([25, 50, 75, 100], [25, 50, 75, 100, 100])
+    assert text.endswith("samples/s\n") and re.search(r"[\r\n]epoch 1/1  loss", text)  # the summary replaces the bar
 
 
 def test_a_used_run_folder_is_not_overwritten(wdbc_run):
@@ -597,7 +600,7 @@ def test_bench_command_prints_a_table(monkeypatch):
     from xpnet.cli import bench
 
     monkeypatch.setattr(
-        bench, "available", lambda name: "left out in this test" if name in ("pytorch", "sklearn") else None
+        bench, "available", lambda name, *_: "left out in this test" if name in ("pytorch", "sklearn") else None
     )
     result = invoke("bench", "--batch-sizes", "4096", "--epochs", "2", "--no-rss")
     assert result.exit_code == 0, result.output
@@ -609,6 +612,7 @@ def test_bench_command_prints_a_table(monkeypatch):
     assert xpnet_seconds > 0 and floor_seconds > 0
     assert float(rows[1][-1]) == pytest.approx(xpnet_seconds / floor_seconds, rel=0.02)  # the xpnet/floor ratio
     assert_one_line_error(invoke("bench", "--batch-sizes", "a,b"), 2, "--batch-sizes must be integers")
+    assert_one_line_error(invoke("bench", "--model", "rnn"), 2, "--model must be one of mlp, cnn, got 'rnn'")
 
 
 def test_gpu_benchmark_runs_its_implementations_on_the_cpu_stand_in():
