@@ -197,3 +197,29 @@ def test_the_mnist_cnn_has_the_well_known_shape():
     assert out.shape == (2, 10)
     with pytest.raises(ValueError, match=r"^cnn needs images of at least 10×10, got 8×8$"):
         xn.cnn(image_size=8)
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 8, 128])
+def test_the_reference_convolution_is_the_same_at_any_chunk_size(chunk):
+    """The Array API convolution goes a chunk of images at a time (8 on the CPU, CupyOps' 128 on a
+    GPU): the chunk changes how many columns are held, not the result."""
+    import array_api_compat.numpy as anp
+
+    from xpnet.backends.cupy import CupyOps
+    from xpnet.ops import Ops
+
+    assert CupyOps.conv_chunk == 128 and Ops.conv_chunk == 8
+    ops = Ops(anp)
+    ops.conv_chunk = chunk
+    rng = np.random.default_rng(chunk)
+    x, W, b = rng.normal(size=(11, 3, 9, 8)), rng.normal(size=(5, 3, 3, 3)), rng.normal(size=5)
+    dy = rng.normal(size=(11, 5, 5, 4))  # (9 + 2 − 3) // 2 + 1 by (8 + 2 − 3) // 2 + 1
+    whole = Ops(anp)
+    whole.conv_chunk = 11
+    np.testing.assert_allclose(
+        ops.conv2d(x, W, b, stride=2, padding=1), whole.conv2d(x, W, b, stride=2, padding=1), rtol=1e-12
+    )
+    got = ops.conv2d_backward(dy, x, W, stride=2, padding=1, bias=True, need_dx=True)
+    want = whole.conv2d_backward(dy, x, W, stride=2, padding=1, bias=True, need_dx=True)
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, rtol=1e-12, atol=1e-12)

@@ -103,7 +103,7 @@ class CupyBackend(Backend):
             return CupyFastPaths(self.cupy)
 
     def ops(self, fast):
-        return super().ops(fast) if fast is None else BufferedOps(self.xp, self.native, fast)
+        return super().ops(fast) if fast is None else CupyOps(self.xp, self.native, fast)
 
     def describe(self, fast):
         cupy = self.cupy
@@ -117,3 +117,12 @@ class CupyBackend(Backend):
             f"memory pool {pool.used_bytes() / 2**20:.1f} MiB used of {pool.total_bytes() / 2**20:.1f} MiB held; "
             + ("fused CUDA kernels on" if fast is not None else "Array API code only (fast paths off)")
         )
+
+
+class CupyOps(BufferedOps):
+    """The CuPy overrides: BufferedOps' (buffers, fused kernels), and the reference convolution
+    on chunks of 128 images instead of 8. On the CPU 8 was fastest (the columns stay in cache);
+    on a GPU each chunk costs a dozen kernel launches, and the columns of 128 images (32 channels,
+    3 × 3, 11 × 11 outputs: 18 MB) are small for its memory. (Untested on a GPU so far.)"""
+
+    conv_chunk = 128
