@@ -493,6 +493,9 @@ _CONV_REFUSED = {
     "empty-batch": (_X[:0], _W, _B, 1, 1),
     "other-channels": (_X, np.ones((4, 3, 3, 3), np.float32), _B, 1, 1),
     "bias-of-another-length": (_X, _W, _B[:3], 1, 1),
+    # strides past 2**31 (C would see 2**64 as 0, 2**63 + 1 as negative): the reference's
+    "stride-2**64": (_X, _W, _B, 2**64, 0),
+    "stride-2**63+1": (_X, _W, _B, 2**63 + 1, 1),
 }
 #: Cases refused for their bias alone: the backward pass, which takes none, is not refused.
 _BIAS_ONLY = {"strided-bias", "bias64", "bias-of-another-length"}
@@ -768,3 +771,29 @@ def test_the_default_devices_cnn_computes_with_the_compiled_kernels(monkeypatch)
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
     assert len(im2col) == 4 and len(pooled) == 4 and len(dropped) == 1  # evaluation passes no dropout
     _assert_bits_equal(model.layers[7].mask, reference.layers[7].mask)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("size, stride", [(2, 2), (3, 1), (2, 1)])
+def test_max_pooling_of_signed_zeros_is_the_references_bit_for_bit(fast, dtype, size, stride):
+    """A tie of -0.0 and +0.0 takes the sign NumPy's maximum gives (the later value's)."""
+    _require_native(fast)
+    x = np.random.default_rng(size + stride).choice([0.0, -0.0], size=(4, 3, 16, 16)).astype(dtype)
+    assert np.signbit(x).any() and not np.signbit(x).all()
+    _check_pooling(fast, x, size, stride, np.random.default_rng(3))
+
+
+def test_cached_buffers_the_kernels_cannot_write_are_replaced(ops):
+    """A site's buffer that is a broadcast view or read-only is not written through: a new one
+    takes its place."""
+    rng = np.random.default_rng(4)
+    x, W = rng.normal(size=(3, 2, 6, 6)).astype(np.float32), rng.normal(size=(4, 2, 3, 3)).astype(np.float32)
+    columns = 18 * 3 * 16
+    site = {"columns": np.broadcast_to(np.zeros(1, np.float32), (columns,))}
+    frozen = np.zeros(4 * 3 * 16, np.float32)
+    frozen.flags.writeable = False
+    site["products"] = frozen
+    got = ops.conv2d(x, W, None, stride=1, padding=0, site=site)
+    np.testing.assert_allclose(got, REFERENCE.conv2d(x, W, None, stride=1, padding=0), rtol=1e-5, atol=1e-5)
+    assert site["columns"].flags.writeable and site["columns"].strides == (4,)
+    assert site["products"] is not frozen and not frozen.any()

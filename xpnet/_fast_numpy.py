@@ -243,7 +243,7 @@ class NumpyFastPaths:
     def buffer(cache: dict, name: str, shape, dtype) -> np.ndarray:
         """A reusable array in ``cache`` (one per layer), reallocated only when the shape changes."""
         array = cache.get(name)
-        if array is None or array.shape != shape or array.dtype != dtype:
+        if array is None or array.shape != shape or array.dtype != dtype or not _writable(array):
             array = cache[name] = np.empty(shape, dtype=dtype)
         return array
 
@@ -439,7 +439,8 @@ class NumpyFastPaths:
         (sums in double precision), one for the output. None where the kernel does not fit."""
         given = mean is not None
         arrays = (x, gamma, beta, y, x_hat) + ((mean, var) if given else ())
-        suffix = self._images(*arrays) if x.ndim in (2, 4) and min(x.shape) > 0 else None
+        usable = x.ndim in (2, 4) and min(x.shape) > 0 and _writable(y, x_hat)
+        suffix = self._images(*arrays) if usable else None
         channels = x.shape[1]
         if suffix is None or not (x.shape == y.shape == x_hat.shape) or (mean is None) != (var is None):
             return None
@@ -458,7 +459,7 @@ class NumpyFastPaths:
         """(∂L/∂x into ``dx``, ∂L/∂γ, ∂L/∂β) of ``Ops.batch_norm_backward``, one compiled pass per
         channel for the sums and one for ∂L/∂x; None where the kernel does not fit."""
         arrays = (dy, x_hat, inv_std, gamma, dx)
-        suffix = self._images(*arrays) if dy.ndim in (2, 4) and min(dy.shape) > 0 else None
+        suffix = self._images(*arrays) if dy.ndim in (2, 4) and min(dy.shape) > 0 and _writable(dx) else None
         channels = dy.shape[1]
         if suffix is None or not (dy.shape == x_hat.shape == dx.shape):
             return None
@@ -476,7 +477,7 @@ class NumpyFastPaths:
         """Inverted dropout of x into ``out`` with its mask into ``mask``: the draw's uniform
         numbers, the mask and the product in one compiled pass (the reference's numbers, bit for
         bit). None where the kernel does not take these arrays."""
-        suffix = self._images(x, out, mask)
+        suffix = self._images(x, out, mask) if _writable(out, mask) else None
         if suffix is None or not (x.shape == out.shape == mask.shape) or not 0.0 <= rate < 1.0:
             return None
         kernel = getattr(self.native, "xpnet_dropout" + suffix)
@@ -501,7 +502,8 @@ class NumpyFastPaths:
 
     @staticmethod
     def _chunk(batch: int, column_bytes: int) -> int:
-        """Images per chunk: as many as keep a chunk's im2col columns within COLUMN_BYTES."""
+        """Images per chunk: as many as keep a chunk's im2col columns within COLUMN_BYTES (at least
+        one image, whose columns may be more; the products' buffer is O / (C·k·k) of the columns')."""
         return max(1, min(batch, COLUMN_BYTES // max(column_bytes, 1)))
 
     #: (B, C, H, W, k, H', W') of a convolution the kernels can run, else None (``_conv_geometry``).
@@ -516,7 +518,7 @@ class NumpyFastPaths:
         None where the compiled kernels do not take these arrays (the caller computes the
         reference): every shape is checked here, before any kernel runs."""
         geometry = _conv_geometry(x, W, stride, padding)
-        suffix = self._images(x, W, out) if geometry else None
+        suffix = self._images(x, W, out) if geometry and _writable(out) else None
         if suffix is None or (b is not None and (b.shape != (W.shape[0],) or self._images(b, W) is None)):
             return None
         batch, channels, height, width, k, rows, cols_out = geometry
@@ -562,7 +564,8 @@ class NumpyFastPaths:
         arrays (nothing written then)."""
         geometry = _conv_geometry(x, W, stride, padding)
         arrays = (x, W, dy, dW) + tuple(a for a in (db, dx) if a is not None)
-        suffix = self._images(*arrays) if geometry else None
+        outputs = (dW,) + tuple(a for a in (db, dx) if a is not None)
+        suffix = self._images(*arrays) if geometry and _writable(*outputs) else None
         if suffix is None:
             return None
         batch, channels, height, width, k, rows, cols_out = geometry
@@ -631,7 +634,7 @@ class NumpyFastPaths:
         """Max pooling of x (B, C, H, W) into ``out`` and the first winners' window offsets into
         ``winner`` (int32), both (B, C, H', W'), by one compiled pass; None where it does not fit."""
         geometry = _pool_geometry(x, size, stride)
-        if geometry is None or self._images(x, out) is None or not winner.flags.c_contiguous:
+        if geometry is None or self._images(x, out) is None or not _writable(out, winner):
             return None
         rows, cols_out = geometry
         if out.shape != winner.shape or out.shape != (*x.shape[:2], rows, cols_out) or winner.dtype != np.int32:
@@ -657,7 +660,7 @@ class NumpyFastPaths:
         """∂L/∂x into ``dx``: 0, then each δ added at its window's winner (a winner outside
         0 .. size² − 1 adds nothing), by one compiled pass; None where it does not fit."""
         geometry = _pool_geometry(dx, size, stride)
-        if geometry is None or self._images(dy, dx) is None or not winner.flags.c_contiguous:
+        if geometry is None or self._images(dy, dx) is None or not (_writable(dx) and winner.flags.c_contiguous):
             return None
         if winner.dtype != np.int32 or dy.shape != winner.shape or dy.shape != (*dx.shape[:2], *geometry):
             return None
@@ -723,13 +726,24 @@ class NumpyFastPaths:
         p -= t
 
 
+def _writable(*arrays) -> bool:
+    """Whether the compiled kernels may write these arrays: C-contiguous (no broadcast or strided
+    view) and writeable."""
+    return all(a.flags.c_contiguous and a.flags.writeable for a in arrays)
+
+
 def _at(array) -> int:
     """The address of an array's data (cheaper than ``ndarray.ctypes.data``)."""
     return array.__array_interface__["data"][0]
 
 
+#: The largest stride, padding or kernel the compiled image kernels take: with image sides that
+#: fit in memory, none of their index sums can then overflow 64 bits (larger ones: the reference).
+_LARGEST = 1 << 31
+
+
 def _whole(value, smallest: int) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= smallest
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool) and smallest <= value <= _LARGEST
 
 
 def _conv_geometry(x, W, stride, padding):
@@ -738,7 +752,7 @@ def _conv_geometry(x, W, stride, padding):
     0, and at least one output position."""
     if x.ndim != 4 or W.ndim != 4 or W.shape[1] != x.shape[1] or W.shape[2] != W.shape[3]:
         return None
-    if not (_whole(stride, 1) and _whole(padding, 0)) or W.shape[2] < 1 or min(x.shape) < 1 or W.shape[0] < 1:
+    if not (_whole(stride, 1) and _whole(padding, 0) and _whole(W.shape[2], 1)) or min(x.shape) < 1 or W.shape[0] < 1:
         return None
     k = W.shape[2]
     rows, cols = (x.shape[2] + 2 * padding - k) // stride + 1, (x.shape[3] + 2 * padding - k) // stride + 1

@@ -216,18 +216,29 @@ class _Bad(Exception):
     """A value that does not fit an argument; the message says what would."""
 
 
+#: The largest size, stride or padding a spec may give: far beyond any network that fits in
+#: memory, and small enough that no product of them overflows the kernels' 64-bit arithmetic.
+LARGEST = 1 << 20
+
+
 def _positive_int(token: _Token) -> int:
-    if token.kind == "number" and token.text.isdigit() and int(token.text) > 0:
+    if token.kind == "number" and token.text.isdigit() and 0 < int(token.text) <= LARGEST:
         return int(token.text)
-    raise _Bad("a positive integer")
+    raise _Bad(f"a positive integer up to {LARGEST:,}")
 
 
 def _padding(token: _Token):
-    if token.kind == "number" and token.text.isdigit():
+    if token.kind == "number" and token.text.isdigit() and int(token.text) <= LARGEST:
         return int(token.text)
     if token.text in ("same", "valid"):
         return token.text
-    raise _Bad("a non-negative integer, same or valid")
+    raise _Bad(f"a non-negative integer up to {LARGEST:,}, same or valid")
+
+
+def _finite(value: float) -> float:
+    if not math.isfinite(value):
+        raise _Bad("a finite number")
+    return value
 
 
 def _flag(token: _Token) -> bool:
@@ -238,8 +249,8 @@ def _flag(token: _Token) -> bool:
 
 def _number(token: _Token) -> float:
     if token.kind == "number":
-        return float(token.text)
-    raise _Bad("a number")
+        return _finite(float(token.text))
+    raise _Bad("a finite number")
 
 
 def _rate(token: _Token) -> float:

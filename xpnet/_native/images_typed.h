@@ -159,16 +159,18 @@ void NAME(xpnet_to_columns)(T *D, T *sums, const T *dy, ptrdiff_t b, ptrdiff_t O
 /* Max pooling of planes [lo, hi) (each H × W, windows size × size at stride s, Ho × Wo of them):
    y the maximum of each window and winner its offset u·size + v in the window. The first
    maximum in row-major order wins; a NaN makes the maximum NaN and keeps the winner found before
-   it, exactly as the reference's running comparisons (view > best, then maximum) do. */
-/* One step of the running maximum: value at window offset ``at`` against best and found. */
-#define XPNET_POOL_STEP(value_, at)       \
-    do {                                  \
-        const T value = (value_);         \
-        if (value > best) {               \
-            best = value;                 \
-            found = (at);                 \
-        } else if (value != value)        \
-            best = value;                 \
+   it, as the reference's running comparisons (view > best, then maximum) do. */
+/* One step of the running maximum: value at window offset ``at`` against best and found. An
+   equal value takes best's place without winning (NumPy's maximum returns its second argument
+   on a tie, which shows only in the sign of a zero: max(-0.0, +0.0) is +0.0, as the reference's). */
+#define XPNET_POOL_STEP(value_, at)                   \
+    do {                                              \
+        const T value = (value_);                     \
+        if (value > best) {                           \
+            best = value;                             \
+            found = (at);                             \
+        } else if (value != value || value == best)   \
+            best = value;                             \
     } while (0)
 
 static void NAME(max_pool_planes)(const struct NAME(im_task) *t, int *winner, ptrdiff_t lo, ptrdiff_t hi) {
