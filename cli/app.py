@@ -90,10 +90,12 @@ def train(
         None, help="dropout rate after each hidden layer (the CNN: before its last layer) [default: 0; cnn 0.5]"
     ),
     optimizer: str | None = typer.Option(None, help="sgd, momentum, adam or adamw [default: adam]"),
-    lr: float | None = typer.Option(None, help="learning rate [default: 0.001 for adam/adamw, 0.1 sgd, 0.05 momentum]"),
+    lr: float | None = typer.Option(
+        None, help="learning rate [default: 0.001 for adam/adamw (cnn: 0.003), 0.1 sgd, 0.05 momentum]"
+    ),
     weight_decay: float | None = typer.Option(None, help="L2 (decoupled for adamw) weight decay [default: 0]"),
     schedule: str | None = typer.Option(
-        None, help="none, step (halve per epoch), exponential, cosine, warmup [default: none]"
+        None, help="none, step (halve per epoch), exponential, cosine, warmup [default: none; cnn cosine]"
     ),
     epochs: int | None = typer.Option(None, help="epochs in all (with --resume: the new total) [default: 5]"),
     batch_size: int | None = typer.Option(None, help="examples per step [default: 128]"),

@@ -42,19 +42,47 @@ def _train(folder, run, *extra):
 
 
 @pytest.mark.parametrize("model", ["cnn", "cnn-bn"])
-def test_a_cnn_trains_evaluates_predicts_and_resumes_bit_for_bit(small_mnist, tmp_path, model):
+def test_a_cnn_trains_evaluates_predicts_and_resumes_bit_for_bit(small_mnist, tmp_path, model, monkeypatch):
     whole = _train(small_mnist, tmp_path / "whole", "--model", model, "--epochs", 3)
     assert whole["test_accuracy"] > 0.5  # 540 images, 3 epochs: well above chance (0.1)
     config = json.loads((tmp_path / "whole" / "config.json").read_text())
-    assert config["model"] == model and config["dropout"] == 0.5
+    assert config["model"] == model and config["dropout"] == 0.5  # the CNNs' defaults
+    assert config["lr"] == 0.003 and config["schedule"] == "cosine" and config["optimizer"] == "adam"
     saved = load_checkpoint(tmp_path / "whole" / "checkpoint.safetensors")
     kinds = [layer["type"] for layer in saved.meta["model"]["layers"]]
     assert kinds[:2] == (["Conv2D", "BatchNorm"] if model == "cnn-bn" else ["Conv2D", "ReLU"])
     if model == "cnn-bn":
         assert "1.running_mean" in saved.model and "1.running_var" in saved.model
 
-    _train(small_mnist, tmp_path / "part", "--model", model, "--epochs", 1)
-    result = invoke("train", "--resume", tmp_path / "part", "--epochs", 3, "--json")
+    # the cosine schedule spans the run's 3 epochs: the run is cut after its first, then resumed
+    from cli import run as run_module  # the module cli.app (imported above) uses
+
+    original = run_module.RunRecorder.on_epoch_end
+
+    def ctrl_c_after_one_epoch(self, state, logs):
+        original(self, state, logs)
+        if state.epoch == 0:
+            raise KeyboardInterrupt
+
+    with monkeypatch.context() as patched:
+        patched.setattr(run_module.RunRecorder, "on_epoch_end", ctrl_c_after_one_epoch)
+        cut = invoke(
+            "train",
+            "--data-dir",
+            small_mnist,
+            "--batch-size",
+            64,
+            "--val-split",
+            0.1,
+            "--out",
+            tmp_path / "part",
+            "--model",
+            model,
+            "--epochs",
+            3,
+        )
+    assert cut.exit_code == 130, cut.output
+    result = invoke("train", "--resume", tmp_path / "part", "--json")
     assert result.exit_code == 0, result.output
     resumed = load_checkpoint(tmp_path / "part" / "checkpoint.safetensors")
     for key, value in saved.model.items():  # parameters and BatchNorm's running statistics
@@ -99,7 +127,9 @@ def test_train_help_shows_each_options_default():
         ("--activation", "relu"),
         ("--dropout", "0; cnn 0.5"),
         ("--optimizer", "adam"),
-        ("--schedule", "none"),
+        ("--lr", "0.001 for adam/adamw (cnn: 0.003), 0.1 sgd, 0.05 momentum"),
+        ("--weight-decay", "0"),
+        ("--schedule", "none; cnn cosine"),
         ("--epochs", "5"),
         ("--batch-size", "128"),
         ("--seed", "0"),
