@@ -91,7 +91,7 @@ def train(
     ),
     optimizer: str | None = typer.Option(None, help="sgd, momentum, adam or adamw [default: adam]"),
     lr: float | None = typer.Option(
-        None, help="learning rate [default: 0.001 for adam/adamw (cnn: 0.003), 0.1 sgd, 0.05 momentum]"
+        None, help="learning rate [default: 0.001 for adam/adamw (cnn 0.003, cnn-bn 0.01), 0.1 sgd, 0.05 momentum]"
     ),
     weight_decay: float | None = typer.Option(None, help="L2 (decoupled for adamw) weight decay [default: 0]"),
     schedule: str | None = typer.Option(

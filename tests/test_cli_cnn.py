@@ -47,7 +47,8 @@ def test_a_cnn_trains_evaluates_predicts_and_resumes_bit_for_bit(small_mnist, tm
     assert whole["test_accuracy"] > 0.5  # 540 images, 3 epochs: well above chance (0.1)
     config = json.loads((tmp_path / "whole" / "config.json").read_text())
     assert config["model"] == model and config["dropout"] == 0.5  # the CNNs' defaults
-    assert config["lr"] == 0.003 and config["schedule"] == "cosine" and config["optimizer"] == "adam"
+    assert config["lr"] == {"cnn": 0.003, "cnn-bn": 0.01}[model] and config["optimizer"] == "adam"
+    assert config["schedule"] == "cosine"
     saved = load_checkpoint(tmp_path / "whole" / "checkpoint.safetensors")
     kinds = [layer["type"] for layer in saved.meta["model"]["layers"]]
     assert kinds[:2] == (["Conv2D", "BatchNorm"] if model == "cnn-bn" else ["Conv2D", "ReLU"])
@@ -127,7 +128,7 @@ def test_train_help_shows_each_options_default():
         ("--activation", "relu"),
         ("--dropout", "0; cnn 0.5"),
         ("--optimizer", "adam"),
-        ("--lr", "0.001 for adam/adamw (cnn: 0.003), 0.1 sgd, 0.05 momentum"),
+        ("--lr", "0.001 for adam/adamw (cnn 0.003, cnn-bn 0.01), 0.1 sgd, 0.05 momentum"),
         ("--weight-decay", "0"),
         ("--schedule", "none; cnn cosine"),
         ("--epochs", "5"),
