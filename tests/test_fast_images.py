@@ -722,8 +722,8 @@ def _train_cnn(fast, monkeypatch):
     compiled = []
 
     def spied(name, original):
-        def call(*args):
-            result = original(*args)
+        def call(*args, **kwargs):
+            result = original(*args, **kwargs)
             compiled.append((name, result is not None))
             return result
 
@@ -797,3 +797,28 @@ def test_cached_buffers_the_kernels_cannot_write_are_replaced(ops):
     np.testing.assert_allclose(got, REFERENCE.conv2d(x, W, None, stride=1, padding=0), rtol=1e-5, atol=1e-5)
     assert site["columns"].flags.writeable and site["columns"].strides == (4,)
     assert site["products"] is not frozen and not frozen.any()
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("bias", [True, False])
+def test_convolution_with_its_relu_in_the_same_pass_is_the_references(ops, dtype, bias):
+    """``activation="relu"``: max(y, 0) computed in the rearranging pass; NaN stays NaN."""
+    _require_native(ops.fast)
+    rng = np.random.default_rng(7)
+    x, W = rng.normal(size=(5, 3, 9, 8)).astype(dtype), rng.normal(size=(4, 3, 3, 3)).astype(dtype)
+    x[0, 0, 0, 0] = np.nan
+    b = rng.normal(size=4).astype(dtype) if bias else None
+    want = REFERENCE.conv2d(x, W, b, stride=1, padding=1, activation="relu")
+    np.testing.assert_array_equal(want, np.maximum(REFERENCE.conv2d(x, W, b, stride=1, padding=1), 0.0))
+    got = ops.conv2d(x, W, b, stride=1, padding=1, activation="relu")
+    assert np.isnan(got).any() and (got[~np.isnan(got)] >= 0).all() and (got == 0).any()
+    np.testing.assert_allclose(got, want, rtol=1e-5 if dtype == np.float32 else 1e-12, atol=1e-6)
+    assert ops.fast.conv2d(x, W, b, 1, 1, np.empty_like(want), {}, relu=True) is not None
+
+
+def test_the_model_asks_each_convolution_for_the_relu_after_it():
+    model = xn.cnn(seed=0)
+    fused = sorted(model._fusable)
+    assert [type(model.layers[i]).__name__ for i in fused] == ["Conv2D", "Conv2D"]
+    assert all(type(model.layers[i + 1]).__name__ == "ReLU" for i in fused)
+    assert not xn.cnn(batch_norm=True, seed=0)._fusable  # BatchNorm stands between them

@@ -139,11 +139,12 @@ def _declare(lib) -> None:
     images = [pointer, pointer, *[size] * 9, part]  # out, in, b, C, H, W, k, s, p, H', W', parts
     pools = [pointer, pointer, pointer, *[size] * 7, part]  # out, out/in, in, planes, H, W, size, s, H', W', parts
     columns = [pointer, pointer, pointer, size, size, size, part]  # out, in/sums, in/bias, b, O, P, parts
+    from_columns = [*columns[:-1], part, part]  # ..., relu, parts
     for suffix in ("f32", "f64"):
         for name, argtypes in (
             ("xpnet_im2col", images),
             ("xpnet_col2im", images),
-            ("xpnet_from_columns", columns),
+            ("xpnet_from_columns", from_columns),
             ("xpnet_to_columns", columns),
             ("xpnet_max_pool", pools),
             ("xpnet_max_pool_backward", pools),
@@ -511,12 +512,12 @@ class NumpyFastPaths:
     #: (H', W') of a pooling the kernels can run, else None (``_pool_geometry``).
     pool_geometry = staticmethod(lambda x, size, stride: _pool_geometry(x, size, stride))
 
-    def conv2d(self, x, W, b, stride, padding, out, site):
+    def conv2d(self, x, W, b, stride, padding, out, site, relu=False):
         """y = W ⋆ x + b into ``out`` (B, O, H', W'), a chunk of images at a time: the compiled
         im2col into cols (C·k·k, n·H'·W'), one product Y = W₂ cols (O, n·H'·W'), and Y put in
-        NCHW order with the bias added, by one compiled pass. The columns and Y live in ``site``.
-        None where the compiled kernels do not take these arrays (the caller computes the
-        reference): every shape is checked here, before any kernel runs."""
+        NCHW order with the bias added (and with ``relu``, max(y, 0)), by one compiled pass. The
+        columns and Y live in ``site``. None where the compiled kernels do not take these arrays
+        (the caller computes the reference): every shape is checked here, before any kernel runs."""
         geometry = _conv_geometry(x, W, stride, padding)
         suffix = self._images(x, W, out) if geometry and _writable(out) else None
         if suffix is None or (b is not None and (b.shape != (W.shape[0],) or self._images(b, W) is None)):
@@ -553,7 +554,7 @@ class NumpyFastPaths:
                 self._parts(cols.nbytes),
             )
             np.matmul(W2, cols, out=Y)
-            from_columns(_at(out[start : start + n]), _at(Y), bias, n, outs, plane, self._parts(Y.nbytes))
+            from_columns(_at(out[start : start + n]), _at(Y), bias, n, outs, plane, int(relu), self._parts(Y.nbytes))
         return out
 
     def conv2d_backward(self, dy, x, W, stride, padding, dW, db, dx, site):

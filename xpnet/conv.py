@@ -91,12 +91,16 @@ class Conv2D(_Weighted):
         k, s, p = self.kernel_size, self.stride, self.pad
         return (height + 2 * p - k) // s + 1, (width + 2 * p - k) // s + 1
 
-    def forward(self, x, training=False):
+    #: The model may ask for the ReLU after it in the same pass (``Sequential``, ``Ops.fuses``).
+    fusable_activations = ("relu",)
+
+    def forward(self, x, training=False, *, activation=None):
+        """y = W ⋆ x + b through ``Ops.conv2d``; with ``activation`` (asked by the model when the
+        next layer is that activation and the Ops fuse it), the activation of y in the same pass."""
         _images(self, x, self.in_channels, self.kernel_size - 2 * self.pad)
         self.x = x
-        return self.ops.conv2d(
-            x, self.params["W"], self.params.get("b"), stride=self.stride, padding=self.pad, site=self.scratch
-        )
+        W, b = self.params["W"], self.params.get("b")
+        return self.ops.conv2d(x, W, b, stride=self.stride, padding=self.pad, activation=activation, site=self.scratch)
 
     def backward(self, delta, need_input_grad=True):
         if self.x is None:

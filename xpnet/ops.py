@@ -143,12 +143,12 @@ class Ops:
     #: Images per chunk of a convolution: the columns of a chunk, never of the whole batch, are held.
     conv_chunk = 8
 
-    def conv2d(self, x, W, b, *, stride: int, padding: int, site=None):
+    def conv2d(self, x, W, b, *, stride: int, padding: int, activation=None, site=None):
         """y = W ⋆ x + b (cross-correlation, as in PyTorch) for images x (B, C, H, W) and kernels
         W (O, C, k, k): y[n, o, i, j] = Σ_{c,u,v} W[o, c, u, v] · x̃[n, c, i·s + u, j·s + v] + b[o],
         x̃ being x with ``padding`` zeros on each side. As one product per chunk of images: the
         k·k shifted views of x̃ stacked into columns (im2col, (b, C·k·k, H'·W')), y = W₂ cols with
-        W₂ = W as (O, C·k·k)."""
+        W₂ = W as (O, C·k·k). With ``activation="relu"``, max(y, 0) (as ``affine``'s)."""
         xp = self.xp
         batch, _, height, width = x.shape
         out_channels, _, k, _ = W.shape
@@ -160,7 +160,8 @@ class Ops:
             columns = self._columns(x[start:stop, ...], k, stride, padding, rows, cols_out)
             outputs.append(xp.matmul(W2, columns))  # (b, O, H'·W')
         y = xp.reshape(xp.concat(outputs, axis=0), (batch, out_channels, rows, cols_out))
-        return y if b is None else y + xp.reshape(b, (1, out_channels, 1, 1))
+        y = y if b is None else y + xp.reshape(b, (1, out_channels, 1, 1))
+        return xp.maximum(y, 0.0) if activation == "relu" else y
 
     def conv2d_backward(
         self, dy, x, W, *, stride: int, padding: int, bias: bool, need_dx: bool, dW=None, db=None, site=None

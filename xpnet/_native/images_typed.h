@@ -108,8 +108,9 @@ void NAME(xpnet_col2im)(T *dx, const T *cols, ptrdiff_t b, ptrdiff_t C, ptrdiff_
     xpnet_pool_run(NAME(col2im_part), &task, parts);
 }
 
-/* The product's (O, b·P) result as images: y[n, o, :] = Y[o, n·P : (n + 1)·P] + bias[o], for
-   the (n, o) rows of part ``part``; here C is O, and Ho·Wo is P. */
+/* The product's (O, b·P) result as images: y[n, o, :] = Y[o, n·P : (n + 1)·P] + bias[o], then
+   max(·, 0) where relu is set (k holds it), for the (n, o) rows of part ``part``; here C is O,
+   and Ho·Wo is P. */
 static void NAME(from_columns_part)(void *ctx, int part, int parts) {
     const struct NAME(im_task) *t = ctx;
     const ptrdiff_t rows = t->b * t->C, P = t->Ho * t->Wo;
@@ -117,17 +118,27 @@ static void NAME(from_columns_part)(void *ctx, int part, int parts) {
         const ptrdiff_t n = q / t->C, o = q % t->C;
         const T *src = t->in + (o * t->b + n) * P;
         T *dst = t->out + q * P;
-        if (t->bias) {
-            const T bias = t->bias[o];
+        const T bias = t->bias ? t->bias[o] : (T)0;
+        if (t->bias && t->k)
+            for (ptrdiff_t e = 0; e < P; ++e) {
+                T z = src[e];
+                XPNET_BIAS_RELU(z, bias);
+                dst[e] = z;
+            }
+        else if (t->bias)
             for (ptrdiff_t e = 0; e < P; ++e) dst[e] = src[e] + bias;
-        } else
+        else if (t->k)
+            for (ptrdiff_t e = 0; e < P; ++e) dst[e] = src[e] < (T)0 ? (T)0 : src[e];
+        else
             for (ptrdiff_t e = 0; e < P; ++e) dst[e] = src[e];
     }
 }
 
-/* y (b, O, P) = Y (O, b·P) rearranged, plus bias (O,) when it is not NULL. */
-void NAME(xpnet_from_columns)(T *y, const T *Y, const T *bias, ptrdiff_t b, ptrdiff_t O, ptrdiff_t P, int parts) {
-    struct NAME(im_task) task = {y, Y, bias, NULL, b, O, 0, 0, 0, 0, 0, P, 1};
+/* y (b, O, P) = Y (O, b·P) rearranged, plus bias (O,) when it is not NULL, then max(y, 0) when
+   relu is not 0. */
+void NAME(xpnet_from_columns)(T *y, const T *Y, const T *bias, ptrdiff_t b, ptrdiff_t O, ptrdiff_t P, int relu,
+                              int parts) {
+    struct NAME(im_task) task = {y, Y, bias, NULL, b, O, 0, 0, relu != 0, 0, 0, P, 1};
     xpnet_pool_run(NAME(from_columns_part), &task, parts);
 }
 

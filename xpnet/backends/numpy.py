@@ -99,13 +99,14 @@ class NumpyOps(BufferedOps):
         done = self.fast.dropout(x, rate, draw, out, mask)
         return super().dropout(x, rate, draw, site=site) if done is None else done
 
-    def conv2d(self, x, W, b, *, stride, padding, site=None):
+    def conv2d(self, x, W, b, *, stride, padding, activation=None, site=None):
         geometry = self.fast.conv_geometry(x, W, stride, padding)
-        if geometry is not None:
+        if geometry is not None and activation in (None, "relu"):
             out = self._output(site, "y", (x.shape[0], W.shape[0], *geometry[-2:]), x.dtype)
-            if self.fast.conv2d(x, W, b, stride, padding, out, {} if site is None else site) is not None:
+            scratch = {} if site is None else site
+            if self.fast.conv2d(x, W, b, stride, padding, out, scratch, relu=activation == "relu") is not None:
                 return out
-        return super().conv2d(x, W, b, stride=stride, padding=padding, site=site)
+        return super().conv2d(x, W, b, stride=stride, padding=padding, activation=activation, site=site)
 
     def conv2d_backward(self, dy, x, W, *, stride, padding, bias, need_dx, dW=None, db=None, site=None):
         dW = np.empty(W.shape, dtype=W.dtype) if dW is None else dW
