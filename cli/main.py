@@ -43,8 +43,12 @@ def _ignore_interrupts(signal) -> None:
 
 def _defer_interrupts(interrupted: list):
     """SIGINT only noted (in ``interrupted``) from now on; returns the handler to put back, or
-    None where handlers cannot be set (not the main thread)."""
+    None where handlers cannot be set (not the main thread) or SIGINT is ignored: a process
+    started with SIGINT ignored (``nohup``, a background job of a script) keeps ignoring it, as
+    Python itself does, during the imports too."""
     try:
+        if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+            return None
         return signal.signal(signal.SIGINT, lambda signum, frame: interrupted.append(signum))
     except (ValueError, OSError):
         return None

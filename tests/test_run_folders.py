@@ -364,7 +364,15 @@ def test_ctrl_c_at_any_moment_is_one_line_and_exit_130(tmp_path):
         started.unlink(missing_ok=True)
         args = ["train", *WDBC, "--epochs", "3000", "--out", str(tmp_path / f"run{i}")]
         process = subprocess.Popen(
-            [sys.executable, "-c", code, *args], cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True
+            [sys.executable, "-c", code, *args],
+            cwd=ROOT,
+            env=env,
+            stderr=subprocess.PIPE,
+            text=True,
+            # as a foreground command starts, whatever this process's own SIGINT disposition
+            # (a test run started in the background, by ``cmd &`` or nohup, ignores SIGINT, and a
+            # child would inherit that: see the next test)
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
         )
         deadline = time.monotonic() + 60
         while not started.exists() and time.monotonic() < deadline:
@@ -375,6 +383,35 @@ def test_ctrl_c_at_any_moment_is_one_line_and_exit_130(tmp_path):
         assert process.returncode == 130, (delay, err)
         lines = err.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("xpnet: interrupted"), (delay, err)
+
+
+def test_a_run_started_with_ctrl_c_ignored_keeps_ignoring_it(tmp_path):
+    """Started with SIGINT ignored (nohup, a script's background job), xpnet ignores it, as Python
+    does: during its imports (where it otherwise defers a Ctrl-C) and during training."""
+    started = tmp_path / "started"
+    code = f"import pathlib, sys\nfrom xpnet.cli.main import main\npathlib.Path({str(started)!r}).touch()\n"
+    code += "sys.exit(main(sys.argv[1:]))"
+    env = {**os.environ, "XPNET_THREADS": "0", "OPENBLAS_NUM_THREADS": "1"}
+    for i, delay in enumerate((0.01, 0.3)):
+        started.unlink(missing_ok=True)
+        args = ["train", *WDBC, "--epochs", "20", "--quiet", "--out", str(tmp_path / f"run{i}")]
+        process = subprocess.Popen(
+            [sys.executable, "-c", code, *args],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
+        )
+        deadline = time.monotonic() + 60
+        while not started.exists() and time.monotonic() < deadline:
+            time.sleep(0.001)
+        time.sleep(delay)
+        process.send_signal(signal.SIGINT)
+        out, err = process.communicate(timeout=120)
+        assert process.returncode == 0 and err == "", (delay, err)
+        assert out.startswith("test accuracy"), out
 
 
 @pytest.mark.parametrize("command", ["evaluate", "--help"])
