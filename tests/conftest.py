@@ -94,3 +94,27 @@ def assert_one_line_error(result, code: int, pattern: str) -> None:
     assert len(lines) == 1, result.stderr
     assert "Traceback" not in result.output
     assert re.search(pattern, lines[0]), lines[0]
+
+
+def write_mnist_slice(folder, train: int, test: int):
+    """The first ``train`` training and ``test`` test images of MNIST, as the four IDX files in
+    ``folder``: a CNN's epoch on them takes seconds. Returns the folder."""
+    from xpnet.data import load_dataset, write_idx
+
+    ds = load_dataset("mnist", flatten=False)
+    for split, stem, n in ((ds.train, "train", train), (ds.test, "t10k", test)):
+        write_idx(folder / f"{stem}-images-idx3-ubyte", np.round(split.x[:n] * 255).astype(np.uint8))
+        write_idx(folder / f"{stem}-labels-idx1-ubyte", split.y[:n].astype(np.uint8))
+    return folder
+
+
+def train_json(invoke, folder, run, *extra) -> dict:
+    """``xpnet train`` on the IDX files in ``folder`` into ``run`` (batch 64, val split 0.1, --json),
+    through ``invoke``; its summary, after asserting exit code 0."""
+    import json
+
+    result = invoke(
+        "train", "--data-dir", folder, "--batch-size", 64, "--val-split", 0.1, "--out", run, "--json", *extra
+    )
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)

@@ -11,13 +11,13 @@ import subprocess
 
 import numpy as np
 import pytest
-from conftest import assert_one_line_error
+from conftest import assert_one_line_error, train_json, write_mnist_slice
 from typer.testing import CliRunner
 
 import xpnet as xn
 from cli.app import app
 from xpnet.arch import arch_takes_images, canonical_arch, plan_arch
-from xpnet.data import load_dataset, write_idx
+from xpnet.data import load_dataset
 from xpnet.io import load_checkpoint
 
 CNN = "conv(32,3),relu,maxpool(2),conv(64,3),relu,maxpool(2),flatten,dropout(0.5),dense(10)"
@@ -232,20 +232,11 @@ def invoke(*args):
 @pytest.fixture(scope="module")
 def small_mnist(tmp_path_factory):
     """400 training and 100 test images of MNIST, as the four IDX files."""
-    folder = tmp_path_factory.mktemp("small-mnist-arch")
-    ds = load_dataset("mnist", flatten=False)
-    for split, stem, n in ((ds.train, "train", 400), (ds.test, "t10k", 100)):
-        write_idx(folder / f"{stem}-images-idx3-ubyte", np.round(split.x[:n] * 255).astype(np.uint8))
-        write_idx(folder / f"{stem}-labels-idx1-ubyte", split.y[:n].astype(np.uint8))
-    return folder
+    return write_mnist_slice(tmp_path_factory.mktemp("small-mnist-arch"), 400, 100)
 
 
 def _train(folder, run, *extra):
-    result = invoke(
-        "train", "--data-dir", folder, "--batch-size", 64, "--val-split", 0.1, "--out", run, "--json", *extra
-    )
-    assert result.exit_code == 0, result.output
-    return json.loads(result.stdout)
+    return train_json(invoke, folder, run, *extra)
 
 
 def test_an_arch_run_trains_resumes_evaluates_predicts_and_plots(small_mnist, tmp_path):

@@ -8,11 +8,11 @@ import json
 
 import numpy as np
 import pytest
-from conftest import assert_one_line_error
+from conftest import assert_one_line_error, train_json, write_mnist_slice
 from typer.testing import CliRunner
 
 from cli.app import app
-from xpnet.data import load_dataset, write_idx
+from xpnet.data import load_dataset
 from xpnet.io import load_checkpoint
 
 runner = CliRunner()
@@ -25,20 +25,11 @@ def invoke(*args):
 @pytest.fixture(scope="module")
 def small_mnist(tmp_path_factory):
     """600 training and 200 test images of MNIST, as the four IDX files."""
-    folder = tmp_path_factory.mktemp("small-mnist")
-    ds = load_dataset("mnist", flatten=False)
-    for split, stem, n in ((ds.train, "train", 600), (ds.test, "t10k", 200)):
-        write_idx(folder / f"{stem}-images-idx3-ubyte", np.round(split.x[:n] * 255).astype(np.uint8))
-        write_idx(folder / f"{stem}-labels-idx1-ubyte", split.y[:n].astype(np.uint8))
-    return folder
+    return write_mnist_slice(tmp_path_factory.mktemp("small-mnist"), 600, 200)
 
 
 def _train(folder, run, *extra):
-    result = invoke(
-        "train", "--data-dir", folder, "--batch-size", 64, "--val-split", 0.1, "--out", run, "--json", *extra
-    )
-    assert result.exit_code == 0, result.output
-    return json.loads(result.stdout)
+    return train_json(invoke, folder, run, *extra)
 
 
 @pytest.mark.parametrize("model", ["cnn", "cnn-bn"])

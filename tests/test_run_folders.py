@@ -350,37 +350,43 @@ def test_plot_refuses_missing_or_bad_metrics_and_a_plots_file(two_epochs, tmp_pa
 
 
 # ------------------------------------------------------------- interruptions and pipes
+def _signalled_train(tmp_path, name: str, args: list, delay: float, disposition) -> tuple:
+    """(exit code, stdout, stderr) of ``xpnet train *args`` started with SIGINT at ``disposition``
+    (SIG_DFL: as a foreground command starts, whatever this process's own: a test run started in
+    the background, by ``cmd &`` or nohup, ignores SIGINT, and its children would inherit that) and
+    sent SIGINT ``delay`` seconds after the calling script says it started."""
+    started = tmp_path / "started"
+    started.unlink(missing_ok=True)
+    code = f"import pathlib, sys\nfrom xpnet.cli.main import main\npathlib.Path({str(started)!r}).touch()\n"
+    code += "sys.exit(main(sys.argv[1:]))"
+    env = {**os.environ, "XPNET_THREADS": "0", "OPENBLAS_NUM_THREADS": "1"}
+    process = subprocess.Popen(
+        [sys.executable, "-c", code, "train", *args, "--out", str(tmp_path / name)],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, disposition),
+    )
+    deadline = time.monotonic() + 60
+    while not started.exists() and time.monotonic() < deadline:
+        time.sleep(0.001)
+    time.sleep(delay)
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=120)
+    return process.returncode, out, err
+
+
 def test_ctrl_c_at_any_moment_is_one_line_and_exit_130(tmp_path):
     """From the moment xpnet's code runs: its imports (typer, NumPy, xpnet are imported inside
     ``main``), loading data, building the model, training. (Before that, Python's own start-up,
     such as the .pth files of site-packages, and the few bytecodes of the calling script before
     ``main``'s first line, are not xpnet's to handle: the first delay is 20 ms after the script
     says it started.)"""
-    started = tmp_path / "started"
-    code = f"import pathlib, sys\nfrom xpnet.cli.main import main\npathlib.Path({str(started)!r}).touch()\n"
-    code += "sys.exit(main(sys.argv[1:]))"
-    env = {**os.environ, "XPNET_THREADS": "0", "OPENBLAS_NUM_THREADS": "1"}
     for i, delay in enumerate((0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.8, 1.2, 2.0)):
-        started.unlink(missing_ok=True)
-        args = ["train", *WDBC, "--epochs", "3000", "--out", str(tmp_path / f"run{i}")]
-        process = subprocess.Popen(
-            [sys.executable, "-c", code, *args],
-            cwd=ROOT,
-            env=env,
-            stderr=subprocess.PIPE,
-            text=True,
-            # as a foreground command starts, whatever this process's own SIGINT disposition
-            # (a test run started in the background, by ``cmd &`` or nohup, ignores SIGINT, and a
-            # child would inherit that: see the next test)
-            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
-        )
-        deadline = time.monotonic() + 60
-        while not started.exists() and time.monotonic() < deadline:
-            time.sleep(0.001)
-        time.sleep(delay)
-        process.send_signal(signal.SIGINT)
-        _, err = process.communicate(timeout=60)
-        assert process.returncode == 130, (delay, err)
+        code, _, err = _signalled_train(tmp_path, f"run{i}", [*WDBC, "--epochs", "3000"], delay, signal.SIG_DFL)
+        assert code == 130, (delay, err)
         lines = err.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("xpnet: interrupted"), (delay, err)
 
@@ -388,29 +394,10 @@ def test_ctrl_c_at_any_moment_is_one_line_and_exit_130(tmp_path):
 def test_a_run_started_with_ctrl_c_ignored_keeps_ignoring_it(tmp_path):
     """Started with SIGINT ignored (nohup, a script's background job), xpnet ignores it, as Python
     does: during its imports (where it otherwise defers a Ctrl-C) and during training."""
-    started = tmp_path / "started"
-    code = f"import pathlib, sys\nfrom xpnet.cli.main import main\npathlib.Path({str(started)!r}).touch()\n"
-    code += "sys.exit(main(sys.argv[1:]))"
-    env = {**os.environ, "XPNET_THREADS": "0", "OPENBLAS_NUM_THREADS": "1"}
     for i, delay in enumerate((0.01, 0.3)):
-        started.unlink(missing_ok=True)
-        args = ["train", *WDBC, "--epochs", "20", "--quiet", "--out", str(tmp_path / f"run{i}")]
-        process = subprocess.Popen(
-            [sys.executable, "-c", code, *args],
-            cwd=ROOT,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
-        )
-        deadline = time.monotonic() + 60
-        while not started.exists() and time.monotonic() < deadline:
-            time.sleep(0.001)
-        time.sleep(delay)
-        process.send_signal(signal.SIGINT)
-        out, err = process.communicate(timeout=120)
-        assert process.returncode == 0 and err == "", (delay, err)
+        args = [*WDBC, "--epochs", "20", "--quiet"]
+        code, out, err = _signalled_train(tmp_path, f"run{i}", args, delay, signal.SIG_IGN)
+        assert code == 0 and err == "", (delay, err)
         assert out.startswith("test accuracy"), out
 
 

@@ -512,6 +512,31 @@ class NumpyFastPaths:
     #: (H', W') of a pooling the kernels can run, else None (``_pool_geometry``).
     pool_geometry = staticmethod(lambda x, size, stride: _pool_geometry(x, size, stride))
 
+    def _chunks(self, x, W, geometry, stride, padding, suffix, site):
+        """(start, n, cols, Y) for each chunk of the images x: cols (C·k·k, n·H'·W') holding the
+        chunk's columns (compiled im2col), Y (O, n·H'·W') the buffer for the chunk's products."""
+        batch, channels, _, _, k, rows, cols_out = geometry
+        plane, depth, outs = rows * cols_out, channels * k * k, W.shape[0]
+        per = self._chunk(batch, depth * plane * x.itemsize)
+        columns = self.buffer(site, "columns", (depth * per * plane,), x.dtype)
+        products = self.buffer(site, "products", (outs * per * plane,), x.dtype)
+        for start in range(0, batch, per):
+            n = min(per, batch - start)
+            cols = columns[: depth * n * plane].reshape(depth, n * plane)
+            self._image_pass("xpnet_im2col" + suffix, cols, x[start : start + n], geometry, stride, padding)
+            yield start, n, cols, products[: outs * n * plane].reshape(outs, -1)
+
+    def _image_pass(self, name, out, source, geometry, stride, padding):
+        """The compiled im2col (images to columns) or col2im (columns to images) ``name`` of one
+        chunk, out from source; the chunk's images are those of whichever of the two is 4-D."""
+        _, channels, height, width, k, rows, cols_out = geometry
+        n = (out if out.ndim == 4 else source).shape[0]
+        kernel = getattr(self.native, name)
+        nbytes = max(out.nbytes, source.nbytes)
+        kernel(
+            _at(out), _at(source), n, channels, height, width, k, stride, padding, rows, cols_out, self._parts(nbytes)
+        )
+
     def conv2d(self, x, W, b, stride, padding, out, site, relu=False):
         """y = W ⋆ x + b into ``out`` (B, O, H', W'), a chunk of images at a time: the compiled
         im2col into cols (C·k·k, n·H'·W'), one product Y = W₂ cols (O, n·H'·W'), and Y put in
@@ -525,34 +550,11 @@ class NumpyFastPaths:
         batch, channels, height, width, k, rows, cols_out = geometry
         if out.shape != (batch, W.shape[0], rows, cols_out):
             return None
-        lib, plane, depth, outs = self.native, rows * cols_out, channels * k * k, W.shape[0]
-        im2col, from_columns = getattr(lib, "xpnet_im2col" + suffix), getattr(lib, "xpnet_from_columns" + suffix)
-        W2 = W.reshape(outs, depth)
-        per = self._chunk(batch, depth * plane * x.itemsize)
-        columns = self.buffer(site, "columns", (depth * per * plane,), x.dtype)
-        products = self.buffer(site, "products", (outs * per * plane,), x.dtype)
+        plane, outs = rows * cols_out, W.shape[0]
+        from_columns = getattr(self.native, "xpnet_from_columns" + suffix)
+        W2 = W.reshape(outs, -1)
         bias = None if b is None else _at(b)
-        for start in range(0, batch, per):
-            n = min(per, batch - start)
-            cols, Y = (
-                columns[: depth * n * plane].reshape(depth, n * plane),
-                products[: outs * n * plane].reshape(outs, -1),
-            )
-            image = x[start : start + n]
-            im2col(
-                _at(cols),
-                _at(image),
-                n,
-                channels,
-                height,
-                width,
-                k,
-                stride,
-                padding,
-                rows,
-                cols_out,
-                self._parts(cols.nbytes),
-            )
+        for start, n, cols, Y in self._chunks(x, W, geometry, stride, padding, suffix, site):
             np.matmul(W2, cols, out=Y)
             from_columns(_at(out[start : start + n]), _at(Y), bias, n, outs, plane, int(relu), self._parts(Y.nbytes))
         return out
@@ -575,61 +577,31 @@ class NumpyFastPaths:
             return None
         if (db is not None and db.shape != (outs,)) or (dx is not None and dx.shape != x.shape):
             return None
-        lib, plane, depth = self.native, rows * cols_out, channels * k * k
-        im2col, col2im = getattr(lib, "xpnet_im2col" + suffix), getattr(lib, "xpnet_col2im" + suffix)
-        to_columns = getattr(lib, "xpnet_to_columns" + suffix)
+        plane, depth = rows * cols_out, channels * k * k
+        to_columns = getattr(self.native, "xpnet_to_columns" + suffix)
         W2, dW2 = W.reshape(outs, depth), dW.reshape(outs, depth)
-        per = self._chunk(batch, depth * plane * x.itemsize)
-        columns = self.buffer(site, "columns", (depth * per * plane,), x.dtype)
-        products = self.buffer(site, "products", (outs * per * plane,), x.dtype)
-        partial = self.buffer(site, "dW", (outs, depth), x.dtype) if per < batch else None
         if db is not None:
             db[...] = 0
         sums = None if db is None else _at(db)
-        for start in range(0, batch, per):
-            n = min(per, batch - start)
-            cols, D = (
-                columns[: depth * n * plane].reshape(depth, n * plane),
-                products[: outs * n * plane].reshape(outs, -1),
-            )
-            image = x[start : start + n]
-            im2col(
-                _at(cols),
-                _at(image),
-                n,
-                channels,
-                height,
-                width,
-                k,
-                stride,
-                padding,
-                rows,
-                cols_out,
-                self._parts(cols.nbytes),
-            )
+        for start, n, cols, D in self._chunks(x, W, geometry, stride, padding, suffix, site):
             to_columns(_at(D), sums, _at(dy[start : start + n]), n, outs, plane, self._parts(D.nbytes))
             if start == 0:
                 np.matmul(D, cols.T, out=dW2)
             else:
+                partial = self.buffer(site, "dW", (outs, depth), x.dtype)
                 np.matmul(D, cols.T, out=partial)
                 dW2 += partial
             if dx is not None:
                 np.matmul(W2.T, D, out=cols)  # the columns' gradient, where the columns were
-                col2im(
-                    _at(dx[start : start + n]),
-                    _at(cols),
-                    n,
-                    channels,
-                    height,
-                    width,
-                    k,
-                    stride,
-                    padding,
-                    rows,
-                    cols_out,
-                    self._parts(cols.nbytes),
-                )
+                self._image_pass("xpnet_col2im" + suffix, dx[start : start + n], cols, geometry, stride, padding)
         return dW, db, dx
+
+    def _pool_pass(self, name, arrays, shape, size, stride, geometry):
+        """The compiled pooling kernel ``name`` on its three arrays, for images of ``shape``
+        (B, C, H, W) and the (H', W') of ``geometry``; split by the images' bytes."""
+        kernel = getattr(self.native, name)
+        nbytes = math.prod(shape) * arrays[0].itemsize
+        kernel(*map(_at, arrays), shape[0] * shape[1], shape[2], shape[3], size, stride, *geometry, self._parts(nbytes))
 
     def max_pool2d(self, x, size, stride, out, winner):
         """Max pooling of x (B, C, H, W) into ``out`` and the first winners' window offsets into
@@ -640,21 +612,7 @@ class NumpyFastPaths:
         rows, cols_out = geometry
         if out.shape != winner.shape or out.shape != (*x.shape[:2], rows, cols_out) or winner.dtype != np.int32:
             return None
-        kernel = getattr(self.native, "xpnet_max_pool" + self._images(x))
-        planes = x.shape[0] * x.shape[1]
-        kernel(
-            _at(out),
-            _at(winner),
-            _at(x),
-            planes,
-            x.shape[2],
-            x.shape[3],
-            size,
-            stride,
-            rows,
-            cols_out,
-            self._parts(x.nbytes),
-        )
+        self._pool_pass("xpnet_max_pool" + self._images(x), (out, winner, x), x.shape, size, stride, geometry)
         return out, winner
 
     def max_pool2d_backward(self, dy, winner, size, stride, dx):
@@ -665,19 +623,8 @@ class NumpyFastPaths:
             return None
         if winner.dtype != np.int32 or dy.shape != winner.shape or dy.shape != (*dx.shape[:2], *geometry):
             return None
-        kernel = getattr(self.native, "xpnet_max_pool_backward" + self._images(dx))
-        planes = dx.shape[0] * dx.shape[1]
-        kernel(
-            _at(dx),
-            _at(dy),
-            _at(winner),
-            planes,
-            dx.shape[2],
-            dx.shape[3],
-            size,
-            stride,
-            *geometry,
-            self._parts(dx.nbytes),
+        self._pool_pass(
+            "xpnet_max_pool_backward" + self._images(dx), (dx, dy, winner), dx.shape, size, stride, geometry
         )
         return dx
 
