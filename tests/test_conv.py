@@ -6,10 +6,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from conftest import assert_on_device, host, on
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 import xpnet as xn
+
+
+def _reads_the_image(n: int, k: int, stride: int, padding: int, outputs: int) -> bool:
+    """Whether some window of a convolution over n positions reads one of them (not padding)."""
+    return any(0 <= i * stride + u - padding < n for i in range(outputs) for u in range(k))
 
 
 def _model(layers, device="cpu"):
@@ -33,6 +38,14 @@ def test_conv2d_passes_gradcheck_on_random_shapes(channels, out_channels, kernel
     x = rng.normal(size=(batch, channels, size, size + 1))
     conv = xn.Conv2D(channels, out_channels, kernel, stride=stride, padding=padding)
     rows, cols = conv.output_size(size, size + 1)
+    # Where every window lies in the padding (k = 1, stride 3, padding 1 on 1 × 2 images), y = b
+    # for every example: two examples labelled apart then cancel, ∂L/∂b is exactly 0, and a
+    # relative error of 0 against central differences' rounding (1e-17) reads 1. Not a geometry
+    # that tells backprop from a wrong formula: left out.
+    assume(
+        _reads_the_image(size, kernel, stride, padding, rows)
+        and _reads_the_image(size + 1, kernel, stride, padding, cols)
+    )
     model = _model([conv, xn.Tanh(), xn.Flatten(), xn.Dense(out_channels * rows * cols, 2)])
     report = xn.gradcheck(model, "cross_entropy", x, rng.integers(0, 2, batch))
     assert report.max_error < 1e-6, report.table()
