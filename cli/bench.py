@@ -262,11 +262,7 @@ class FloorRun:
 
     def _mlp_epoch(self) -> float:
         W1, W2, W3 = self.W
-        n, B = self.X.shape[0], self.batch_size
-
-        def buffer(name, shape):
-            return self.buffer(name, shape)
-
+        n, B, buffer = self.X.shape[0], self.batch_size, self.buffer
         started = time.perf_counter()
         for start in range(0, n, B):
             x = self.X[start : start + B]

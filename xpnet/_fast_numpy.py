@@ -202,7 +202,7 @@ class NumpyFastPaths:
         ``arrays`` and then ``others`` (labels: any dtype), all C-contiguous, and what ends the
         kernel's arguments: ``(parts,)`` from ``_SPLIT_BYTES`` up, where the ``_split`` version runs
         over the pool's threads, else ()."""
-        parts = self.threads if nbytes >= _SPLIT_BYTES else 1
+        parts = self._parts(nbytes)
         everything = (*arrays, *others)
         key = (name, parts, *map(id, everything))
         return self._remembered(key, everything, lambda: self._find(name, parts, arrays, everything))
@@ -227,17 +227,30 @@ class NumpyFastPaths:
         return found
 
     def _find(self, name, parts, arrays, everything):
-        native, dtype = self.native, arrays[0].dtype
-        if native is None or dtype.char not in "fd" or dtype.byteorder not in "=|":
+        suffix = self._suffix(*arrays)
+        if suffix is None or not all(a.flags.c_contiguous for a in everything):
             return None
-        if any(array.dtype != dtype for array in arrays) or not all(a.flags.c_contiguous for a in everything):
-            return None
-        suffix = ("_f32" if dtype.char == "f" else "_f64") + ("_split" if parts > 1 else "")
         return (
-            getattr(native, name + suffix),
+            getattr(self.native, name + suffix + ("_split" if parts > 1 else "")),
             [array.ctypes.data for array in everything],
             (parts,) if parts > 1 else (),
         )
+
+    def _suffix(self, *arrays):
+        """The compiled kernels' suffix ("_f32", "_f64") for these arrays, or None: no library,
+        another element type, mixed types, or an array that is not C-contiguous."""
+        if self.native is None:
+            return None
+        dtype = arrays[0].dtype
+        if dtype.char not in "fd" or dtype.byteorder not in "=|":
+            return None
+        if any(a.dtype != dtype or not a.flags.c_contiguous for a in arrays):
+            return None
+        return "_f32" if dtype.char == "f" else "_f64"
+
+    def _parts(self, nbytes: int) -> int:
+        """How many threads a kernel over ``nbytes`` splits over: 1 below ``_SPLIT_BYTES``."""
+        return self.threads if nbytes >= _SPLIT_BYTES else 1
 
     # ------------------------------------------------------------- buffers
     @staticmethod
@@ -441,10 +454,10 @@ class NumpyFastPaths:
         given = mean is not None
         arrays = (x, gamma, beta, y, x_hat) + ((mean, var) if given else ())
         usable = x.ndim in (2, 4) and min(x.shape) > 0 and _writable(y, x_hat)
-        suffix = self._images(*arrays) if usable else None
-        channels = x.shape[1]
+        suffix = self._suffix(*arrays) if usable else None
         if suffix is None or not (x.shape == y.shape == x_hat.shape) or (mean is None) != (var is None):
             return None
+        channels = x.shape[1]
         if any(a.shape != (channels,) for a in arrays[1:3] + arrays[5:]):
             return None
         inv_std = np.empty(channels, x.dtype)
@@ -460,10 +473,10 @@ class NumpyFastPaths:
         """(∂L/∂x into ``dx``, ∂L/∂γ, ∂L/∂β) of ``Ops.batch_norm_backward``, one compiled pass per
         channel for the sums and one for ∂L/∂x; None where the kernel does not fit."""
         arrays = (dy, x_hat, inv_std, gamma, dx)
-        suffix = self._images(*arrays) if dy.ndim in (2, 4) and min(dy.shape) > 0 and _writable(dx) else None
-        channels = dy.shape[1]
+        suffix = self._suffix(*arrays) if dy.ndim in (2, 4) and min(dy.shape) > 0 and _writable(dx) else None
         if suffix is None or not (dy.shape == x_hat.shape == dx.shape):
             return None
+        channels = dy.shape[1]
         if inv_std.shape != (channels,) or gamma.shape != (channels,):
             return None
         grad_gamma, grad_beta = np.empty(channels, dy.dtype), np.empty(channels, dy.dtype)
@@ -478,7 +491,7 @@ class NumpyFastPaths:
         """Inverted dropout of x into ``out`` with its mask into ``mask``: the draw's uniform
         numbers, the mask and the product in one compiled pass (the reference's numbers, bit for
         bit). None where the kernel does not take these arrays."""
-        suffix = self._images(x, out, mask) if _writable(out, mask) else None
+        suffix = self._suffix(x, out, mask) if _writable(out, mask) else None
         if suffix is None or not (x.shape == out.shape == mask.shape) or not 0.0 <= rate < 1.0:
             return None
         kernel = getattr(self.native, "xpnet_dropout" + suffix)
@@ -486,21 +499,6 @@ class NumpyFastPaths:
         return out, mask
 
     # ------------------------------------------------ convolution and pooling
-    def _images(self, *arrays):
-        """The compiled image kernels' suffix ("_f32", "_f64") for these arrays, or None: no
-        library, another element type, mixed types, or an array that is not C-contiguous."""
-        if self.native is None:
-            return None
-        dtype = arrays[0].dtype
-        if dtype.char not in "fd" or dtype.byteorder not in "=|":
-            return None
-        if any(a.dtype != dtype or not a.flags.c_contiguous for a in arrays):
-            return None
-        return "_f32" if dtype.char == "f" else "_f64"
-
-    def _parts(self, nbytes: int) -> int:
-        return self.threads if nbytes >= _SPLIT_BYTES else 1
-
     @staticmethod
     def _chunk(batch: int, column_bytes: int) -> int:
         """Images per chunk: as many as keep a chunk's im2col columns within COLUMN_BYTES (at least
@@ -544,8 +542,8 @@ class NumpyFastPaths:
         columns and Y live in ``site``. None where the compiled kernels do not take these arrays
         (the caller computes the reference): every shape is checked here, before any kernel runs."""
         geometry = _conv_geometry(x, W, stride, padding)
-        suffix = self._images(x, W, out) if geometry and _writable(out) else None
-        if suffix is None or (b is not None and (b.shape != (W.shape[0],) or self._images(b, W) is None)):
+        suffix = self._suffix(x, W, out) if geometry and _writable(out) else None
+        if suffix is None or (b is not None and (b.shape != (W.shape[0],) or self._suffix(b, W) is None)):
             return None
         batch, channels, height, width, k, rows, cols_out = geometry
         if out.shape != (batch, W.shape[0], rows, cols_out):
@@ -568,7 +566,7 @@ class NumpyFastPaths:
         geometry = _conv_geometry(x, W, stride, padding)
         arrays = (x, W, dy, dW) + tuple(a for a in (db, dx) if a is not None)
         outputs = (dW,) + tuple(a for a in (db, dx) if a is not None)
-        suffix = self._images(*arrays) if geometry and _writable(*outputs) else None
+        suffix = self._suffix(*arrays) if geometry and _writable(*outputs) else None
         if suffix is None:
             return None
         batch, channels, height, width, k, rows, cols_out = geometry
@@ -607,24 +605,24 @@ class NumpyFastPaths:
         """Max pooling of x (B, C, H, W) into ``out`` and the first winners' window offsets into
         ``winner`` (int32), both (B, C, H', W'), by one compiled pass; None where it does not fit."""
         geometry = _pool_geometry(x, size, stride)
-        if geometry is None or self._images(x, out) is None or not _writable(out, winner):
+        if geometry is None or self._suffix(x, out) is None or not _writable(out, winner):
             return None
         rows, cols_out = geometry
         if out.shape != winner.shape or out.shape != (*x.shape[:2], rows, cols_out) or winner.dtype != np.int32:
             return None
-        self._pool_pass("xpnet_max_pool" + self._images(x), (out, winner, x), x.shape, size, stride, geometry)
+        self._pool_pass("xpnet_max_pool" + self._suffix(x), (out, winner, x), x.shape, size, stride, geometry)
         return out, winner
 
     def max_pool2d_backward(self, dy, winner, size, stride, dx):
         """∂L/∂x into ``dx``: 0, then each δ added at its window's winner (a winner outside
         0 .. size² − 1 adds nothing), by one compiled pass; None where it does not fit."""
         geometry = _pool_geometry(dx, size, stride)
-        if geometry is None or self._images(dy, dx) is None or not (_writable(dx) and winner.flags.c_contiguous):
+        if geometry is None or self._suffix(dy, dx) is None or not (_writable(dx) and winner.flags.c_contiguous):
             return None
         if winner.dtype != np.int32 or dy.shape != winner.shape or dy.shape != (*dx.shape[:2], *geometry):
             return None
         self._pool_pass(
-            "xpnet_max_pool_backward" + self._images(dx), (dx, dy, winner), dx.shape, size, stride, geometry
+            "xpnet_max_pool_backward" + self._suffix(dx), (dx, dy, winner), dx.shape, size, stride, geometry
         )
         return dx
 
