@@ -40,31 +40,52 @@ def main_options(
     """xpnet: train and inspect neural networks on NumPy (cpu) or CuPy (cuda)."""
 
 
+#: The ranks the running command computes on (``xpnet train`` under mpiexec), for error reports.
+_communicator = xn.distributed.SingleProcess()
+
+
+def _failure(exc: BaseException) -> tuple[int, str]:
+    """(exit status, the one line) for a failure of a command."""
+    if isinstance(exc, CLIError):
+        return exc.code, str(exc)
+    if isinstance(exc, xn.distributed.RankFailure):
+        return exc.code, str(exc)
+    if isinstance(exc, (xn.DeviceError, xn.data.DataError, ValueError)):
+        return 2, str(exc)
+    if isinstance(exc, BrokenPipeError):  # `xpnet evaluate RUN | head -1`
+        stdout_closed()
+        return 2, BROKEN_PIPE
+    if isinstance(exc, KeyboardInterrupt):  # before typer sees it (it would exit 130 without a word)
+        return 130, "interrupted"
+    return 1, f"{type(exc).__name__}: {exc}"  # a runtime failure: still one line, never a traceback
+
+
 def reports_errors(command):
-    """Print a failure as one line on stderr and exit with its code: never a traceback."""
+    """Print a failure as one line on stderr and exit with its code: never a traceback.
+
+    On the ranks of an MPI job: a failure every rank met at once (``raised_everywhere``) is
+    reported by rank 0 alone, and every rank exits with its code; a failure of one rank alone,
+    while the others may be waiting for it in a collective, is reported by that rank, naming
+    itself, and ends the whole job (MPI_Abort) at once."""
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
         try:
             return command(*args, **kwargs)
-        except CLIError as exc:
-            report(str(exc))
-            raise typer.Exit(exc.code) from None
-        except (xn.DeviceError, xn.data.DataError, ValueError) as exc:
-            report(str(exc))
-            raise typer.Exit(2) from None
-        except BrokenPipeError:  # `xpnet evaluate RUN | head -1`
-            stdout_closed()
-            report(BROKEN_PIPE)
-            raise typer.Exit(2) from None
-        except KeyboardInterrupt:  # before typer sees it (it would exit 130 without a word)
-            report("interrupted")
-            raise typer.Exit(130) from None
         except (typer.Exit, typer.Abort):
             raise
-        except Exception as exc:  # a runtime failure: still one line, never a traceback
-            report(f"{type(exc).__name__}: {exc}")
-            raise typer.Exit(1) from None
+        except (Exception, KeyboardInterrupt) as exc:
+            code, message = _failure(exc)
+            comm = _communicator
+            if not comm.parallel:
+                report(message)
+            elif xn.distributed.raised_everywhere(exc):
+                if comm.rank == 0:
+                    report(message)
+            else:
+                report(f"rank {comm.rank} of {comm.size}: {message}")
+                comm.abort(code)
+            raise typer.Exit(code) from None
 
     return wrapper
 
@@ -137,7 +158,8 @@ def train(
     )
     if resume is not None and out is not None:
         raise CLIError("give --resume RUN_DIR or --out RUN_DIR, not both")
-    talk = not (quiet or json_output)
+    comm = _ranks()
+    talk = not (quiet or json_output) and comm.rank == 0
 
     def display(config):
         if not talk:
@@ -150,7 +172,9 @@ def train(
         )
         return [ProgressBar(sys.stdout, interactive=sys.stdout.isatty())]
 
-    summary = train_run(options, out=out, resume=resume, callbacks_for=display)
+    summary = train_run(options, out=out, resume=resume, callbacks_for=display, communicator=comm)
+    if comm.rank != 0:  # rank 0 alone speaks
+        return
     if json_output:
         typer.echo(json.dumps(summary))
     else:
@@ -158,6 +182,20 @@ def train(
             f"test accuracy {summary['test_accuracy']:.4f}  test loss {summary['test_loss']:.4f}  "
             f"{summary['seconds']:.1f}s  {summary['samples_per_second']:,.0f} samples/s  -> {summary['run_dir']}"
         )
+
+
+def _ranks():
+    """The processes ``xpnet train`` runs on: the ranks of the MPI job that started it
+    (``mpiexec -n N xpnet train``), else this one alone."""
+    global _communicator
+    try:
+        _communicator = xn.distributed.from_environment()
+    except ImportError as exc:
+        if xn.distributed.launched_rank() != 0:  # rank 0 says it, once
+            raise typer.Exit(2) from None
+        ranks = xn.distributed.launched_ranks()
+        raise CLIError(f"started as one of {ranks} MPI ranks, but {exc}", code=2) from None
+    return _communicator
 
 
 def _predictions(model, data, x):

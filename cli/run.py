@@ -22,6 +22,7 @@ contradiction is one clear error, never a silent fallback to defaults.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -676,8 +677,13 @@ def _check_epochs_change(config: dict, previous: int) -> None:
 
 
 def _restore(run_dir: Path, config, model, optimizer, early_stopping):
-    """Load the checkpoint into model, optimizer, random state and early stopping."""
-    checkpoint = read_checkpoint(run_dir)
+    """Load the run's checkpoint into model, optimizer, random state and early stopping."""
+    return _restore_from(read_checkpoint(run_dir), config, model, optimizer, early_stopping)
+
+
+def _restore_from(checkpoint, config, model, optimizer, early_stopping):
+    """Load ``checkpoint`` (read by this rank, or by rank 0 and sent) into model, optimizer,
+    random state and early stopping; returns (checkpoint, history)."""
     check_agreement(config, checkpoint)
     check_architecture(model, checkpoint)
     try:
@@ -735,11 +741,16 @@ def _start(run_dir: Path, config, model, optimizer, data, early_stopping) -> xn.
     return history
 
 
-def train_run(options: dict, *, out: str | None, resume: str | None, callbacks_for) -> dict:
-    """Train (or continue) a run; return the summary. ``callbacks_for(config)`` adds display."""
+def train_run(options: dict, *, out: str | None, resume: str | None, callbacks_for, communicator=None) -> dict:
+    """Train (or continue) a run; return the summary. ``callbacks_for(config)`` adds display.
+
+    ``communicator`` (``xpnet.distributed``; None: this process alone): on the ranks of an MPI job
+    rank 0 alone reads and writes the run folder (it holds the lock) and sends the others what
+    they need; every rank builds the model, loads the data and trains its share."""
     where = {"dir": None, "epoch": None, "epochs": None}
+    comm = communicator if communicator is not None else xn.distributed.SingleProcess()
     try:
-        return _train_run(options, out, resume, callbacks_for, where)
+        return _train_run(options, out, resume, callbacks_for, where, comm)
     except KeyboardInterrupt:
         raise CLIError(f"interrupted{_what_is_kept(where)}", code=130) from None
     except BrokenPipeError:  # `xpnet train | head -1`: the display has nowhere to go
@@ -763,7 +774,70 @@ def _what_is_kept(where) -> str:
     )
 
 
-def _train_run(options, out, resume, callbacks_for, where) -> dict:
+def _train_run(options, out, resume, callbacks_for, where, comm) -> dict:
+    lead = comm.rank == 0
+    plan = None
+    with comm.together():  # rank 0 reads the run folder; a refusal there ends every rank
+        if lead:
+            plan = _plan(options, out, resume)
+    config, saved, previous, run_dir = comm.broadcast_object(plan)
+    with comm.together():  # every rank's device, data and model (one rank's missing data ends them all)
+        device = make_device(rank_device(config["device"], comm), config["seed"])
+        data = load_data(config)
+        ds = data.dataset
+        if config["early_stopping"] and ds.val is None:
+            raise CLIError("--early-stopping watches the validation loss: give --val-split above 0")
+        model = build_model(config, data, device)
+        optimizer = build_optimizer(config, math.ceil(len(ds.train) / config["batch_size"]))
+        early_stopping = xn.EarlyStopping(config["early_stopping"]) if config["early_stopping"] else None
+    with contextlib.ExitStack() as held:
+        opened = None
+        with comm.together():
+            if lead:
+                if resume is None:
+                    make_folder(run_dir, "--out")
+                held.enter_context(FolderLock(run_dir))
+                where["dir"] = run_dir
+                given = tuple(key for key in RESUME_OVERRIDES if options.get(key) is not None)
+                opened = _open_run(
+                    run_dir, resume, given, config, saved, previous, model, optimizer, early_stopping, data
+                )
+        checkpoint = comm.broadcast_object(None if opened is None else opened[0])
+        with comm.together():
+            if lead:
+                checkpoint, history, saved = opened
+            elif checkpoint is not None:  # the other ranks restore what rank 0 read
+                _, history = _restore_from(checkpoint, config, model, optimizer, early_stopping)
+            else:
+                history = xn.History()
+        return _train(
+            run_dir,
+            config,
+            saved,
+            data,
+            model,
+            optimizer,
+            early_stopping,
+            checkpoint,
+            history,
+            callbacks_for,
+            where,
+            comm,
+        )
+
+
+def rank_device(name: str, comm) -> str:
+    """The device a rank computes on: ``--device cuda`` on the ranks of an MPI job means each
+    rank's own GPU of its machine (local rank modulo the GPUs there); any other name as given."""
+    if not comm.parallel or name.lower() != "cuda":
+        return name
+    gpus = [found for found in xn.available_devices() if found.startswith("cuda:")]
+    return gpus[comm.local_rank % len(gpus)] if gpus else name
+
+
+def _plan(options, out, resume):
+    """(config, saved config, previous epochs, run folder) of the run to train, checked as far as
+    can be before the data loads (again under the lock)."""
     given = tuple(key for key in RESUME_OVERRIDES if options.get(key) is not None)
     if resume is not None:
         run_dir = folder_option(resume, "--resume")
@@ -786,54 +860,43 @@ def _train_run(options, out, resume, callbacks_for, where) -> dict:
             else Path("runs") / f"{config['dataset']}-{time.strftime('%Y%m%d-%H%M%S')}"
         )
         _check_new_folder(run_dir)  # early, before the data loads; again under the lock
-    device = make_device(config["device"], config["seed"])
-    data = load_data(config)
-    ds = data.dataset
-    if config["early_stopping"] and ds.val is None:
-        raise CLIError("--early-stopping watches the validation loss: give --val-split above 0")
-    model = build_model(config, data, device)
-    optimizer = build_optimizer(config, math.ceil(len(ds.train) / config["batch_size"]))
-    early_stopping = xn.EarlyStopping(config["early_stopping"]) if config["early_stopping"] else None
+    return config, saved, previous, run_dir
 
-    if resume is None:
-        make_folder(run_dir, "--out")
-    with FolderLock(run_dir):
-        where["dir"] = run_dir
-        checkpoint = None
-        state = describe(run_dir)
-        if resume is not None and state in ("partial", "foreign"):
-            raise CLIError(
-                f"{run_dir} holds files of a run but no checkpoint, or a folder where a run's file goes: "
-                "nothing to resume from"
-            )
-        if resume is not None and state == "run":
-            checkpoint, history = _restore(run_dir, config, model, optimizer, early_stopping)
-            done = len(history)
-            if checkpoint.meta.get("stopped_early"):
-                if (run_dir / RESULTS).exists() or config["epochs"] != previous:
-                    raise CLIError(
-                        f"{run_dir} stopped early after epoch {done} (no better validation loss "
-                        f"for {config['early_stopping']} epochs): there is nothing to resume"
-                    )
-            elif done >= config["epochs"] and (run_dir / RESULTS).exists():
-                raise CLIError(
-                    f"{run_dir} has finished its {done} epochs; pass --epochs N (more than {done}) to continue"
-                )
-            if config["epochs"] < done:
-                raise CLIError(f"{run_dir} has {done} epochs done: --epochs must be at least {done}")
-            if "epochs" not in given and saved["epochs"] != previous:  # killed between the two writes
-                write_config(run_dir, {**config, "data_dir": saved["data_dir"]})
-                saved = {**saved, "epochs": previous}
-            _keep_epochs(run_dir, done)
-            if done < config["epochs"] and not checkpoint.meta.get("stopped_early"):
-                (run_dir / RESULTS).unlink(missing_ok=True)  # it tested fewer epochs than the run will have
-        else:  # a new run, or one interrupted before its first checkpoint: start from epoch 0
-            if resume is None:
-                _check_new_folder(run_dir)
-            history = _start(run_dir, config, model, optimizer, data, early_stopping)
-        return _train(
-            run_dir, config, saved, data, model, optimizer, early_stopping, checkpoint, history, callbacks_for, where
+
+def _open_run(run_dir, resume, given, config, saved, previous, model, optimizer, early_stopping, data):
+    """Under the lock: the checkpoint restored into the model (a resume), or the run's first
+    files written (a new run). Returns (checkpoint or None, history, saved config)."""
+    checkpoint = None
+    state = describe(run_dir)
+    if resume is not None and state in ("partial", "foreign"):
+        raise CLIError(
+            f"{run_dir} holds files of a run but no checkpoint, or a folder where a run's file goes: "
+            "nothing to resume from"
         )
+    if resume is not None and state == "run":
+        checkpoint, history = _restore(run_dir, config, model, optimizer, early_stopping)
+        done = len(history)
+        if checkpoint.meta.get("stopped_early"):
+            if (run_dir / RESULTS).exists() or config["epochs"] != previous:
+                raise CLIError(
+                    f"{run_dir} stopped early after epoch {done} (no better validation loss "
+                    f"for {config['early_stopping']} epochs): there is nothing to resume"
+                )
+        elif done >= config["epochs"] and (run_dir / RESULTS).exists():
+            raise CLIError(f"{run_dir} has finished its {done} epochs; pass --epochs N (more than {done}) to continue")
+        if config["epochs"] < done:
+            raise CLIError(f"{run_dir} has {done} epochs done: --epochs must be at least {done}")
+        if "epochs" not in given and saved["epochs"] != previous:  # killed between the two writes
+            write_config(run_dir, {**config, "data_dir": saved["data_dir"]})
+            saved = {**saved, "epochs": previous}
+        _keep_epochs(run_dir, done)
+        if done < config["epochs"] and not checkpoint.meta.get("stopped_early"):
+            (run_dir / RESULTS).unlink(missing_ok=True)  # it tested fewer epochs than the run will have
+    else:  # a new run, or one interrupted before its first checkpoint: start from epoch 0
+        if resume is None:
+            _check_new_folder(run_dir)
+        history = _start(run_dir, config, model, optimizer, data, early_stopping)
+    return checkpoint, history, saved
 
 
 def _keep_epochs(run_dir: Path, done: int) -> None:
@@ -852,15 +915,21 @@ def _keep_epochs(run_dir: Path, done: int) -> None:
 MAX_METRICS_BYTES = 64 << 20
 
 
-def _train(run_dir, config, saved, data, model, optimizer, early_stopping, checkpoint, history, callbacks_for, where):
+def _train(
+    run_dir, config, saved, data, model, optimizer, early_stopping, checkpoint, history, callbacks_for, where, comm
+):
     ds = data.dataset
     initial_epoch = len(history)
     stopped = checkpoint is not None and checkpoint.meta.get("stopped_early")
     training_left = initial_epoch < config["epochs"] and not stopped
     rewrite = checkpoint is not None and any(config[key] != saved[key] for key in ("epochs", "data_dir"))
-    recorder = RunRecorder(run_dir, config, data, early_stopping, initial_epoch, rewrite)
-    where["epoch"], where["epochs"] = (lambda: recorder.epochs_saved), config["epochs"]
-    callbacks = [c for c in (early_stopping, recorder) if c is not None] + callbacks_for(config)
+    recorder = None
+    if comm.rank == 0:  # rank 0 alone writes the run folder and shows progress
+        recorder = RunRecorder(run_dir, config, data, early_stopping, initial_epoch, rewrite)
+        where["epoch"], where["epochs"] = (lambda: recorder.epochs_saved), config["epochs"]
+    callbacks = [c for c in (early_stopping, recorder) if c is not None]
+    if comm.rank == 0:
+        callbacks += callbacks_for(config)
     started = time.perf_counter()
     try:
         with np.errstate(all="ignore"):  # a diverging run ends with one message, not a page of warnings
@@ -877,21 +946,24 @@ def _train(run_dir, config, saved, data, model, optimizer, early_stopping, check
                     callbacks=callbacks,
                     initial_epoch=initial_epoch,
                     history=history,
+                    communicator=comm,
                 )
             else:  # finished training but not its test evaluation (interrupted there)
                 model.load_state_dict(best_weights(checkpoint))
             seconds = time.perf_counter() - started
-            return _finish(run_dir, config, data, model, history, initial_epoch, seconds)
+            return _finish(run_dir, config, data, model, history, initial_epoch, seconds, comm)
     except xn.TrainingDiverged as exc:
-        raise CLIError(
-            f"{exc}; the checkpoint of epoch {recorder.epochs_saved} is intact in {run_dir}", code=1
-        ) from None
+        saved_epochs = recorder.epochs_saved if recorder is not None else initial_epoch
+        error = CLIError(f"{exc}; the checkpoint of epoch {saved_epochs} is intact in {run_dir}", code=1)
+        error.xpnet_everywhere = xn.distributed.raised_everywhere(exc)
+        raise error from None
 
 
-def _finish(run_dir, config, data, model, history, initial_epoch, seconds) -> dict:
-    """Test the trained model (early stopping has put its best weights back) and write results.json."""
+def _finish(run_dir, config, data, model, history, initial_epoch, seconds, comm) -> dict:
+    """Test the trained model (early stopping has put its best weights back) and write results.json
+    (rank 0; every rank tests its share of the test set)."""
     ds = data.dataset
-    test = xn.evaluate(model, data.loss, ds.test.x, ds.test.y)
+    test = xn.evaluate(model, data.loss, ds.test.x, ds.test.y, communicator=comm)
     metric = "binary_accuracy" if data.loss == "bce" else "accuracy"
     summary = {
         "run_dir": str(run_dir),
@@ -903,6 +975,8 @@ def _finish(run_dir, config, data, model, history, initial_epoch, seconds) -> di
         "seconds": seconds,
         "samples_per_second": (len(history) - initial_epoch) * len(ds.train) / max(seconds, 1e-9),
         "parameters": model.num_parameters(),
+        "ranks": comm.size,
     }
-    write_json_atomic(run_dir / RESULTS, summary)
+    if comm.rank == 0:
+        write_json_atomic(run_dir / RESULTS, summary)
     return summary

@@ -2,6 +2,7 @@
 Python Array API so that the same code trains on NumPy (CPU), CuPy (CUDA) and array-api-strict.
 """
 
+from . import distributed
 from .arch import ArchError, from_arch
 from .backend import Device, DeviceError, available_devices, get_device
 from .conv import AvgPool2D, Conv2D, GlobalAvgPool2D, MaxPool2D
@@ -67,6 +68,7 @@ from .train import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "distributed",
     "cnn",
     "from_arch",
     "ArchError",

@@ -173,3 +173,28 @@ def release(token) -> None:
         if _holders == 0:
             threads_now = 1
             setter(None)
+
+
+_SET_COUNTS = (
+    "scipy_openblas_set_num_threads64_",
+    "scipy_openblas_set_num_threads",
+    "openblas_set_num_threads64_",
+    "openblas_set_num_threads",
+)
+
+
+def set_blas_threads(threads: int, numpy_dir: str, blas_name: str) -> bool:
+    """Make NumPy's OpenBLAS (``numpy_openblas``) compute on ``threads`` threads from now on, and
+    so xpnet's pool, which takes OpenBLAS's count when it is next held. Returns whether there was
+    an OpenBLAS to tell. Refused (RuntimeError) while xpnet computes: the pool's count is fixed
+    for a computation."""
+    with _LOCK:
+        if _holders:
+            raise RuntimeError("the thread count cannot change while fit, evaluate or predict runs")
+        blas = numpy_openblas(numpy_dir, blas_name)
+        setter = None if blas is None else next((getattr(blas, n) for n in _SET_COUNTS if hasattr(blas, n)), None)
+        if setter is not None:
+            setter.argtypes, setter.restype = [ctypes.c_int], None
+            setter(max(1, int(threads)))
+        _hookable.cache_clear()  # the count is read again at the next hold
+        return setter is not None

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import _cpu_threads
+from . import _cpu_threads, _random
 from ._native import sources
 
 _SYMBOLS = (("xpnet_adam_f32", ctypes.c_float), ("xpnet_adam_f64", ctypes.c_double))
@@ -157,7 +157,8 @@ def _declare(lib) -> None:
         function = getattr(lib, f"xpnet_batch_norm_backward_{suffix}")  # dx, dγ, dβ, δ, x̂, 1/σ, γ, B, C, P, batch
         function.argtypes, function.restype = [*[pointer] * 7, size, size, size, part, part], None
         function = getattr(lib, f"xpnet_dropout_{suffix}")
-        function.argtypes = [pointer, pointer, pointer, size, ctypes.c_uint32, ctypes.c_uint32, scalar, scalar, part]
+        uint32 = ctypes.c_uint32  # y, mask, x, first, n, key, k1, rate, scale, parts
+        function.argtypes = [pointer, pointer, pointer, size, size, uint32, uint32, scalar, scalar, part]
         function.restype = None
 
 
@@ -494,8 +495,12 @@ class NumpyFastPaths:
         suffix = self._suffix(x, out, mask) if _writable(out, mask) else None
         if suffix is None or not (x.shape == out.shape == mask.shape) or not 0.0 <= rate < 1.0:
             return None
+        first = _random.first_element(draw, x.shape)
+        if first is None:
+            return None
         kernel = getattr(self.native, "xpnet_dropout" + suffix)
-        kernel(_at(out), _at(mask), _at(x), x.size, draw[0], draw[1], rate, 1.0 / (1.0 - rate), self._parts(x.nbytes))
+        scale, parts = 1.0 / (1.0 - rate), self._parts(x.nbytes)
+        kernel(_at(out), _at(mask), _at(x), first, x.size, draw[0], draw[1], rate, scale, parts)
         return out, mask
 
     # ------------------------------------------------ convolution and pooling

@@ -40,10 +40,26 @@ def draw_key(seed_key, counter: int) -> int:
     return _mix32(k0 ^ _mix32((counter * PHI + k1) & _U32))
 
 
-def uniform(xp, device, key: int, k1: int, shape, dtype):
-    """The draw's numbers in [0, 1) of ``shape``, in ``dtype``: multiples of 2⁻²⁴, exact in float32."""
+def first_element(draw: tuple, shape) -> int | None:
+    """The number in the draw of the first element of an array of ``shape`` whose first row is
+    row ``draw[2]`` (0 when the draw has two entries) of the whole batch: a rank of a
+    data-parallel job takes rows of each global batch, and draws the numbers those rows have
+    there. None for a row number that is not a non-negative integer below 2³¹."""
+    row = draw[2] if len(draw) > 2 else 0
+    if isinstance(row, bool) or not isinstance(row, int) or not 0 <= row < 2**31:
+        return None
+    per_row = math.prod(shape[1:]) if len(shape) > 1 else 1
+    return (row * per_row) & _U32
+
+
+def uniform(xp, device, key: int, k1: int, shape, dtype, first: int = 0):
+    """The draw's numbers in [0, 1) of ``shape``, in ``dtype``: multiples of 2⁻²⁴, exact in float32.
+    ``first``: the number in the draw of the first element (elements are numbered mod 2³²)."""
     n = math.prod(shape)
-    bits = _mul32(xp.arange(n, dtype=xp.int64, device=device), PHI)
+    index = xp.arange(n, dtype=xp.int64, device=device)
+    if first:
+        index = (index + first) & _U32
+    bits = _mul32(index, PHI)
     bits = _mix32(_mix32(bits ^ key) ^ k1)
     u = xp.astype(bits >> 8, dtype)
     return xp.reshape(u * (1.0 / 16777216.0), tuple(shape))

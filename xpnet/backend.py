@@ -158,6 +158,10 @@ class Device:
         self._shuffle_rng = np.random.Generator(np.random.PCG64(shuffle))
         self._dropout_key = [int(k) for k in dropout.generate_state(2, np.uint32)]
         self._dropout_counter = 0
+        #: The row of the whole batch where the rows this process computes start: fit sets it on
+        #: the ranks of a data-parallel job (``xpnet.distributed``), so that dropout draws for a
+        #: rank's rows the numbers those rows have on one process.
+        self.first_row = 0
 
     def normal(self, shape, std: float, dtype):
         """N(0, std²) draws made on the host and moved once, identical on every backend."""
@@ -184,14 +188,26 @@ class Device:
         array-api-strict, with no host transfer. (Dropout takes its draws through ``next_draw``
         and ``Ops.dropout``, whose compiled version computes the same numbers.)
         """
-        key, k1 = self.next_draw()
+        key, k1, _ = self.next_draw()
         return _random.uniform(self.xp, self.native, key, k1, shape, self.dtype(dtype))
 
-    def next_draw(self) -> tuple[int, int]:
-        """(key, k1) of the next draw of the dropout stream (``xpnet._random``), which it uses up."""
+    def next_draw(self) -> tuple[int, int, int]:
+        """(key, k1, first row) of the next draw of the dropout stream (``xpnet._random``), which
+        it uses up. ``first row``: where this process's rows start in the batch (``first_row``;
+        0 but on the ranks of a data-parallel job)."""
         key = _random.draw_key(self._dropout_key, self._dropout_counter)
         self._dropout_counter += 1
-        return key, self._dropout_key[1]
+        return key, self._dropout_key[1], self.first_row
+
+    @property
+    def draws_made(self) -> int:
+        """How many draws of the dropout stream have been used up."""
+        return self._dropout_counter
+
+    def skip_draws(self, count: int) -> None:
+        """Use up ``count`` draws of the dropout stream unseen (a rank of a data-parallel job with
+        no rows in a step keeps its stream where the other ranks' goes)."""
+        self._dropout_counter += int(count)
 
     def rng_state(self) -> dict:
         """The random streams' state, JSON-serializable, for checkpoints and exact resumes."""
@@ -248,3 +264,37 @@ def is_device_array(x) -> bool:
     """Whether ``x`` is an array of a device library (any backend's but NumPy's host arrays)."""
     backend = array_backend(x)
     return backend is not None and backend.kind != "numpy"
+
+
+def limit_threads(threads: int) -> None:
+    """Compute with ``threads`` threads from now on: NumPy's OpenBLAS (and xpnet's pool of the
+    compiled kernels, which takes OpenBLAS's count) and PyTorch's intra-op pool when PyTorch is
+    loaded. For the ranks of a data-parallel job that share a machine's cores (``xpnet.distributed``)."""
+    import sys
+    from pathlib import Path
+
+    from . import _cpu_threads
+
+    try:
+        blas = str(np.__config__.CONFIG["Build Dependencies"]["blas"]["name"])
+    except (AttributeError, KeyError, TypeError):
+        blas = "unknown"
+    _cpu_threads.set_blas_threads(threads, str(Path(np.__file__).resolve().parent), blas)
+    torch = sys.modules.get("torch")
+    if torch is not None and hasattr(torch, "set_num_threads"):
+        torch.set_num_threads(max(1, int(threads)))
+
+
+def pack_to_host(device: Device, arrays):
+    """The numbers of ``arrays`` (of one dtype, on ``device``) side by side in one new host buffer."""
+    hosts = [device.to_host(a).reshape(-1) for a in arrays]
+    return np.concatenate(hosts) if len(hosts) > 1 else np.array(hosts[0], copy=True)
+
+
+def unpack_from_host(device: Device, host, arrays) -> None:
+    """The pieces of ``host`` written back into ``arrays``, in the order ``pack_to_host`` laid them out."""
+    offset = 0
+    for a in arrays:
+        size = int(np.prod(a.shape))
+        a[...] = device.to_device(host[offset : offset + size].reshape(tuple(a.shape)), a.dtype)
+        offset += size

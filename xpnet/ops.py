@@ -132,10 +132,15 @@ class Ops:
 
     def dropout(self, x, rate: float, draw: tuple, *, site=None):
         """(y, mask) of inverted dropout: mask = [u ≥ rate] / (1 − rate), y = x · mask, for u the
-        uniform numbers of ``draw`` = (key, k1) of the device's dropout stream (``Device.next_draw``,
-        ``xpnet._random``): the same masks on every backend."""
+        uniform numbers of ``draw`` = (key, k1, first row) of the device's dropout stream
+        (``Device.next_draw``, ``xpnet._random``): the same masks on every backend, and on a rank
+        of a data-parallel job, whose rows start at ``first row`` of the global batch, the masks
+        those rows have on one process."""
         xp = self.xp
-        u = _random.uniform(xp, array_api_compat.device(x), draw[0], draw[1], tuple(x.shape), x.dtype)
+        first = _random.first_element(draw, tuple(x.shape))
+        if first is None:
+            raise ValueError(f"a dropout draw's first row must be an integer in [0, 2**31), got {draw[2]!r}")
+        u = _random.uniform(xp, array_api_compat.device(x), draw[0], draw[1], tuple(x.shape), x.dtype, first)
         mask = xp.astype(u >= rate, x.dtype) * (1.0 / (1.0 - rate))
         return x * mask, mask
 
@@ -321,17 +326,19 @@ class Ops:
         return scale * (1.0 / count) * (count * g - sum_g - x_hat * sum_gx), grad_gamma, grad_beta
 
     # ------------------------------------------------------------ batches
-    def batches(self, X, Y, order, batch_size: int):
+    def batches(self, X, Y, order, batch_size: int, share=None):
         """(start, stop, xb, yb) for each mini-batch: rows order[start:stop] of X and Y (rows
-        start:stop when ``order`` is None). A generator: close it (``contextlib.closing``) when
-        the loop ends early, so that a faster Ops can finish any copy it runs ahead."""
+        start:stop when ``order`` is None). With ``share`` (a function of the batch's size that
+        gives the rows [lo, hi) this process takes, ``Communicator.share``), xb and yb hold those
+        rows of the batch alone (start and stop stay the whole batch's). A generator: close it
+        (``contextlib.closing``) when the loop ends early, so that a faster Ops can finish any
+        copy it runs ahead."""
         xp, n = self.xp, X.shape[0]
-        for start in range(0, n, batch_size):
-            stop = min(start + batch_size, n)
+        for start, stop, first, last in _spans(n, batch_size, share):
             if order is None:
-                yield start, stop, X[start:stop, ...], Y[start:stop, ...]
+                yield start, stop, X[first:last, ...], Y[first:last, ...]
             else:
-                idx = order[start:stop]
+                idx = order[first:last]
                 yield start, stop, xp.take(X, idx, axis=0), xp.take(Y, idx, axis=0)
 
     # ------------------------------------------------------------ losses
@@ -391,6 +398,56 @@ class Ops:
             direction = direction + decay * p
         return _subtract(p, direction), m, v
 
+    # ------------------------------------------------------------ across processes
+    def host_view(self, a):
+        """A NumPy array sharing ``a``'s memory, C-contiguous and writable, or None where there
+        is none (the reference: none; arrays then travel through a host copy)."""
+        return None
+
+    def all_sum(self, comm, arrays, scale: float, device) -> None:
+        """Each array of ``arrays`` times ``scale``, summed over the ranks of ``comm``
+        (``xpnet.distributed``), in place: one collective for all of them. Where the one array is
+        a host view, MPI reads and writes it as it is; otherwise the arrays are packed into one
+        host buffer, summed, and copied back (``device`` moves them)."""
+        from .backend import pack_to_host, unpack_from_host
+
+        views = [self.host_view(a) for a in arrays] if len(arrays) == 1 else [None]
+        if views[0] is not None:
+            if scale != 1.0:
+                views[0] *= scale
+            comm.all_sum_host(views[0])
+            return
+        host = pack_to_host(device, arrays)
+        if scale != 1.0:
+            host *= scale
+        comm.all_sum_host(host)
+        unpack_from_host(device, host, arrays)
+
+    def broadcast(self, comm, arrays, device, root: int = 0) -> None:
+        """Rank ``root``'s values of every array of ``arrays``, in place on every rank (one
+        collective for all of them, staged as ``all_sum`` stages)."""
+        from .backend import pack_to_host, unpack_from_host
+
+        views = [self.host_view(a) for a in arrays] if len(arrays) == 1 else [None]
+        if views[0] is not None:
+            comm.broadcast_host(views[0], root)
+            return
+        host = pack_to_host(device, arrays)
+        comm.broadcast_host(host, root)
+        unpack_from_host(device, host, arrays)
+
+
+def _spans(n: int, batch_size: int, share):
+    """(start, stop, first, last) of each mini-batch of n rows: the batch [start, stop), and the
+    rows [first, last) of it this process takes (all of them without ``share``)."""
+    for start in range(0, n, batch_size):
+        stop = min(start + batch_size, n)
+        if share is None:
+            yield start, stop, start, stop
+        else:
+            lo, hi = share(stop - start)
+            yield start, stop, start + lo, start + hi
+
 
 def _subtract(p, update):
     """p − update, in place when the array library allows it (rebind the result either way)."""
@@ -409,26 +466,27 @@ class BufferedOps(Ops):
         super().__init__(xp, native)
         self.fast = fast
 
-    def batches(self, X, Y, order, batch_size):
+    def batches(self, X, Y, order, batch_size, share=None):
         if order is None or not self._mode.reusing:
-            yield from super().batches(X, Y, order, batch_size)
+            yield from super().batches(X, Y, order, batch_size, share)
             return
         fast, n, buffers = self.fast, X.shape[0], {}
         ahead = fast.gathers_ahead(X, batch_size)  # two input buffers in turn
+        spans = list(_spans(n, batch_size, share))
         try:
-            for step, start in enumerate(range(0, n, batch_size)):
-                stop = min(start + batch_size, n)
+            for step, (start, stop, first, last) in enumerate(spans):
                 name = f"x{step % 2}" if ahead else "x"
                 xb = fast.take_rows(
-                    X, order, start, stop, fast.buffer(buffers, name, (stop - start, *X.shape[1:]), X.dtype)
+                    X, order, first, last, fast.buffer(buffers, name, (last - first, *X.shape[1:]), X.dtype)
                 )
                 yb = fast.take_rows(
-                    Y, order, start, stop, fast.buffer(buffers, "y", (stop - start, *Y.shape[1:]), Y.dtype)
+                    Y, order, first, last, fast.buffer(buffers, "y", (last - first, *Y.shape[1:]), Y.dtype)
                 )
-                if ahead and stop < n:
-                    after = min(stop + batch_size, n)
-                    following = fast.buffer(buffers, f"x{(step + 1) % 2}", (after - stop, *X.shape[1:]), X.dtype)
-                    fast.take_rows_ahead(X, order, stop, after, following)
+                if ahead and step + 1 < len(spans):
+                    _, _, after_first, after_last = spans[step + 1]
+                    shape = (after_last - after_first, *X.shape[1:])
+                    following = fast.buffer(buffers, f"x{(step + 1) % 2}", shape, X.dtype)
+                    fast.take_rows_ahead(X, order, after_first, after_last, following)
                 yield start, stop, xb, yb
         finally:  # however the loop ends, no copy may still be writing into a buffer
             if ahead:

@@ -258,6 +258,11 @@ class Optimizer:
         an optimizer without slots): the arrays themselves, in the store's layout."""
         return {} if self._slots is None else self._slots.arrays()
 
+    def slot_buffers(self) -> list:
+        """The arrays that hold every slot, in the store's layout (one flat array per slot name
+        on the flat layout): what a collective reads or writes (``xpnet.distributed``)."""
+        return [] if self._slots is None else self._slots.buffers()
+
     def bind(self, model) -> None:
         """Make ``model`` this optimizer's model; a no-op for that model, ValueError for another.
 

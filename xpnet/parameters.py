@@ -261,6 +261,27 @@ class ParameterStore:
             return []
         return [entry.key for entry in self.entries if not entry.filled]
 
+    @property
+    def itemsize(self) -> int:
+        """Bytes per number of the model's dtype."""
+        return 8 if dtype_name(self.dtype) == "float64" else 4
+
+    def buffers(self, kind: str) -> list:
+        """The arrays that hold every parameter ("values") or every gradient ("grads"), for a
+        collective that reads or writes them all: the one flat array on the flat layout, else one
+        array per parameter, in the store's order (gradients a backward pass has not given yet are
+        left out)."""
+        if self.flat:
+            return [self._flat_values if kind == "values" else self._flat_grads]
+        if kind == "values":
+            return [entry.value for entry in self._order]
+        return [entry.grad for entry in self._order if entry.filled]
+
+    def zero_grads(self) -> None:
+        """Every gradient made 0 (a rank with no rows in a step adds nothing to the sum)."""
+        for array in self.buffers("grads"):
+            array[...] = 0
+
     # ------------------------------------------------------------ writes
     def assign(self, key: str, value) -> None:
         """Make ``value`` (checked) parameter ``key``: written into the store's array."""
@@ -365,6 +386,13 @@ class Slots:
             return placed(views[name], store._checked(value, f"the optimizer slot {name}{of}", shape), True)
 
         return _Window(dict(views), put, "an optimizer's slots")
+
+    def buffers(self) -> list:
+        """The arrays that hold every slot: one flat array per slot name on the flat layout, else
+        one array per parameter and slot, in a fixed order."""
+        if self.store.flat:
+            return [self._flat[name] for name in self.names]
+        return [dict.get(self.by_key[entry.key], name) for entry in self.store._order for name in self.names]
 
     def arrays(self) -> dict:
         """{key: {slot: array}}: every parameter's slots (views into the layout when it is flat)."""

@@ -24,6 +24,7 @@ import math
 import operator
 
 from .checks import checked_count, real, shown
+from .distributed import average_state, broadcast_training_state, checked_communicator, sum_gradients
 from .losses import get_loss
 from .metrics import default_metrics, get_metric
 from .model import _KINDS, dtype_kind
@@ -88,12 +89,16 @@ class TrainingState:
         self.stop_training = False
         self.first_epoch = 0
         self._loss_sum = 0.0
+        self._rows_seen = 0  # this process's rows of the epoch so far (all of them on one process)
+        #: The processes fit trains on (``xpnet.distributed``): ``communicator.rank`` is 0 on one process.
+        self.communicator = None
 
     def running_loss(self) -> float:
-        """The mean training loss of this epoch so far. Reads the device: call it sparingly."""
-        if not self.samples_seen:
+        """The mean training loss of this epoch so far (on a rank of a data-parallel job: over
+        its own rows). Reads the device: call it sparingly."""
+        if not self._rows_seen:
             return math.nan
-        return self.model.device.item(self._loss_sum) / self.samples_seen
+        return self.model.device.item(self._loss_sum) / self._rows_seen
 
 
 class Callback:
@@ -266,23 +271,40 @@ class _MetricTally:
             correct, judged = metric.count(output, target)
             self.correct[i], self.judged[i] = self.correct[i] + correct, self.judged[i] + judged
 
-    def logs(self, device) -> dict:
-        return {m.name: device.item(c) / j for m, c, j in zip(self.metrics, self.correct, self.judged)}
+    def logs(self, device, comm, loss_sum, rows) -> dict:
+        """{"loss": the mean loss, and each metric}, from this process's sums (``loss_sum`` over
+        ``rows`` rows) and every other rank's: one read of each, one collective."""
+        local = [_host(device, v) for v in (loss_sum, rows, *self.correct, *self.judged)]
+        total = comm.sum_floats(local) if comm.parallel else local
+        count = len(self.metrics)
+        logs = {"loss": total[0] / total[1] if total[1] else math.nan}
+        for i, metric in enumerate(self.metrics):
+            logs[metric.name] = total[2 + i] / total[2 + count + i] if total[2 + count + i] else math.nan
+        return logs
 
 
-def _evaluate_on_device(model, loss, X, Y, batch_size, metrics) -> dict:
+def _host(device, value) -> float:
+    """A count or sum as a Python float: Python numbers as they are, device arrays read once."""
+    return float(value) if isinstance(value, (int, float)) else device.item(value)
+
+
+def _evaluate_on_device(model, loss, X, Y, batch_size, metrics, comm) -> dict:
+    """Loss and metrics over (X, Y); each rank of a data-parallel job computes its share of the
+    rows (``comm.share``), and the sums are added over the ranks."""
     loss_sum, tally = 0.0, _MetricTally(metrics)
+    first, last = comm.share(X.shape[0])
     token = trust(None)
     try:
         with model.device, model.device.ops.active():
-            for start, stop in _batches(X.shape[0], batch_size):
+            for start, stop in _batches(last - first, batch_size):
+                start, stop = first + start, first + stop
                 out = model.forward(X[start:stop, ...], training=False)
                 yb = trust_rows(Y, start, stop)
                 loss_sum = loss_sum + loss.value(out, yb) * (stop - start)
                 tally.add(out, yb)
     finally:
         untrust(token)
-    return {"loss": model.device.item(loss_sum) / X.shape[0], **tally.logs(model.device)}
+    return tally.logs(model.device, comm, loss_sum, last - first)
 
 
 def trust_rows(Y, start: int, stop: int):
@@ -337,6 +359,7 @@ def fit(
     shuffle: bool = True,
     initial_epoch: int = 0,
     history: History | None = None,
+    communicator=None,
 ) -> History:
     """Train ``model`` on (x, y) and return the History of per-epoch logs.
 
@@ -349,6 +372,12 @@ def fit(
     To continue a run, pass ``initial_epoch`` (epochs already done) and its ``history``; with the
     model, optimizer, callbacks and device random state restored, the result is that of an
     unbroken run. Resume with ``validation_data``: a ``validation_split`` is drawn anew each call.
+
+    ``communicator``: the processes to train on (``xpnet.distributed``; None: this one alone).
+    With an ``MPICommunicator`` every rank calls fit with the same model, data and options; each
+    takes its share of every batch of ``batch_size`` rows (the global batch), the gradients are
+    summed over the ranks before each update, and every rank ends with the same parameters and
+    the same logs. Callbacks run on every rank (``state.communicator.rank`` tells them apart).
     """
     epochs = checked_count("epochs", epochs)
     batch_size = _check_batch_size(batch_size)
@@ -377,25 +406,41 @@ def fit(
     optimizer.bind(model)  # refused here, before any data moves, if it steps another model
     loss = get_loss(loss)
     metrics = default_metrics(loss) if metrics is None else [get_metric(m) for m in metrics]
+    comm = checked_communicator(communicator)
     device, xp = model.device, model.xp
 
     with device, device.ops.computing():
-        X, Y = _to_device_data(model, loss, x, y)
-        val = None
-        targets = [(Y, "y")]
-        if validation_data is not None:
-            val = _to_device_data(model, loss, *validation_data, names=("validation x", "validation y"))
-            targets.append((val[1], "validation y"))
-        elif validation_split:
-            train_idx, val_idx = train_validation_split(device, X.shape[0], validation_split)
-            val = (xp.take(X, val_idx, axis=0), xp.take(Y, val_idx, axis=0))
-            X, Y = xp.take(X, train_idx, axis=0), xp.take(Y, train_idx, axis=0)
-            targets = [(Y, "y"), (val[1], "y")]  # both parts of y
+        with comm.together():  # a rank's bad data ends every rank here, before any exchange
+            X, Y = _to_device_data(model, loss, x, y)
+            val = None
+            targets = [(Y, "y")]
+            if validation_data is not None:
+                val = _to_device_data(model, loss, *validation_data, names=("validation x", "validation y"))
+                targets.append((val[1], "validation y"))
+            elif validation_split:
+                train_idx, val_idx = train_validation_split(device, X.shape[0], validation_split)
+                val = (xp.take(X, val_idx, axis=0), xp.take(Y, val_idx, axis=0))
+                X, Y = xp.take(X, train_idx, axis=0), xp.take(Y, train_idx, axis=0)
+                targets = [(Y, "y"), (val[1], "y")]  # both parts of y
+            n = X.shape[0]
+            _check_ranks(comm, n, batch_size)
+        with comm.together(
+            examples=n,
+            example_shape=tuple(X.shape[1:]),
+            validation_examples=None if val is None else val[0].shape[0],
+            parameters=model.store.total,
+            batch_size=batch_size,
+            epochs=epochs,
+            initial_epoch=initial_epoch,
+            shuffle=bool(shuffle),
+        ):
+            pass
+        broadcast_training_state(comm, model, optimizer)
 
-        n = X.shape[0]
         history = History() if history is None else history
         state = TrainingState(model, optimizer, epochs, math.ceil(n / batch_size), n, history)
         state.first_epoch = initial_epoch
+        state.communicator = comm
         for cb in callbacks:
             cb.on_train_begin(state)
         try:
@@ -417,13 +462,16 @@ def fit(
                             callbacks,
                             all_targets=targets,
                         )
+                    average_state(comm, model)  # BatchNorm's running statistics: the ranks' mean
                     if val is not None:
-                        val_logs = _evaluate_on_device(model, loss, *val, max(batch_size, 256), metrics)
+                        val_logs = _evaluate_on_device(model, loss, *val, max(batch_size, 256), metrics, comm)
                         logs.update({f"val_{key}": value for key, value in val_logs.items()})
                     logs["seconds"] = clock.stop()
                     history.append(epoch, logs)
                     for cb in callbacks:
                         cb.on_epoch_end(state, logs)
+                    if comm.parallel:  # a callback on one rank stops them all
+                        state.stop_training = comm.any(state.stop_training)
                     if state.stop_training:
                         break
         finally:
@@ -432,54 +480,97 @@ def fit(
     return history
 
 
+def _check_ranks(comm, n: int, batch_size: int) -> None:
+    """Every rank must have rows in the first step (the steps after it may leave a rank none)."""
+    if comm.parallel and min(n, batch_size) < comm.size:
+        raise ValueError(
+            f"a batch of {min(n, batch_size)} examples cannot be shared by {comm.size} ranks: give a batch size "
+            f"(and at least as many examples) of at least {comm.size}"
+        )
+
+
 def _train_epoch(model, loss, optimizer, X, Y, state, epoch, batch_size, shuffle, metrics, callbacks, all_targets):
-    """One pass over (X, Y) in shuffled mini-batches; returns the epoch's logs (one host read each)."""
-    device, n = model.device, X.shape[0]
-    state.epoch, state.samples_seen, state._loss_sum = epoch, 0, 0.0
+    """One pass over (X, Y) in shuffled mini-batches; returns the epoch's logs (one host read each).
+
+    On a rank of a data-parallel job each step computes the rank's rows of the batch, and its
+    gradient, weighted by its share, is summed with the other ranks' before the update."""
+    device, n, comm = model.device, X.shape[0], state.communicator
+    state.epoch, state.samples_seen, state._loss_sum, state._rows_seen = epoch, 0, 0.0, 0
     for cb in callbacks:
         cb.on_epoch_begin(state)
     order = device.permutation(n) if shuffle else None
     tally = _MetricTally(metrics)
     ops = device.ops
+    share = comm.share if comm.parallel else None
+    draws = None  # the dropout draws of one forward pass, which a rank without rows skips
     token = trust(None)
     try:
-        with ops.reusing(), ops.active(), contextlib.closing(ops.batches(X, Y, order, batch_size)) as batches:
+        with (
+            ops.reusing(),
+            ops.active(),
+            contextlib.closing(ops.batches(X, Y, order, batch_size, share)) as batches,
+        ):
             for step, (start, stop, xb, yb) in enumerate(batches):
-                out = model.forward(xb, training=True)
-                if step == 0 and epoch == state.first_epoch:  # the targets, training and validation, checked once
-                    for targets, name in all_targets:
-                        _check_targets(loss, targets, out.shape[-1], name)
-                trust(yb)  # rows of the targets checked above: the loss need not check them again
-                value, delta = loss.value_and_grad(out, yb)
-                model.backward(delta)
+                rows = xb.shape[0]
+                if rows:
+                    device.first_row = 0 if share is None else share(stop - start)[0]
+                    counter = device.draws_made
+                    out = model.forward(xb, training=True)
+                    draws = device.draws_made - counter
+                    if step == 0 and epoch == state.first_epoch:  # the targets, training and validation, checked once
+                        for targets, name in all_targets:
+                            _check_targets(loss, targets, out.shape[-1], name)
+                    trust(yb)  # rows of the targets checked above: the loss need not check them again
+                    value, delta = loss.value_and_grad(out, yb)
+                    model.backward(delta)
+                    state._loss_sum = state._loss_sum + value * rows
+                    tally.add(out, yb)
+                else:  # the last batch has fewer rows than there are ranks: this one adds nothing
+                    model.store.zero_grads()
+                    device.skip_draws(draws or 0)
+                sum_gradients(comm, model, rows / (stop - start))
                 optimizer.step(model)
-                state._loss_sum = state._loss_sum + value * (stop - start)
-                tally.add(out, yb)
-                state.step, state.samples_seen = step, stop
+                state.step, state.samples_seen, state._rows_seen = step, stop, state._rows_seen + rows
                 for cb in callbacks:
                     cb.on_batch_end(state)
     finally:
+        device.first_row = 0
         untrust(token)
-    logs = {"loss": state.running_loss()}
+    logs = tally.logs(device, comm, state._loss_sum, state._rows_seen)
     if not math.isfinite(logs["loss"]):
-        raise TrainingDiverged(
-            f"the training loss became {logs['loss']} in epoch {epoch + 1}; "
-            "try a lower learning rate or gradient clipping"
+        raise _everywhere(
+            TrainingDiverged(
+                f"the training loss became {logs['loss']} in epoch {epoch + 1}; "
+                "try a lower learning rate or gradient clipping"
+            )
         )
-    logs.update(tally.logs(device))
     return logs
 
 
-def evaluate(model, loss, x, y, *, batch_size: int = 1024, metrics=None) -> dict:
-    """Mean loss and metrics of ``model`` on (x, y), in batches, read once at the end."""
+def _everywhere(exc):
+    """``exc``, marked as raised on every rank at once (it follows from numbers they share)."""
+    from .distributed import _mark_everywhere
+
+    return _mark_everywhere(exc)
+
+
+def evaluate(model, loss, x, y, *, batch_size: int = 1024, metrics=None, communicator=None) -> dict:
+    """Mean loss and metrics of ``model`` on (x, y), in batches, read once at the end.
+
+    ``communicator``: as in ``fit``; every rank passes the same (x, y), computes its share of the
+    rows, and every rank returns the figures of all of them."""
     loss = get_loss(loss)
     metrics = default_metrics(loss) if metrics is None else [get_metric(m) for m in metrics]
     batch_size = _check_batch_size(batch_size)
+    comm = checked_communicator(communicator)
     with model.device, model.device.ops.computing():
-        X, Y = _to_device_data(model, loss, x, y)
-        _check_targets(loss, Y, model.forward(X[:1, ...]).shape[-1], "y")
+        with comm.together():
+            X, Y = _to_device_data(model, loss, x, y)
+            _check_targets(loss, Y, model.forward(X[:1, ...]).shape[-1], "y")
+        with comm.together(examples=X.shape[0], parameters=model.store.total):
+            pass
         with loss.targets_checked():
-            return _evaluate_on_device(model, loss, X, Y, batch_size, metrics)
+            return _evaluate_on_device(model, loss, X, Y, batch_size, metrics, comm)
 
 
 def predict(model, x, *, batch_size: int = 1024):

@@ -149,17 +149,20 @@ XPNET_CLONES static void NAME(dropout_range)(T *restrict y_, T *restrict mask_, 
     }
 }
 
-struct NAME(dropout_task) { T *y, *mask; const T *x; ptrdiff_t n; uint32_t key, k1; T rate, scale; };
+struct NAME(dropout_task) { T *y, *mask; const T *x; ptrdiff_t first, n; uint32_t key, k1; T rate, scale; };
 
 static void NAME(dropout_part)(void *ctx, int part, int parts) {
     const struct NAME(dropout_task) *t = ctx;
     const ptrdiff_t lo = XPNET_LINES_LO(t->n, part, parts), hi = XPNET_LINES_HI(t->n, part, parts);
-    if (lo < hi) NAME(dropout_range)(t->y + lo, t->mask + lo, t->x + lo, lo, hi - lo, t->key, t->k1, t->rate, t->scale);
+    if (lo < hi)
+        NAME(dropout_range)(t->y + lo, t->mask + lo, t->x + lo, t->first + lo, hi - lo, t->key, t->k1, t->rate, t->scale);
 }
 
-void NAME(xpnet_dropout)(T *y, T *mask, const T *x, ptrdiff_t n, uint32_t key, uint32_t k1, T rate, T scale,
-                         int parts) {
-    struct NAME(dropout_task) task = {y, mask, x, n, key, k1, rate, scale};
+/* ``first``: the number of x's first element in the draw (a rank's rows of a global batch start
+   past the rows of the ranks before it). */
+void NAME(xpnet_dropout)(T *y, T *mask, const T *x, ptrdiff_t first, ptrdiff_t n, uint32_t key, uint32_t k1, T rate,
+                         T scale, int parts) {
+    struct NAME(dropout_task) task = {y, mask, x, first, n, key, k1, rate, scale};
     xpnet_pool_run(NAME(dropout_part), &task, parts);
 }
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import sys
+import time
 
 from ..ops import BufferedOps
 from .base import Backend, DeviceError
@@ -126,3 +127,61 @@ class CupyOps(BufferedOps):
     3 × 3, 11 × 11 outputs: 18 MB) are small for its memory. (Untested on a GPU so far.)"""
 
     conv_chunk = 128
+
+    # ------------------------------------------------------------ across processes
+    def _nccl_for(self, comm, arrays):
+        """(nccl module, communicator, datatype) when every array can go to NCCL as it is (one
+        C-contiguous float array on this GPU), else None."""
+        if len(arrays) != 1 or not arrays[0].flags.c_contiguous or not comm.parallel:
+            return None
+        found = self._nccl(comm)
+        if found is None:
+            return None
+        nccl, communicator = found
+        kind = {"float32": nccl.NCCL_FLOAT32, "float64": nccl.NCCL_FLOAT64}.get(arrays[0].dtype.name)
+        return None if kind is None else (nccl, communicator, kind)
+
+    def _nccl(self, comm):
+        """(cupy.cuda.nccl, an NCCL communicator of comm's ranks on this GPU), made once per
+        communicator and GPU (every rank takes part), or None where any rank's CuPy lacks NCCL."""
+        key = ("nccl", self.native.id)
+        if key not in comm.backend_state:
+            try:
+                from cupy.cuda import nccl
+            except ImportError:
+                nccl = None
+            usable = nccl is not None and bool(getattr(nccl, "available", True))
+            if not all(comm.gather_objects(usable)):
+                comm.backend_state[key] = None
+            else:
+                uid = comm.broadcast_object(nccl.get_unique_id() if comm.rank == 0 else None)
+                with self.native:
+                    comm.backend_state[key] = (nccl, nccl.NcclCommunicator(comm.size, uid, comm.rank))
+        return comm.backend_state[key]
+
+    def all_sum(self, comm, arrays, scale, device):
+        """NCCL's allReduce on the GPU buffer itself where CuPy has NCCL (on the current stream),
+        else the reference's staging through host memory. Untested: no GPU was available where
+        this was written."""
+        found = self._nccl_for(comm, arrays)
+        if found is None:
+            return super().all_sum(comm, arrays, scale, device)
+        nccl, communicator, kind = found
+        a = arrays[0]
+        if scale != 1.0:
+            a *= scale
+        stream = device.backend.cupy.cuda.get_current_stream()
+        started = time.perf_counter()
+        communicator.allReduce(a.data.ptr, a.data.ptr, a.size, kind, nccl.NCCL_SUM, stream.ptr)
+        stream.synchronize()
+        comm.stats.add(time.perf_counter() - started, a.nbytes)
+
+    def broadcast(self, comm, arrays, device, root=0):
+        found = self._nccl_for(comm, arrays)
+        if found is None:
+            return super().broadcast(comm, arrays, device, root)
+        nccl, communicator, kind = found
+        a = arrays[0]
+        stream = device.backend.cupy.cuda.get_current_stream()
+        communicator.bcast(a.data.ptr, a.size, kind, root, stream.ptr)
+        stream.synchronize()

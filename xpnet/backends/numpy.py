@@ -76,6 +76,12 @@ class NumpyOps(BufferedOps):
             return self.fast.buffer(site, name, tuple(shape), dtype)
         return np.empty(shape, dtype=dtype)
 
+    def host_view(self, a):
+        """The array itself: MPI reads and writes a NumPy buffer in place."""
+        if isinstance(a, np.ndarray) and a.flags.c_contiguous and a.flags.writeable:
+            return a
+        return None
+
     def batch_norm(self, x, gamma, beta, *, axes, eps, mean=None, var=None, site=None):
         if axes == ((0,) if x.ndim == 2 else (0, 2, 3)):  # over the batch (and positions) per channel
             y, x_hat = self._output(site, "y", x.shape, x.dtype), self._output(site, "x_hat", x.shape, x.dtype)
