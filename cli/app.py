@@ -190,6 +190,7 @@ def _ranks():
     global _communicator
     try:
         _communicator = xn.distributed.from_environment()
+        _communicator.abort_on_failure = False  # reports_errors reports, then ends the job
     except ImportError as exc:
         if xn.distributed.launched_rank() != 0:  # rank 0 says it, once
             raise typer.Exit(2) from None

@@ -350,7 +350,15 @@ def test_max_pooling_of_large_batches_splits_over_the_pool(fast, dtype, monkeypa
 
 
 # ------------------------------------------------------------------ dropout
-_DRAWS = [(0, 0), (0xFFFFFFFF, 0x9E3779B9), xn.Device("cpu", seed=5).next_draw(), (12345, 0xDEADBEEF)]
+# the last two: a rank's rows of a global batch, from row 3, and from a row whose numbers wrap past 2³²
+_DRAWS = [
+    (0, 0),
+    (0xFFFFFFFF, 0x9E3779B9),
+    xn.Device("cpu", seed=5).next_draw(),
+    (12345, 0xDEADBEEF),
+    (12345, 0xDEADBEEF, 3),
+    (99, 7, 2**31 - 1),
+]
 
 
 def _dropout_input(shape, dtype, seed=0):

@@ -29,6 +29,7 @@ from __future__ import annotations
 import array
 import contextlib
 import os
+import sys
 import time
 
 __all__ = [
@@ -158,6 +159,36 @@ class Communicator:
     def abort(self, code: int) -> None:
         """End every rank of the job now, with exit status ``code`` (one process: exit)."""
         os._exit(code)
+
+    #: Whether ``guarded`` ends the job when this rank alone fails (the command line turns it
+    #: off: it reports the failure in its own words, and then ends the job itself).
+    abort_on_failure = True
+
+    @contextlib.contextmanager
+    def guarded(self):
+        """Within this (``fit``, ``evaluate``), an exception of this rank alone, while the other
+        ranks may wait for it in a collective that will never complete, ends the whole job at once:
+        one line on stderr naming this rank and the exception, then ``abort`` with exit status 1
+        (or the exception's ``code``). An exception every rank raised at once
+        (``raised_everywhere``) goes to the caller, as does everything on one process."""
+        if not self.parallel or not self.abort_on_failure:
+            yield
+            return
+        try:
+            yield
+        except Exception as exc:
+            if raised_everywhere(exc):
+                raise
+            self.fail(exc)
+            raise
+
+    def fail(self, exc: BaseException) -> None:
+        """One line naming this rank and ``exc`` on stderr, then the whole job ends (``abort``)."""
+        try:
+            print(f"xpnet: rank {self.rank} of {self.size}: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+        except (OSError, ValueError):
+            pass
+        self.abort(_code_of(exc))
 
     # ------------------------------------------------------------ agreement
     @contextlib.contextmanager

@@ -409,7 +409,7 @@ def fit(
     comm = checked_communicator(communicator)
     device, xp = model.device, model.xp
 
-    with device, device.ops.computing():
+    with device, device.ops.computing(), comm.guarded():
         with comm.together():  # a rank's bad data ends every rank here, before any exchange
             X, Y = _to_device_data(model, loss, x, y)
             val = None
@@ -563,7 +563,7 @@ def evaluate(model, loss, x, y, *, batch_size: int = 1024, metrics=None, communi
     metrics = default_metrics(loss) if metrics is None else [get_metric(m) for m in metrics]
     batch_size = _check_batch_size(batch_size)
     comm = checked_communicator(communicator)
-    with model.device, model.device.ops.computing():
+    with model.device, model.device.ops.computing(), comm.guarded():
         with comm.together():
             X, Y = _to_device_data(model, loss, x, y)
             _check_targets(loss, Y, model.forward(X[:1, ...]).shape[-1], "y")
