@@ -381,16 +381,25 @@ def bench(
     ),
     rss: bool = typer.Option(True, help="CPU: measure each implementation's peak RSS in a short separate process"),
     json_file: str | None = typer.Option(None, "--json", metavar="FILE", help="also write the rows as JSON"),
+    ranks: str | None = typer.Option(
+        None,
+        metavar="N,M,...",
+        help="data-parallel: xpnet alone on each number of MPI ranks (mpiexec -n N), with the Allreduce's share "
+        "[default: off; batch sizes 128,512]",
+    ),
+    rounds: int = typer.Option(2, help="with --ranks: jobs per rank count, alternating (the median is reported)"),
 ):
     """Train MNIST with xpnet and the references, interleaved; print a table.
 
     On the CPU: PyTorch eager, scikit-learn (the MLP only) and the bare matmuls (for the CNN,
     those of its im2col form). On a GPU: PyTorch eager and PyTorch with CUDA graphs on the same
-    card, and xpnet without its fused kernels."""
+    card, and xpnet without its fused kernels. With --ranks: xpnet on 1, 2, ... MPI ranks."""
     from .bench import MODELS
 
     if model not in MODELS:
         raise CLIError(f"--model must be one of {', '.join(MODELS)}, got {model!r}")
+    if ranks is not None:
+        return _bench_ranks(ranks, model, batch_sizes or "128,512", epochs, rounds, json_file)
     epochs = (3 if model == "cnn" else 5) if epochs is None else epochs
     gpu = make_device(device).kind == "cupy"
     batch_sizes = batch_sizes or ("128,512,4096" if gpu else "32,128,512")
@@ -408,6 +417,32 @@ def bench(
         from .bench import run_benchmark, table
 
         rows = run_benchmark(sizes, epochs, device=device, measure_rss=rss, model=model, log=typer.echo)
+    typer.echo(table(rows))
+    if json_file:
+        Path(json_file).write_text(json.dumps(rows, indent=2))
+
+
+def _counts(text: str, option: str) -> list[int]:
+    try:
+        values = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise CLIError(f"{option} must be positive integers separated by commas, got {text!r}") from None
+    if not values or any(v < 1 for v in values):
+        raise CLIError(f"{option} must be positive integers separated by commas, got {text!r}")
+    return values
+
+
+def _bench_ranks(ranks, model, batch_sizes, epochs, rounds, json_file) -> None:
+    from .bench_ranks import run_ranks_benchmark, table
+
+    counts, sizes = _counts(ranks, "--ranks"), _counts(batch_sizes, "--batch-sizes")
+    epochs = (2 if model == "cnn" else 4) if epochs is None else epochs
+    if epochs < 1 or rounds < 1:
+        raise CLIError("--epochs and --rounds must be positive")
+    try:
+        rows = run_ranks_benchmark(counts, sizes, epochs, model, rounds, log=typer.echo)
+    except RuntimeError as exc:
+        raise CLIError(str(exc), code=1) from None
     typer.echo(table(rows))
     if json_file:
         Path(json_file).write_text(json.dumps(rows, indent=2))
