@@ -61,6 +61,23 @@ for _backend in BACKENDS:
     _tests_session(_backend)
 
 
+@nox.session(name="tests-mpi")
+def tests_mpi(session):
+    """The data-parallel tests under mpiexec -n 2 (mpi4py and MPICH from the package index; with
+    --no-venv, the MPI already installed), required to run: they fail rather than skip."""
+    if _installing(session):
+        session.install("-e", ".[dev,mpi]", "mpich")
+    session.run(
+        "python",
+        "-m",
+        "pytest",
+        "tests/test_mpi.py",
+        "tests/test_distributed.py",
+        *session.posargs,
+        env={"XPNET_REQUIRE_MPI": "1"},
+    )
+
+
 @nox.session(name="tests-reference")
 def tests_reference(session):
     """pytest with the fast paths off (XPNET_FAST=0), on every backend available here

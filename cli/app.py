@@ -7,6 +7,7 @@ import json
 import math
 import platform
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +41,9 @@ def main_options(
     """xpnet: train and inspect neural networks on NumPy (cpu) or CuPy (cuda)."""
 
 
+#: Seconds the other ranks of an interrupted MPI job leave rank 0 to report what the run keeps
+#: (its abort ends them sooner); then they end the job themselves.
+INTERRUPT_GRACE = 1.0
 #: The ranks the running command computes on (``xpnet train`` under mpiexec), for error reports.
 _communicator = xn.distributed.SingleProcess()
 
@@ -83,6 +87,9 @@ def reports_errors(command):
                 if comm.rank == 0:
                     report(message)
             else:
+                if code == 130 and comm.rank != 0:  # Ctrl-C reaches every rank: rank 0 says what is kept
+                    time.sleep(INTERRUPT_GRACE)
+                    message = "interrupted"
                 report(f"rank {comm.rank} of {comm.size}: {message}")
                 comm.abort(code)
             raise typer.Exit(code) from None

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -218,6 +219,35 @@ def test_a_refusal_is_said_once_by_rank_0(tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
+def test_a_diverged_run_is_said_once_and_every_rank_exits_1(tmp_path):
+    options = ("--optimizer", "sgd", "--lr", "1e4", "--epochs", 2, "--out", "run")
+    result, _ = launch(2, *xpnet_cli("train", *options), cwd=tmp_path)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        "xpnet: the training loss became nan in epoch 1; try a lower learning rate or gradient clipping; "
+        "the checkpoint of epoch 0 is intact in run"
+    ]
+
+
+def test_ctrl_c_on_the_job_says_what_is_kept_and_ends_every_rank(tmp_path):
+    command = [*_launcher(2), *xpnet_cli("train", "--epochs", 30, "--out", "run")]
+    job = subprocess.Popen(command, cwd=tmp_path, env=_environment(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        for line in job.stdout:  # the first epoch's line: its checkpoint is written
+            if line.startswith(b"epoch 1/30"):
+                break
+        job.send_signal(signal.SIGINT)  # what Ctrl-C in the terminal sends mpiexec
+        started = time.monotonic()
+        _, stderr = job.communicate(timeout=30)
+    finally:
+        job.kill()
+    assert time.monotonic() - started < 30 and job.returncode != 0
+    said = [line for line in stderr.decode().splitlines() if line.startswith("xpnet:")]
+    assert len(said) == 1 and said[0].startswith("xpnet: rank 0 of 2: interrupted: the checkpoint holds epoch ")
+    assert said[0].endswith("of 30; resume with: xpnet train --resume run")
+    assert xpnet.io.load_checkpoint(tmp_path / "run" / "checkpoint.safetensors").meta["epochs_done"] >= 1
+
+
 # ------------------------------------------------------------------ failures
 def test_bad_data_on_one_rank_stops_every_rank_before_training(tmp_path):
     result, seconds = worker(2, "nan-on-rank-1", tmp_path)
@@ -256,7 +286,7 @@ def test_xpnet_train_with_a_failing_rank_ends_and_keeps_its_checkpoint(tmp_path)
     result, seconds = launch(2, *command, "--epochs", 3, "--out", "run", cwd=tmp_path, timeout=60)
     assert result.returncode != 0 and seconds < 30
     assert "xpnet: rank 1 of 2: MemoryError: injected on one rank" in result.stderr
-    checkpoint = xn.io.load_checkpoint(tmp_path / "run" / "checkpoint.safetensors")  # intact: epoch 0
+    checkpoint = xpnet.io.load_checkpoint(tmp_path / "run" / "checkpoint.safetensors")  # intact: epoch 0
     assert checkpoint.meta["epochs_done"] == 0
     resumed, _ = launch(1, *xpnet_cli("train", "--resume", "run", "-q"), cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr

@@ -2,11 +2,11 @@
 
 One model trains on N processes (ranks), as ChainerMN does it: every rank holds the whole model
 and the whole training set, draws the same batch order from the same seed, and takes its share
-of every global batch (a contiguous slice of rows). After the backward pass each rank's gradient
-is weighted by its share of the batch and the gradients are summed over the ranks by one
-Allreduce on the parameter store's flat gradient buffer:
+of every global batch (a contiguous slice of rows). Each rank weights its loss by its share of
+the batch (δ of its rows times b_r / B, before the backward pass, which is linear in δ) and the
+gradients are summed over the ranks by one Allreduce on the parameter store's flat gradient buffer:
 
-    ∂L/∂θ = Σ_r (b_r / B) · ∂L_r/∂θ          B the global batch, b_r the rows of rank r
+    ∂L/∂θ = Σ_r (b_r / B) · ∂L_r/∂θ          B the global batch, b_r the rows of rank r, L_r their mean loss
 
 which is the gradient of the mean loss over the global batch, as on one process (summed in
 another order: equal to rounding, not bit for bit). Every rank then applies the same update to
@@ -362,11 +362,12 @@ def broadcast_training_state(comm: Communicator, model, optimizer) -> None:
     device.set_rng_state(rng)
 
 
-def sum_gradients(comm: Communicator, model, weight: float) -> None:
-    """Every rank's gradient times ``weight`` (its share of the global batch), summed over the
-    ranks in place: one collective on the store's flat gradient buffer."""
-    if comm.parallel:
-        model.device.ops.all_sum(comm, model.store.buffers("grads"), weight, model.device)
+def sum_gradients(comm: Communicator, model) -> None:
+    """Every rank's gradient (of its share of the batch, weighted by that share) summed over the
+    ranks in place: one collective on the store's flat gradient buffer. Gradients a backward pass
+    has not given yet are left for ``Optimizer.step`` to refuse."""
+    if comm.parallel and not model.store.unfilled():
+        model.device.ops.all_sum(comm, model.store.buffers("grads"), 1.0, model.device)
 
 
 def average_state(comm: Communicator, model) -> None:

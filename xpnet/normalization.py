@@ -6,6 +6,11 @@ the batch's own mean and biased variance, and updates the running estimates
 (the unbiased variance, N values per feature). In evaluation it normalizes by μ_run and σ²_run.
 The running estimates are layer state (``layer.state``): saved in ``state_dict`` and checkpoints,
 restored, never optimized. γ and β take no weight decay.
+
+Data-parallel (``xpnet.distributed``): each rank normalizes its share of the global batch by that
+share's own statistics (per-rank statistics, not synchronized across ranks), and ``fit``
+averages the running estimates over the ranks after every epoch, which leaves them the same on
+every rank (the running averages are linear in the batch statistics).
 """
 
 from __future__ import annotations

@@ -522,13 +522,15 @@ def _train_epoch(model, loss, optimizer, X, Y, state, epoch, batch_size, shuffle
                             _check_targets(loss, targets, out.shape[-1], name)
                     trust(yb)  # rows of the targets checked above: the loss need not check them again
                     value, delta = loss.value_and_grad(out, yb)
+                    if rows != stop - start:  # a rank's share: δ of its b_r rows weighted by b_r / B
+                        delta = delta * (rows / (stop - start))
                     model.backward(delta)
                     state._loss_sum = state._loss_sum + value * rows
                     tally.add(out, yb)
                 else:  # the last batch has fewer rows than there are ranks: this one adds nothing
                     model.store.zero_grads()
                     device.skip_draws(draws or 0)
-                sum_gradients(comm, model, rows / (stop - start))
+                sum_gradients(comm, model)
                 optimizer.step(model)
                 state.step, state.samples_seen, state._rows_seen = step, stop, state._rows_seen + rows
                 for cb in callbacks:
