@@ -6,8 +6,8 @@ import functools
 import json
 import math
 import platform
+import signal
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -41,9 +41,6 @@ def main_options(
     """xpnet: train and inspect neural networks on NumPy (cpu) or CuPy (cuda)."""
 
 
-#: Seconds the other ranks of an interrupted MPI job leave rank 0 to report what the run keeps
-#: (its abort ends them sooner); then they end the job themselves.
-INTERRUPT_GRACE = 1.0
 #: The ranks the running command computes on (``xpnet train`` under mpiexec), for error reports.
 _communicator = xn.distributed.SingleProcess()
 
@@ -87,9 +84,6 @@ def reports_errors(command):
                 if comm.rank == 0:
                     report(message)
             else:
-                if code == 130 and comm.rank != 0:  # Ctrl-C reaches every rank: rank 0 says what is kept
-                    time.sleep(INTERRUPT_GRACE)
-                    message = "interrupted"
                 report(f"rank {comm.rank} of {comm.size}: {message}")
                 comm.abort(code)
             raise typer.Exit(code) from None
@@ -198,12 +192,24 @@ def _ranks():
     try:
         _communicator = xn.distributed.from_environment()
         _communicator.abort_on_failure = False  # reports_errors reports, then ends the job
+        if _communicator.rank != 0:
+            _leave_interrupts_to_rank_0()
     except ImportError as exc:
         if xn.distributed.launched_rank() != 0:  # rank 0 says it, once
             raise typer.Exit(2) from None
         ranks = xn.distributed.launched_ranks()
         raise CLIError(f"started as one of {ranks} MPI ranks, but {exc}", code=2) from None
     return _communicator
+
+
+def _leave_interrupts_to_rank_0() -> None:
+    """Ctrl-C reaches every rank of the job (mpiexec passes it on); rank 0 alone acts on it: it
+    says what the run keeps and ends the job. The others go on meanwhile, so that rank 0 is never
+    left waiting in a collective for a rank that has stopped."""
+    try:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    except (ValueError, OSError):  # not the main thread
+        pass
 
 
 def _predictions(model, data, x):

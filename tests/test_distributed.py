@@ -60,6 +60,8 @@ def test_all_sum_scales_and_sums_in_place_on_every_backend(backend):
 
 def test_numpy_sums_the_flat_gradient_buffer_itself():
     model = xn.mlp(4, [3], 2)
+    if model.device.fast is None:
+        pytest.skip("the fast paths are off (XPNET_FAST=0): the reference lays parameters out one array each")
     buffers = model.store.buffers("grads")
     assert len(buffers) == 1 and buffers[0].shape == (model.num_parameters(),)
     comm = TwoSameRanks()
