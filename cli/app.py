@@ -157,9 +157,9 @@ def train(
         early_stopping=early_stopping,
         dtype=dtype,
     )
+    comm = _ranks()  # first: then a refusal below is said by rank 0 alone
     if resume is not None and out is not None:
-        raise CLIError("give --resume RUN_DIR or --out RUN_DIR, not both")
-    comm = _ranks()
+        raise _said_by_every_rank(CLIError("give --resume RUN_DIR or --out RUN_DIR, not both"))
     talk = not (quiet or json_output) and comm.rank == 0
 
     def display(config):
@@ -200,6 +200,12 @@ def _ranks():
         ranks = xn.distributed.launched_ranks()
         raise CLIError(f"started as one of {ranks} MPI ranks, but {exc}", code=2) from None
     return _communicator
+
+
+def _said_by_every_rank(error: Exception) -> Exception:
+    """``error``, marked as raised on every rank at once (it comes from the command line alone)."""
+    error.xpnet_everywhere = True
+    return error
 
 
 def _leave_interrupts_to_rank_0() -> None:
@@ -450,8 +456,8 @@ def _bench_ranks(ranks, model, batch_sizes, epochs, rounds, json_file) -> None:
 
     counts, sizes = _counts(ranks, "--ranks"), _counts(batch_sizes, "--batch-sizes")
     epochs = (2 if model == "cnn" else 4) if epochs is None else epochs
-    if epochs < 1 or rounds < 1:
-        raise CLIError("--epochs and --rounds must be positive")
+    if epochs < 2 or rounds < 1:
+        raise CLIError("with --ranks, --epochs must be at least 2 (the first warms up) and --rounds positive")
     try:
         rows = run_ranks_benchmark(counts, sizes, epochs, model, rounds, log=typer.echo)
     except RuntimeError as exc:

@@ -98,7 +98,7 @@ def table(rows: list[dict]) -> str:
     for row in rows:
         rate = row["bytes_per_step"] / row["allreduce_alone"] / 1e9 if row["allreduce_alone"] > 0 else math.nan
         lines.append(
-            f"{row['model']:5} {row['batch_size']:>5} {row['ranks']:>5} {row['threads']:>8} "
+            f"{row['model']:5} {row['batch_size']:>5} {row['ranks']:>5} {str(row['threads']):>8} "
             f"{row['seconds_per_epoch']:>8.3f} {row['speedup']:>7.2f} {1e3 * row['step_seconds']:>8.3f} "
             f"{1e3 * row['allreduce_per_step']:>9.3f} {100 * row['allreduce_share']:>5.1f}% "
             f"{1e3 * row['allreduce_alone']:>8.3f} {row['bytes_per_step'] / 1e3:>8.1f} {rate:>6.2f} "
@@ -125,7 +125,7 @@ def worker(model_name: str, batch_size: int, epochs: int) -> dict:
     )
     steps = math.ceil(len(data.train) / batch_size)
     trained = comm.stats.as_dict()
-    seconds = history["seconds"][1:] or history["seconds"]
+    seconds = history["seconds"][1:]  # the first epoch warms up (the command asks for two at least)
     per_epoch = statistics.median(seconds)
     gradient_calls = steps * epochs  # fit's other collectives (two per epoch) are a few floats
     alone = 0.0

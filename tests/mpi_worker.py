@@ -22,13 +22,15 @@ ARCHS = {
     "mlp": "dense(16),relu,dropout(0.25),dense(3)",
     "cnn": "conv(4,3),relu,maxpool(2),flatten,dropout(0.3),dense(3)",
     "bn": "conv(4,3),bn,relu,maxpool(2),flatten,dense(3)",
+    "dense-bn": "dense(16),bn,relu,dense(3)",
 }
 
 
-def setup(arch: str, rows: int, seed: int = 0, device: str = "cpu"):
-    """(model, x, y): the scenario's seeded network on ``device`` and its data (images for the CNNs)."""
-    rng = np.random.default_rng(seed)
-    shape = (20,) if arch == "mlp" else (1, 8, 8)
+def setup(arch: str, rows: int, seed: int = 0, device: str = "cpu", data_seed: int | None = None):
+    """(model, x, y): the scenario's seeded network on ``device`` and its data (images for the CNNs;
+    drawn from ``data_seed``, by default the model's seed)."""
+    rng = np.random.default_rng(seed if data_seed is None else data_seed)
+    shape = (1, 8, 8) if arch in ("cnn", "bn") else (20,)
     x = rng.normal(size=(rows, *shape)).astype(np.float32)
     y = rng.integers(0, 3, size=rows)
     plan = xn.arch.plan_arch(ARCHS[arch], shape, 3)
@@ -68,6 +70,48 @@ def main(scenario: str, out: Path) -> None:
             xn.fit(model, "cross_entropy", "adam", x, y, batch_size=16, communicator=comm)
         except Exception as exc:
             report["error"] = f"{type(exc).__name__}: {exc}"
+    elif scenario == "seeds-differ":  # rank r's model and streams from seed 7r: rank 0's count
+        model, x, y = setup("mlp", 200, seed=7 * rank, data_seed=0)
+        history = xn.fit(model, "cross_entropy", "adam", x, y, batch_size=32, validation_split=0.25, communicator=comm)
+        np.savez(out / f"rank{rank}.npz", **arrays(model))
+        report["history"] = history.history
+    elif scenario in ("labels-out-of-range", "early-stopping-without-validation", "float64-on-rank-1"):
+        model, x, y = setup("mlp", 64)
+        callbacks, optimizer = [], "adam"
+        if scenario == "labels-out-of-range":
+            y[10] = 7
+        elif scenario == "early-stopping-without-validation":
+            callbacks = [xn.EarlyStopping(2)]
+        elif rank == 1:
+            model = xn.Sequential(xn.arch.plan_arch(ARCHS["mlp"], (20,), 3).layers, dtype="float64", seed=0)
+        try:
+            xn.fit(model, "cross_entropy", optimizer, x, y, batch_size=16, callbacks=callbacks, communicator=comm)
+        except Exception as exc:
+            report["error"] = f"{type(exc).__name__}: {exc}"
+    elif scenario == "retry-after-divergence":  # every rank diverges; the retry fails on rank 1 alone
+        model, x, y = setup("mlp", 256)
+        try:
+            xn.fit(model, "cross_entropy", xn.SGD(1e30), x, y, batch_size=32, communicator=comm)
+        except xn.TrainingDiverged:
+
+            class Fail(xn.Callback):
+                def on_batch_end(self, state):
+                    if rank == 1 and state.step == 2:
+                        raise RuntimeError("failed while handling a divergence")
+
+            model, x, y = setup("mlp", 256)
+            xn.fit(model, "cross_entropy", "adam", x, y, batch_size=32, communicator=comm, callbacks=[Fail()])
+        report["finished"] = True
+    elif scenario == "exit-on-rank-1":  # sys.exit in a callback of one rank, mid-epoch
+        model, x, y = setup("mlp", 4096)
+
+        class Leave(xn.Callback):
+            def on_batch_end(self, state):
+                if rank == 1 and state.step == 10:
+                    sys.exit(0)
+
+        xn.fit(model, "cross_entropy", "adam", x, y, epochs=50, batch_size=16, communicator=comm, callbacks=[Leave()])
+        report["finished"] = True
     elif scenario == "fewer-rows-on-rank-1":  # the ranks were given different data
         model, x, y = setup("mlp", 64 if rank == 0 else 60)
         try:

@@ -23,7 +23,30 @@ def test_the_shares_of_a_batch_cover_it_in_order(n, size):
     assert spans[0][0] == 0 and spans[-1][1] == n
     assert all(a[1] == b[0] for a, b in zip(spans, spans[1:]))
     lengths = [hi - lo for lo, hi in spans]
-    assert max(lengths) - min(lengths) <= 1 and lengths == sorted(lengths, reverse=True)
+    assert lengths == sorted(lengths, reverse=True)
+    taking = [length for length in lengths if length]
+    assert max(taking, default=0) - min(taking, default=0) <= 1
+    if n >= 2 * size:  # every rank takes some
+        assert len(taking) == size
+    if n > 1:  # never one row alone: BatchNorm needs two values per feature
+        assert min(taking) >= 2
+
+
+@pytest.mark.parametrize(
+    "args, error",
+    [
+        ((10, 2, 2), ValueError),
+        ((10, -1, 2), ValueError),
+        ((10, 0, 0), ValueError),
+        ((-1, 0, 2), ValueError),
+        ((10.5, 0, 2), TypeError),
+        ((10, True, 2), TypeError),
+        ((10, 0, None), TypeError),
+    ],
+)
+def test_share_of_refuses_what_is_not_a_rank_of_a_batch(args, error):
+    with pytest.raises(error, match="share_of"):
+        share_of(*args)
 
 
 class TwoSameRanks(Communicator):
@@ -80,7 +103,7 @@ def test_broadcast_writes_every_array_back(backend):
 def test_a_ranks_rows_draw_the_dropout_numbers_of_the_whole_batch(backend):
     device = xn.Device(backend)
     x = device.to_device(np.random.default_rng(0).normal(size=(10, 6)).astype(np.float32))
-    key, k1, _ = device.next_draw()
+    key, k1 = device.next_draw()
     whole, whole_mask = device.ops.dropout(x, 0.4, (key, k1, 0))
     for lo, hi in ((0, 5), (5, 10), (3, 4)):
         part, mask = device.ops.dropout(x[lo:hi, ...], 0.4, (key, k1, lo))
@@ -112,8 +135,9 @@ def test_fit_with_the_single_process_communicator_is_fit_alone():
 def test_a_batch_smaller_than_the_ranks_is_refused():
     model = xn.mlp(5, [4], 3)
     x, y = np.zeros((10, 5), np.float32), np.zeros(10, np.int64)
-    with pytest.raises(ValueError, match="a batch of 1 examples cannot be shared by 2 ranks"):
-        xn.fit(model, "cross_entropy", "adam", x, y, batch_size=1, communicator=TwoSameRanks())
+    for batch in (1, 3):  # two rows a rank at least, as BatchNorm needs
+        with pytest.raises(ValueError, match=f"a batch of {batch} examples cannot be shared by 2 ranks"):
+            xn.fit(model, "cross_entropy", "adam", x, y, batch_size=batch, communicator=TwoSameRanks())
 
 
 def test_the_launchers_variables_say_how_many_ranks(monkeypatch):

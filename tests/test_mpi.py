@@ -138,6 +138,27 @@ def test_ranks_stay_identical_bit_for_bit(tmp_path, arch):
     assert calls == 12 + 2 * 2 + (2 if arch == "bn" else 0)  # bn: its state averaged each epoch
 
 
+def test_batchnorm_after_a_dense_layer_with_a_small_last_batch(tmp_path):
+    # 67 rows in batches of 32: the last 3 go to rank 0 alone (one row would leave BatchNorm one value)
+    result, _ = worker(2, "fit:dense-bn:67:32:2", tmp_path)
+    assert result.returncode == 0, result.stderr
+    _, (rank0, rank1) = rank_files(tmp_path, 2)
+    for key in rank0:
+        np.testing.assert_array_equal(rank0[key], rank1[key], err_msg=key)
+
+
+def test_rank_0s_random_streams_draw_the_validation_split(tmp_path):
+    result, _ = worker(2, "seeds-differ", tmp_path)
+    assert result.returncode == 0, result.stderr
+    (report0, _), (rank0, rank1) = rank_files(tmp_path, 2)
+    model, x, y = mpi_worker.setup("mlp", 200, seed=0, data_seed=0)
+    history = xn.fit(model, "cross_entropy", "adam", x, y, batch_size=32, validation_split=0.25)
+    for key, want in mpi_worker.arrays(model).items():
+        np.testing.assert_array_equal(rank0[key], rank1[key])
+        np.testing.assert_allclose(rank0[key], want, rtol=1e-5, atol=1e-5 * float(np.max(np.abs(want))))
+    np.testing.assert_allclose(report0["history"]["val_loss"], history["val_loss"], rtol=1e-5)
+
+
 def test_each_rank_takes_its_share_of_the_cores(tmp_path):
     result, _ = worker(2, "fit:mlp:64:16:1", tmp_path)
     assert result.returncode == 0, result.stderr
@@ -263,6 +284,43 @@ def test_ranks_given_different_data_are_refused(tmp_path):
     reports, _ = rank_files(tmp_path, 2)
     for report in reports:
         assert report["error"].startswith("ValueError: the ranks disagree on examples: rank 0 has 64, rank 1 has 60")
+
+
+@pytest.mark.parametrize(
+    "scenario, message",
+    [
+        ("labels-out-of-range", "ValueError: y: "),
+        ("early-stopping-without-validation", "ValueError: EarlyStopping monitors 'val_loss'"),
+    ],
+)
+def test_a_failure_of_every_rank_is_raised_on_every_rank(tmp_path, scenario, message):
+    result, _ = worker(2, scenario, tmp_path)
+    assert result.returncode == 0, result.stderr  # caught by the script on each rank, not an abort
+    reports, _ = rank_files(tmp_path, 2)
+    for report in reports:
+        assert report["error"].startswith(message), report["error"]
+
+
+def test_ranks_with_another_dtype_are_refused(tmp_path):
+    result, _ = worker(2, "float64-on-rank-1", tmp_path)
+    assert result.returncode == 0, result.stderr
+    reports, _ = rank_files(tmp_path, 2)
+    for report in reports:
+        assert "the ranks disagree on dtype" in report["error"]
+
+
+@pytest.mark.parametrize(
+    "scenario, said",
+    [
+        ("retry-after-divergence", "xpnet: rank 1 of 2: RuntimeError: failed while handling a divergence"),
+        ("exit-on-rank-1", "xpnet: rank 1 of 2: SystemExit: 0"),
+    ],
+)
+def test_a_rank_that_fails_alone_ends_the_job(tmp_path, scenario, said):
+    result, seconds = worker(2, scenario, tmp_path, timeout=60)
+    assert result.returncode != 0 and seconds < 30
+    assert said in result.stderr
+    assert not (tmp_path / "rank0.json").exists()
 
 
 def test_a_rank_that_raises_ends_the_job_with_its_message(tmp_path):

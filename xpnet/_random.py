@@ -9,6 +9,7 @@ element i of the draw is (mix32(mix32(i·φ ^ key) ^ k1) >> 8) / 2²⁴. The com
 from __future__ import annotations
 
 import math
+import operator
 
 _U32 = 0xFFFFFFFF
 #: 2³² / the golden ratio: the step between the counters hashed.
@@ -46,7 +47,11 @@ def first_element(draw: tuple, shape) -> int | None:
     data-parallel job takes rows of each global batch, and draws the numbers those rows have
     there. None for a row number that is not a non-negative integer below 2³¹."""
     row = draw[2] if len(draw) > 2 else 0
-    if isinstance(row, bool) or not isinstance(row, int) or not 0 <= row < 2**31:
+    try:
+        row = None if isinstance(row, bool) else operator.index(row)
+    except TypeError:
+        row = None
+    if row is None or not 0 <= row < 2**31:
         return None
     per_row = math.prod(shape[1:]) if len(shape) > 1 else 1
     return (row * per_row) & _U32

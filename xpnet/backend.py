@@ -188,16 +188,15 @@ class Device:
         array-api-strict, with no host transfer. (Dropout takes its draws through ``next_draw``
         and ``Ops.dropout``, whose compiled version computes the same numbers.)
         """
-        key, k1, _ = self.next_draw()
+        key, k1 = self.next_draw()
         return _random.uniform(self.xp, self.native, key, k1, shape, self.dtype(dtype))
 
-    def next_draw(self) -> tuple[int, int, int]:
-        """(key, k1, first row) of the next draw of the dropout stream (``xpnet._random``), which
-        it uses up. ``first row``: where this process's rows start in the batch (``first_row``;
-        0 but on the ranks of a data-parallel job)."""
+    def next_draw(self) -> tuple[int, int]:
+        """(key, k1) of the next draw of the dropout stream (``xpnet._random``), which it uses up.
+        (``Ops.dropout`` also takes the batch's ``first_row``.)"""
         key = _random.draw_key(self._dropout_key, self._dropout_counter)
         self._dropout_counter += 1
-        return key, self._dropout_key[1], self.first_row
+        return key, self._dropout_key[1]
 
     @property
     def draws_made(self) -> int:
@@ -275,6 +274,8 @@ def limit_threads(threads: int) -> None:
 
     from . import _cpu_threads
 
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise ValueError(f"limit_threads: the thread count must be a positive integer, got {threads!r}")
     try:
         blas = str(np.__config__.CONFIG["Build Dependencies"]["blas"]["name"])
     except (AttributeError, KeyError, TypeError):
@@ -282,7 +283,7 @@ def limit_threads(threads: int) -> None:
     _cpu_threads.set_blas_threads(threads, str(Path(np.__file__).resolve().parent), blas)
     torch = sys.modules.get("torch")
     if torch is not None and hasattr(torch, "set_num_threads"):
-        torch.set_num_threads(max(1, int(threads)))
+        torch.set_num_threads(threads)
 
 
 def pack_to_host(device: Device, arrays):

@@ -49,7 +49,19 @@ __all__ = [
 #: Hydra (PMI), Open MPI, Slurm's srun with PMI.
 _SIZE_VARIABLES = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_SIZE", "MPI_LOCALNRANKS")
 #: Variables that say how many BLAS threads to use: when one is set, xpnet leaves the count alone.
-THREAD_VARIABLES = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "XPNET_THREADS")
+THREAD_VARIABLES = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS")
+
+
+def _threads_given() -> int | None:
+    """The thread count the environment gives (OPENBLAS_NUM_THREADS, else OMP_NUM_THREADS), 0 when
+    XPNET_THREADS=0 leaves OpenBLAS alone, None when nothing is given."""
+    if os.environ.get("XPNET_THREADS", "").strip() == "0":
+        return 0
+    for name in THREAD_VARIABLES:
+        value = os.environ.get(name, "").strip()
+        if value:
+            return int(value) if value.isdigit() and int(value) > 0 else 0
+    return None
 
 
 class RankFailure(RuntimeError):
@@ -74,10 +86,10 @@ def raised_everywhere(exc: BaseException | None) -> bool:
     failure agreed on by ``together``, or one that follows from numbers every rank shares (a
     diverged loss). Then no rank waits for another, and nothing needs aborting."""
     seen = 0
-    while exc is not None and seen < 16:
+    while exc is not None and seen < 16:  # ``raise X from Y``: X is Y's, said in other words
         if getattr(exc, "xpnet_everywhere", False):
             return True
-        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+        exc, seen = exc.__cause__, seen + 1  # never __context__: a failure while handling one of them is new
     return False
 
 
@@ -100,9 +112,20 @@ class CommunicationStats:
 
 
 def share_of(n: int, rank: int, size: int) -> tuple[int, int]:
-    """Rows [lo, hi) of ``n`` that rank ``rank`` of ``size`` takes: contiguous, the sizes differing
-    by at most one (the first n mod size ranks take one more)."""
-    base, extra = divmod(n, size)
+    """Rows [lo, hi) of a batch of ``n`` rows that rank ``rank`` of ``size`` takes: contiguous, in
+    rank order, and never one row alone unless the batch is one row (BatchNorm needs two values
+    per feature). With at least 2·size rows every rank takes some, the sizes differing by at most
+    one (the first ranks take one more); a smaller batch (the last of an epoch) goes to its first
+    ⌊n/2⌋ ranks, 2 or 3 rows each, and the others take none."""
+    for name, value in (("n", n), ("rank", rank), ("size", size)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"share_of: {name} must be an integer, got {type(value).__name__}")
+    if size < 1 or not 0 <= rank < size or n < 0:
+        raise ValueError(f"share_of: needs n ≥ 0, size ≥ 1 and 0 ≤ rank < size, got n={n}, rank={rank}, size={size}")
+    taking = size if n >= 2 * size else max(1, n // 2)
+    if rank >= taking:
+        return n, n
+    base, extra = divmod(n, taking)
     lo = rank * base + min(rank, extra)
     return lo, lo + base + (1 if rank < extra else 0)
 
@@ -176,7 +199,7 @@ class Communicator:
             return
         try:
             yield
-        except Exception as exc:
+        except BaseException as exc:  # sys.exit and Ctrl-C on one rank too: the others would wait
             if raised_everywhere(exc):
                 raise
             self.fail(exc)
@@ -203,7 +226,7 @@ class Communicator:
             return
         try:
             yield
-        except Exception as exc:
+        except BaseException as exc:  # sys.exit and Ctrl-C on one rank too: the others must not wait
             self._meet(exc, signature)
             raise  # (_meet raises)
         self._meet(None, signature)
@@ -275,12 +298,15 @@ class MPICommunicator(Communicator):
     never meet the caller's. ``threads``: the BLAS and kernel threads of each rank; by default the
     cores this rank may run on divided by the ranks on this machine that share them (two ranks on
     two cores: one thread each; Open MPI binds each rank to its cores, and then a rank keeps its
-    own), unless OPENBLAS_NUM_THREADS, OMP_NUM_THREADS or XPNET_THREADS is set. Make it before the
-    first ``fit``: the thread count is read when xpnet's thread pool starts.
+    own), unless OPENBLAS_NUM_THREADS or OMP_NUM_THREADS gives a count (then that one), or
+    XPNET_THREADS=0 leaves OpenBLAS alone. Make it before the first ``fit``: the thread count is
+    read when xpnet's thread pool starts.
     """
 
     def __init__(self, comm=None, *, threads: int | None = None):
         super().__init__()
+        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+            raise ValueError(f"threads must be a positive integer or None (the default split), got {threads!r}")
         try:
             from mpi4py import MPI
         except ImportError as exc:
@@ -298,10 +324,13 @@ class MPICommunicator(Communicator):
             sharing = sum(1 for theirs in local.allgather(cores) if theirs & cores)
         finally:
             local.Free()
-        self.threads = threads if threads is not None else max(1, len(cores) // max(1, sharing))
-        if threads is not None or not any(os.environ.get(name) for name in THREAD_VARIABLES):
+        given = _threads_given()
+        #: The threads each rank computes on (None: as the environment's variables left them, unread).
+        self.threads = None if given == 0 else given
+        if threads is not None or given is None:
             from .backend import limit_threads
 
+            self.threads = threads if threads is not None else max(1, len(cores) // max(1, sharing))
             limit_threads(self.threads)
         self.name = f"rank {self.rank} of {self.size} ({MPI.Get_library_version().splitlines()[0].strip()})"
 
@@ -344,9 +373,17 @@ def checked_communicator(communicator) -> Communicator:
 
 
 # ---------------------------------------------------------------- what fit exchanges
+def broadcast_random_state(comm: Communicator, device) -> None:
+    """Rank 0's random streams on every rank (before anything draws: a validation split, the
+    batch order, dropout)."""
+    if comm.parallel:
+        device.set_rng_state(comm.broadcast_object(device.rng_state()))
+
+
 def broadcast_training_state(comm: Communicator, model, optimizer) -> None:
-    """Rank 0's parameters, layer state, optimizer slots and step count, and random streams, on
-    every rank: the ranks start identical bit for bit whatever each was given."""
+    """Rank 0's parameters, layer state, optimizer slots and step count on every rank (its random
+    streams: ``broadcast_random_state``): the ranks start identical bit for bit whatever each was
+    given."""
     if not comm.parallel:
         return
     ops, device = model.device.ops, model.device
@@ -357,9 +394,7 @@ def broadcast_training_state(comm: Communicator, model, optimizer) -> None:
     slots = optimizer.slot_buffers()
     if slots:
         ops.broadcast(comm, slots, device)
-    steps, rng = comm.broadcast_object((optimizer.steps, device.rng_state()))
-    optimizer.steps = steps
-    device.set_rng_state(rng)
+    optimizer.steps = comm.broadcast_object(optimizer.steps)
 
 
 def sum_gradients(comm: Communicator, model) -> None:

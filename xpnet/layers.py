@@ -443,7 +443,8 @@ class Dropout(Layer):
         if not training or self.rate == 0.0:
             self.mask = None
             return x
-        y, self.mask = self.ops.dropout(x, self.rate, self.device.next_draw(), site=self.scratch)
+        draw = (*self.device.next_draw(), self.device.first_row)  # a rank's rows: from their row of the batch
+        y, self.mask = self.ops.dropout(x, self.rate, draw, site=self.scratch)
         return y
 
     def backward(self, dy, need_input_grad=True):

@@ -132,10 +132,10 @@ class Ops:
 
     def dropout(self, x, rate: float, draw: tuple, *, site=None):
         """(y, mask) of inverted dropout: mask = [u ≥ rate] / (1 − rate), y = x · mask, for u the
-        uniform numbers of ``draw`` = (key, k1, first row) of the device's dropout stream
-        (``Device.next_draw``, ``xpnet._random``): the same masks on every backend, and on a rank
-        of a data-parallel job, whose rows start at ``first row`` of the global batch, the masks
-        those rows have on one process."""
+        uniform numbers of ``draw`` = (key, k1) of the device's dropout stream (``Device.next_draw``,
+        ``xpnet._random``), or (key, k1, first row): the same masks on every backend, and on a
+        rank of a data-parallel job, whose rows start at ``first row`` of the global batch
+        (``Device.first_row``), the masks those rows have on one process."""
         xp = self.xp
         first = _random.first_element(draw, tuple(x.shape))
         if first is None:

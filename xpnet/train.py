@@ -24,7 +24,13 @@ import math
 import operator
 
 from .checks import checked_count, real, shown
-from .distributed import average_state, broadcast_training_state, checked_communicator, sum_gradients
+from .distributed import (
+    average_state,
+    broadcast_random_state,
+    broadcast_training_state,
+    checked_communicator,
+    sum_gradients,
+)
 from .losses import get_loss
 from .metrics import default_metrics, get_metric
 from .model import _KINDS, dtype_kind
@@ -410,6 +416,7 @@ def fit(
     device, xp = model.device, model.xp
 
     with device, device.ops.computing(), comm.guarded():
+        broadcast_random_state(comm, device)  # rank 0's streams, before a validation split draws
         with comm.together():  # a rank's bad data ends every rank here, before any exchange
             X, Y = _to_device_data(model, loss, x, y)
             val = None
@@ -424,11 +431,20 @@ def fit(
                 targets = [(Y, "y"), (val[1], "y")]  # both parts of y
             n = X.shape[0]
             _check_ranks(comm, n, batch_size)
+            # the targets, training and validation, checked whole, once, against the model's outputs
+            outputs = model.forward(X[:1, ...]).shape[-1]
+            for whole, name in targets:
+                _check_targets(loss, whole, outputs, name)
         with comm.together(
             examples=n,
             example_shape=tuple(X.shape[1:]),
             validation_examples=None if val is None else val[0].shape[0],
-            parameters=model.store.total,
+            parameters=[(key, tuple(p.shape)) for key, p in model.named_parameters().items()],
+            dtype=str(model.dtype),
+            layout=model.store.layout,
+            optimizer=(type(optimizer).__name__, tuple(optimizer.slot_names)),
+            loss=type(loss).__name__,
+            metrics=[metric.name for metric in metrics],
             batch_size=batch_size,
             epochs=epochs,
             initial_epoch=initial_epoch,
@@ -441,10 +457,11 @@ def fit(
         state = TrainingState(model, optimizer, epochs, math.ceil(n / batch_size), n, history)
         state.first_epoch = initial_epoch
         state.communicator = comm
-        for cb in callbacks:
-            cb.on_train_begin(state)
+        with comm.together():  # a callback that fails on every rank (or on one) stops them all here
+            for cb in callbacks:
+                cb.on_train_begin(state)
         try:
-            with loss.targets_checked():  # checked whole, once, before the first loss (in _train_epoch)
+            with loss.targets_checked():  # checked whole, once, above
                 for epoch in range(initial_epoch, epochs):
                     clock = device.stopwatch()  # CUDA events on a GPU, the host clock elsewhere
                     with model.reusing_buffers():
@@ -460,7 +477,6 @@ def fit(
                             shuffle,
                             metrics,
                             callbacks,
-                            all_targets=targets,
                         )
                     average_state(comm, model)  # BatchNorm's running statistics: the ranks' mean
                     if val is not None:
@@ -468,8 +484,9 @@ def fit(
                         logs.update({f"val_{key}": value for key, value in val_logs.items()})
                     logs["seconds"] = clock.stop()
                     history.append(epoch, logs)
-                    for cb in callbacks:
-                        cb.on_epoch_end(state, logs)
+                    with comm.together():
+                        for cb in callbacks:
+                            cb.on_epoch_end(state, logs)
                     if comm.parallel:  # a callback on one rank stops them all
                         state.stop_training = comm.any(state.stop_training)
                     if state.stop_training:
@@ -481,23 +498,25 @@ def fit(
 
 
 def _check_ranks(comm, n: int, batch_size: int) -> None:
-    """Every rank must have rows in the first step (the steps after it may leave a rank none)."""
-    if comm.parallel and min(n, batch_size) < comm.size:
+    """Every rank must have two rows or more in the first step (``share_of``; the steps after it
+    may leave a rank none)."""
+    if comm.parallel and min(n, batch_size) < 2 * comm.size:
         raise ValueError(
             f"a batch of {min(n, batch_size)} examples cannot be shared by {comm.size} ranks: give a batch size "
-            f"(and at least as many examples) of at least {comm.size}"
+            f"(and at least as many examples) of at least {2 * comm.size}, two a rank"
         )
 
 
-def _train_epoch(model, loss, optimizer, X, Y, state, epoch, batch_size, shuffle, metrics, callbacks, all_targets):
+def _train_epoch(model, loss, optimizer, X, Y, state, epoch, batch_size, shuffle, metrics, callbacks):
     """One pass over (X, Y) in shuffled mini-batches; returns the epoch's logs (one host read each).
 
     On a rank of a data-parallel job each step computes the rank's rows of the batch, and its
     gradient, weighted by its share, is summed with the other ranks' before the update."""
     device, n, comm = model.device, X.shape[0], state.communicator
     state.epoch, state.samples_seen, state._loss_sum, state._rows_seen = epoch, 0, 0.0, 0
-    for cb in callbacks:
-        cb.on_epoch_begin(state)
+    with comm.together():
+        for cb in callbacks:
+            cb.on_epoch_begin(state)
     order = device.permutation(n) if shuffle else None
     tally = _MetricTally(metrics)
     ops = device.ops
@@ -517,9 +536,6 @@ def _train_epoch(model, loss, optimizer, X, Y, state, epoch, batch_size, shuffle
                     counter = device.draws_made
                     out = model.forward(xb, training=True)
                     draws = device.draws_made - counter
-                    if step == 0 and epoch == state.first_epoch:  # the targets, training and validation, checked once
-                        for targets, name in all_targets:
-                            _check_targets(loss, targets, out.shape[-1], name)
                     trust(yb)  # rows of the targets checked above: the loss need not check them again
                     value, delta = loss.value_and_grad(out, yb)
                     if rows != stop - start:  # a rank's share: δ of its b_r rows weighted by b_r / B

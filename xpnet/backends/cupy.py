@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import socket
 import sys
 import time
 
@@ -143,7 +144,8 @@ class CupyOps(BufferedOps):
 
     def _nccl(self, comm):
         """(cupy.cuda.nccl, an NCCL communicator of comm's ranks on this GPU), made once per
-        communicator and GPU (every rank takes part), or None where any rank's CuPy lacks NCCL."""
+        communicator and GPU (every rank takes part), or None where any rank's CuPy lacks NCCL or
+        two ranks share a GPU (then the reference's staging through host memory runs)."""
         key = ("nccl", self.native.id)
         if key not in comm.backend_state:
             try:
@@ -151,7 +153,9 @@ class CupyOps(BufferedOps):
             except ImportError:
                 nccl = None
             usable = nccl is not None and bool(getattr(nccl, "available", True))
-            if not all(comm.gather_objects(usable)):
+            found = comm.gather_objects((usable, socket.gethostname(), self.native.id))
+            gpus = [(host, gpu) for _, host, gpu in found]
+            if not all(ok for ok, _, _ in found) or len(set(gpus)) < len(gpus):  # NCCL refuses a GPU twice
                 comm.backend_state[key] = None
             else:
                 uid = comm.broadcast_object(nccl.get_unique_id() if comm.rank == 0 else None)
