@@ -1,7 +1,8 @@
 """Data-parallel benchmark: ``xpnet bench --ranks 1,2``. MNIST epochs on 1 and on N ranks.
 
-For each batch size and each rank count, ``mpiexec -n R`` starts this module's worker (rounds of
-the rank counts alternate, so that machine noise hits all alike). Every rank trains the
+For each batch size and each rank count, ``mpiexec -n R`` starts this module's worker (one rank:
+a plain process, without MPI; rounds of the rank counts alternate, so that machine noise hits
+all alike). Every rank trains the
 benchmarked network (``bench.benchmark_model``: the MLP, or the CNN with ``--model cnn``) with
 Adam on the 60,000 MNIST training images for a few epochs, the threads split between the ranks
 of the machine (``MPICommunicator``'s default). Rank 0 reports:
@@ -62,7 +63,8 @@ def run_ranks_benchmark(ranks: list[int], batch_sizes: list[int], epochs: int, m
         found: dict = {r: [] for r in ranks}
         for round_ in range(rounds):
             for r in ranks:
-                command = [*launcher(r), sys.executable, "-m", "xpnet.cli.bench_ranks", model, str(batch_size)]
+                start = launcher(r) if r > 1 else []  # one rank: a plain process, as one trains without MPI
+                command = [*start, sys.executable, "-m", "xpnet.cli.bench_ranks", model, str(batch_size)]
                 command.append(str(epochs))
                 done = subprocess.run(command, capture_output=True, text=True, env=environment, timeout=3600)
                 if done.returncode != 0:
@@ -115,7 +117,7 @@ def table(rows: list[dict]) -> str:
 def worker(model_name: str, batch_size: int, epochs: int) -> dict:
     from .bench import benchmark_model, model_input
 
-    comm = xn.distributed.MPICommunicator()
+    comm = xn.distributed.from_environment()  # SingleProcess when started without mpiexec
     data = xn.data.load_dataset("mnist", validation=0.0)
     model = benchmark_model(0, "cpu", model_name)
     optimizer = xn.Adam(3e-3 if model_name == "cnn" else 1e-3)
@@ -139,7 +141,7 @@ def worker(model_name: str, batch_size: int, epochs: int) -> dict:
     per_step = trained["seconds"] / gradient_calls if comm.parallel else 0.0
     return {
         "ranks": comm.size,
-        "threads": comm.threads,
+        "threads": getattr(comm, "threads", None) or _pool_threads(model),
         "seconds_per_epoch": per_epoch,
         "steps_per_epoch": steps,
         "step_seconds": per_epoch / steps,
@@ -150,6 +152,12 @@ def worker(model_name: str, batch_size: int, epochs: int) -> dict:
         "accuracy": history["accuracy"][-1],
         "rank": comm.rank,
     }
+
+
+def _pool_threads(model) -> int:
+    """The threads one process computes on: its pool's (NumPy's fast paths), else 1."""
+    fast = model.device.fast
+    return fast.pool_threads() if fast is not None and hasattr(fast, "pool_threads") else 1
 
 
 if __name__ == "__main__":
