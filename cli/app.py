@@ -159,7 +159,8 @@ def train(
     )
     comm = _ranks()  # first: then a refusal below is said by rank 0 alone
     if resume is not None and out is not None:
-        raise _said_by_every_rank(CLIError("give --resume RUN_DIR or --out RUN_DIR, not both"))
+        # from the command line alone: every rank raises it
+        raise xn.distributed.mark_everywhere(CLIError("give --resume RUN_DIR or --out RUN_DIR, not both"))
     talk = not (quiet or json_output) and comm.rank == 0
 
     def display(config):
@@ -200,12 +201,6 @@ def _ranks():
         ranks = xn.distributed.launched_ranks()
         raise CLIError(f"started as one of {ranks} MPI ranks, but {exc}", code=2) from None
     return _communicator
-
-
-def _said_by_every_rank(error: Exception) -> Exception:
-    """``error``, marked as raised on every rank at once (it comes from the command line alone)."""
-    error.xpnet_everywhere = True
-    return error
 
 
 def _leave_interrupts_to_rank_0() -> None:

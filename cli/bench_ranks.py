@@ -49,15 +49,26 @@ def launcher(ranks: int) -> list[str]:
     return [command, "-n", str(ranks), *extra]
 
 
+#: Variables an MPI launcher sets: a job started from inside one must not inherit them.
+LAUNCHER_VARIABLES = ("PMI_", "OMPI_", "PMIX_", "MPI_LOCAL", "HYDRA_")
+
+
+def job_environment() -> dict:
+    """This process's environment for a new MPI job: without the variables of a launcher that
+    started this one, nor a BLAS thread count (each rank's count is the job's to decide)."""
+    environment = {k: v for k, v in os.environ.items() if not k.startswith(LAUNCHER_VARIABLES)}
+    for name in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS"):
+        environment.pop(name, None)
+    return environment
+
+
 def run_ranks_benchmark(ranks: list[int], batch_sizes: list[int], epochs: int, model: str, rounds: int, log) -> list:
     """One row per (batch size, rank count): the medians over ``rounds`` jobs of each."""
     try:
         import mpi4py  # noqa: F401
     except ImportError as exc:
         raise RuntimeError(f"the ranks benchmark needs mpi4py ({exc}): pip install 'xpnet[mpi]' mpich") from None
-    environment = {k: v for k, v in os.environ.items() if not k.startswith(("PMI_", "OMPI_", "PMIX_", "HYDRA_"))}
-    for name in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS"):
-        environment.pop(name, None)
+    environment = job_environment()
     rows = []
     for batch_size in batch_sizes:
         found: dict = {r: [] for r in ranks}

@@ -954,9 +954,8 @@ def _train(
             return _finish(run_dir, config, data, model, history, initial_epoch, seconds, comm)
     except xn.TrainingDiverged as exc:
         saved_epochs = recorder.epochs_saved if recorder is not None else initial_epoch
-        error = CLIError(f"{exc}; the checkpoint of epoch {saved_epochs} is intact in {run_dir}", code=1)
-        error.xpnet_everywhere = xn.distributed.raised_everywhere(exc)
-        raise error from None
+        # from exc: on the ranks of a job it stays raised on every rank, as the divergence was
+        raise CLIError(f"{exc}; the checkpoint of epoch {saved_epochs} is intact in {run_dir}", code=1) from exc
 
 
 def _finish(run_dir, config, data, model, history, initial_epoch, seconds, comm) -> dict:

@@ -151,10 +151,10 @@ def test_the_launchers_variables_say_how_many_ranks(monkeypatch):
 
 
 def _child(code: str, **env) -> subprocess.CompletedProcess:
-    import os
+    from xpnet.cli.bench_ranks import job_environment
 
-    environment = {k: v for k, v in os.environ.items() if not k.startswith(("PMI_", "OMPI_", "PMIX_"))}
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**environment, **env})
+    environment = {**job_environment(), **env}
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=environment)
 
 
 def test_training_on_one_process_never_imports_mpi4py():

@@ -20,14 +20,13 @@ import mpi_worker  # tests/ is on sys.path, as for conftest
 import numpy as np
 import pytest
 from conftest import write_mnist_slice
+from xpnet.cli.bench_ranks import job_environment, launcher, mpiexec
 
 import xpnet as xn
 import xpnet.io
 
 WORKER = Path(__file__).parent / "mpi_worker.py"
-MPIEXEC = shutil.which("mpiexec", path=str(Path(sys.executable).parent)) or shutil.which("mpiexec")
-#: Variables an MPI launcher sets: a job started from inside one (this suite under mpiexec) must not inherit them.
-LAUNCHER_VARIABLES = ("PMI_", "OMPI_", "PMIX_", "MPI_LOCAL", "HYDRA_")
+MPIEXEC = mpiexec()
 
 
 def _missing() -> str | None:
@@ -49,28 +48,13 @@ def mpi():
         pytest.skip(reason)
 
 
-def _launcher(ranks: int) -> list[str]:
-    version = subprocess.run([MPIEXEC, "--version"], capture_output=True, text=True).stdout
-    extra = []
-    if "Open MPI" in version or "OpenRTE" in version:
-        extra = ["--oversubscribe"] + (["--allow-run-as-root"] if os.geteuid() == 0 else [])
-    return [MPIEXEC, "-n", str(ranks), *extra]
-
-
-def _environment() -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(LAUNCHER_VARIABLES)}
-    env.pop("OPENBLAS_NUM_THREADS", None)
-    env.pop("OMP_NUM_THREADS", None)
-    return env
-
-
 def launch(ranks: int, *command, cwd: Path, timeout: float = 120) -> tuple[subprocess.CompletedProcess, float]:
     """``mpiexec -n ranks COMMAND`` (a Python script or ``xpnet``) in ``cwd``: its result and seconds."""
     started = time.monotonic()
     result = subprocess.run(
-        [*_launcher(ranks), *map(str, command)],
+        [*launcher(ranks), *map(str, command)],
         cwd=cwd,
-        env=_environment(),
+        env=job_environment(),
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -251,8 +235,8 @@ def test_a_diverged_run_is_said_once_and_every_rank_exits_1(tmp_path):
 
 
 def test_ctrl_c_on_the_job_says_what_is_kept_and_ends_every_rank(tmp_path):
-    command = [*_launcher(2), *xpnet_cli("train", "--epochs", 30, "--out", "run")]
-    job = subprocess.Popen(command, cwd=tmp_path, env=_environment(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    command = [*launcher(2), *xpnet_cli("train", "--epochs", 30, "--out", "run")]
+    job = subprocess.Popen(command, cwd=tmp_path, env=job_environment(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         for line in job.stdout:  # the first epoch's line: its checkpoint is written
             if line.startswith(b"epoch 1/30"):

@@ -270,17 +270,13 @@ def limit_threads(threads: int) -> None:
     compiled kernels, which takes OpenBLAS's count) and PyTorch's intra-op pool when PyTorch is
     loaded. For the ranks of a data-parallel job that share a machine's cores (``xpnet.distributed``)."""
     import sys
-    from pathlib import Path
 
     from . import _cpu_threads
+    from ._fast_numpy import NumpyFastPaths
 
     if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
         raise ValueError(f"limit_threads: the thread count must be a positive integer, got {threads!r}")
-    try:
-        blas = str(np.__config__.CONFIG["Build Dependencies"]["blas"]["name"])
-    except (AttributeError, KeyError, TypeError):
-        blas = "unknown"
-    _cpu_threads.set_blas_threads(threads, str(Path(np.__file__).resolve().parent), blas)
+    _cpu_threads.set_blas_threads(threads, *NumpyFastPaths._blas())
     torch = sys.modules.get("torch")
     if torch is not None and hasattr(torch, "set_num_threads"):
         torch.set_num_threads(threads)

@@ -41,6 +41,7 @@ __all__ = [
     "from_environment",
     "launched_rank",
     "launched_ranks",
+    "mark_everywhere",
     "raised_everywhere",
     "share_of",
 ]
@@ -77,7 +78,8 @@ class RankFailure(RuntimeError):
         self.rank, self.code = rank, code
 
 
-def _mark_everywhere(exc: BaseException) -> BaseException:
+def mark_everywhere(exc: BaseException) -> BaseException:
+    """``exc``, marked as raised on every rank at once (``raised_everywhere``)."""
     try:
         exc.xpnet_everywhere = True
     except AttributeError:  # an exception type without a __dict__
@@ -235,21 +237,26 @@ class Communicator:
             raise  # (_meet raises)
         self._meet(None, signature)
 
+    def check_same(self, **signature) -> None:
+        """A meeting (``together``) with nothing to run: ``signature``'s values must be rank 0's."""
+        with self.together(**signature):
+            pass
+
     def _meet(self, failure: BaseException | None, signature: dict) -> None:
         mine = None if failure is None else (_code_of(failure), f"{type(failure).__name__}: {failure}", str(failure))
         everyone = self.gather_objects((mine, signature))
         failed = [(rank, found) for rank, (found, _) in enumerate(everyone) if found is not None]
         if failure is not None:
-            raise _mark_everywhere(failure)
+            raise mark_everywhere(failure)
         if failed:
             rank, (code, _, message) = failed[0]
             more = f" (and {len(failed) - 1} other rank(s))" if len(failed) > 1 else ""
-            raise _mark_everywhere(RankFailure(f"rank {rank} of {self.size}{more}: {message}", rank, code))
+            raise mark_everywhere(RankFailure(f"rank {rank} of {self.size}{more}: {message}", rank, code))
         first = everyone[0][1]
         for rank, (_, theirs) in enumerate(everyone[1:], start=1):
             for key in first:
                 if theirs.get(key) != first[key]:
-                    raise _mark_everywhere(
+                    raise mark_everywhere(
                         ValueError(
                             f"the ranks disagree on {key.replace('_', ' ')}: rank 0 has {first[key]!r}, rank {rank} "
                             f"has {theirs.get(key)!r}; every rank must be given the same model, data and options"

@@ -409,31 +409,30 @@ class Ops:
         (``xpnet.distributed``), in place: one collective for all of them. Where the one array is
         a host view, MPI reads and writes it as it is; otherwise the arrays are packed into one
         host buffer, summed, and copied back (``device`` moves them)."""
-        from .backend import pack_to_host, unpack_from_host
 
-        views = [self.host_view(a) for a in arrays] if len(arrays) == 1 else [None]
-        if views[0] is not None:
+        def summed(buffer):
             if scale != 1.0:
-                views[0] *= scale
-            comm.all_sum_host(views[0])
-            return
-        host = pack_to_host(device, arrays)
-        if scale != 1.0:
-            host *= scale
-        comm.all_sum_host(host)
-        unpack_from_host(device, host, arrays)
+                buffer *= scale
+            comm.all_sum_host(buffer)
+
+        self._on_host(arrays, device, summed)
 
     def broadcast(self, comm, arrays, device, root: int = 0) -> None:
         """Rank ``root``'s values of every array of ``arrays``, in place on every rank (one
         collective for all of them, staged as ``all_sum`` stages)."""
+        self._on_host(arrays, device, lambda buffer: comm.broadcast_host(buffer, root))
+
+    def _on_host(self, arrays, device, collective) -> None:
+        """``collective(buffer)`` on a host buffer that holds every array of ``arrays``: the one
+        array's host view where it has one, else a packed copy, written back afterwards."""
         from .backend import pack_to_host, unpack_from_host
 
-        views = [self.host_view(a) for a in arrays] if len(arrays) == 1 else [None]
-        if views[0] is not None:
-            comm.broadcast_host(views[0], root)
+        view = self.host_view(arrays[0]) if len(arrays) == 1 else None
+        if view is not None:
+            collective(view)
             return
         host = pack_to_host(device, arrays)
-        comm.broadcast_host(host, root)
+        collective(host)
         unpack_from_host(device, host, arrays)
 
 

@@ -29,6 +29,7 @@ from .distributed import (
     broadcast_random_state,
     broadcast_training_state,
     checked_communicator,
+    mark_everywhere,
     sum_gradients,
 )
 from .losses import get_loss
@@ -435,7 +436,7 @@ def fit(
             outputs = model.forward(X[:1, ...]).shape[-1]
             for whole, name in targets:
                 _check_targets(loss, whole, outputs, name)
-        with comm.together(
+        comm.check_same(
             examples=n,
             example_shape=tuple(X.shape[1:]),
             validation_examples=None if val is None else val[0].shape[0],
@@ -449,8 +450,7 @@ def fit(
             epochs=epochs,
             initial_epoch=initial_epoch,
             shuffle=bool(shuffle),
-        ):
-            pass
+        )
         broadcast_training_state(comm, model, optimizer)
 
         history = History() if history is None else history
@@ -556,20 +556,13 @@ def _train_epoch(model, loss, optimizer, X, Y, state, epoch, batch_size, shuffle
         untrust(token)
     logs = tally.logs(device, comm, state._loss_sum, state._rows_seen)
     if not math.isfinite(logs["loss"]):
-        raise _everywhere(
+        raise mark_everywhere(
             TrainingDiverged(
                 f"the training loss became {logs['loss']} in epoch {epoch + 1}; "
                 "try a lower learning rate or gradient clipping"
             )
         )
     return logs
-
-
-def _everywhere(exc):
-    """``exc``, marked as raised on every rank at once (it follows from numbers they share)."""
-    from .distributed import _mark_everywhere
-
-    return _mark_everywhere(exc)
 
 
 def evaluate(model, loss, x, y, *, batch_size: int = 1024, metrics=None, communicator=None) -> dict:
@@ -585,8 +578,7 @@ def evaluate(model, loss, x, y, *, batch_size: int = 1024, metrics=None, communi
         with comm.together():
             X, Y = _to_device_data(model, loss, x, y)
             _check_targets(loss, Y, model.forward(X[:1, ...]).shape[-1], "y")
-        with comm.together(examples=X.shape[0], parameters=model.store.total):
-            pass
+        comm.check_same(examples=X.shape[0], parameters=model.store.total)
         with loss.targets_checked():
             return _evaluate_on_device(model, loss, X, Y, batch_size, metrics, comm)
 
